@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command of the README (and of CI): set-up, lints, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+echo "== cargo fmt --check" >&2
+cargo fmt --check
+echo "== cargo clippy" >&2
+cargo clippy --all-targets --release -- -D warnings
+echo "== testguest" >&2
+scripts/build-testguest.sh >/dev/null
+echo "== cargo test" >&2
+cargo test --release -- --test-threads=2

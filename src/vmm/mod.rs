@@ -1,0 +1,44 @@
+//! The virtual machine monitor: KVM VM and vCPUs, guest memory, x86_64
+//! boot, devices and the device event loop.
+
+pub mod bus;
+pub mod devices;
+pub mod event_loop;
+pub mod layout;
+pub mod memory;
+pub mod kernel;
+pub mod x86_64;
+
+/// Most vCPUs a VM may have: the MP table has to fit in the 1 KiB EBDA.
+pub const MAX_VCPUS: u8 = 32;
+pub mod builder;
+pub mod vcpu;
+pub mod vm;
+
+/// Why a VM stopped; each maps to a documented firerunner exit code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (i8042 reset, KVM system event).
+    Reset,
+    /// vCPU `n` triple-faulted.
+    TripleFault(u8),
+    /// The guest reported that its app failed to load (control port 125).
+    AppFailed,
+    /// A termination signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
+    /// An unrecoverable KVM or VMM error, with the details for the log.
+    Fatal(String),
+}
+
+impl VmExit {
+    /// firerunner's exit code for this reason (see the README).
+    pub fn code(&self) -> i32 {
+        match self {
+            VmExit::Reset => 0,
+            VmExit::TripleFault(_) => 2,
+            VmExit::Fatal(_) => 3,
+            VmExit::AppFailed => 4,
+            VmExit::Signal(s) => 128 + s,
+        }
+    }
+}
