@@ -2,4 +2,9 @@
 //!
 //! `vmm` is the monitor that `firerunner` runs (one process per VM).
 
+pub mod cli;
+pub mod control;
+pub mod launcher;
+pub mod protocol;
+pub mod singlevm;
 pub mod vmm;

@@ -15,6 +15,8 @@ use super::bus::{lock, Bus, BusError};
 use super::devices::control::{ControlPort, GuestSignal, SignalSink};
 use super::devices::i8042::I8042;
 use super::devices::serial::{ConsoleSink, SerialDevice};
+use super::devices::virtio::block::{Block, BlockError};
+use super::devices::virtio::mmio::{self, MmioError, SharedDevice};
 use super::event_loop::EventManager;
 use super::kernel::{self, KernelError};
 use super::layout;
@@ -23,6 +25,7 @@ use super::vcpu::{Vcpu, VcpuContext, VcpuError};
 use super::vm::{Vm, VmError};
 use super::x86_64::{boot_params, cpuid::CpuidShape, mptable, regs};
 use super::{VmExit, MAX_VCPUS};
+use crate::control::{Channel, Command, Event};
 
 /// Kernel command line used when the user gives none.
 pub const DEFAULT_KERNEL_ARGS: &str =
@@ -37,8 +40,12 @@ pub struct VmConfig {
     pub appfs: Option<PathBuf>,
     pub mem_mib: u64,
     pub vcpus: u64,
+    /// The guest's vsock CID.
+    pub cid: u64,
     /// Guest console destination; stdout when absent.
     pub console: Option<PathBuf>,
+    /// Base path of the vsock Unix sockets (see the vsock device).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +62,13 @@ pub enum BuildError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("{what}: {source}")]
     Disk {
         what: &'static str,
-        path: String,
-        source: std::io::Error,
+        source: BlockError,
     },
+    #[error("cannot attach a virtio device: {0}")]
+    Virtio(#[from] MmioError),
     #[error("cannot open the console file {path}: {source}")]
     Console {
         path: String,
@@ -94,29 +102,36 @@ fn host_ram_mib() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), BuildError> {
-    File::open(path).map(drop).map_err(|source| BuildError::Disk {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
+/// Logs the guest's control-port signals, reports them to the controller
+/// and ends the VM when the app failed to load.
+struct GuestSignals {
+    exit: Sender<VmExit>,
+    control: Option<Arc<Channel>>,
 }
 
-/// Reports the guest's control-port signals.
-struct ExitOnAppFailure(Sender<VmExit>);
-
-impl SignalSink for ExitOnAppFailure {
+impl SignalSink for GuestSignals {
     fn signal(&self, signal: GuestSignal, since_start: std::time::Duration) {
-        let us = since_start.as_micros();
-        match signal {
-            GuestSignal::BootDone => log::info!("guest boot done {us} us after start"),
-            GuestSignal::Timestamp => log::info!("guest timestamp {us} us after start"),
+        let us = since_start.as_micros() as u64;
+        let event = match signal {
+            GuestSignal::BootDone => {
+                log::info!("guest boot done {us} us after start");
+                Event::BootDone { us }
+            }
+            GuestSignal::Timestamp => {
+                log::info!("guest timestamp {us} us after start");
+                Event::Timestamp { us }
+            }
             GuestSignal::SnapshotPoint => {
-                log::info!("guest snapshot point {us} us after start (no --dump_dir: ignored)")
+                log::info!("guest snapshot point {us} us after start (no --dump_dir: ignored)");
+                Event::SnapshotPoint { us }
             }
             GuestSignal::AppFailed => {
-                let _ = self.0.send(VmExit::AppFailed);
+                let _ = self.exit.send(VmExit::AppFailed);
+                Event::AppFailed { us }
             }
+        };
+        if let Some(c) = &self.control {
+            c.send(&event);
         }
     }
 }
@@ -148,7 +163,12 @@ fn console_sink(path: &Option<PathBuf>) -> Result<ConsoleSink, BuildError> {
 
 /// Builds the VM described by `config`, runs it and returns why it ended.
 /// `start` is when the process started (for timing logs).
-pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
+/// `control`, when given, is the channel to the controller that spawned us.
+pub fn run(
+    config: &VmConfig,
+    start: Instant,
+    control: Option<Arc<Channel>>,
+) -> Result<VmExit, BuildError> {
     // Termination signals are taken by a dedicated thread: block them before
     // any other thread exists so every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -171,10 +191,17 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
             host_mib,
         });
     }
-    check_readable("the root disk", &config.rootfs)?;
-    if let Some(appfs) = &config.appfs {
-        check_readable("the app disk", appfs)?;
-    }
+    let rootfs = Block::new(&config.rootfs).map_err(|source| BuildError::Disk {
+        what: "--rootfs",
+        source,
+    })?;
+    let appfs = match &config.appfs {
+        Some(path) => Block::new(path).map_err(|source| BuildError::Disk {
+            what: "--appfs",
+            source,
+        })?,
+        None => Block::empty(),
+    };
 
     // Refuse an unusable command line before doing any work.
     kernel::cmdline(&config.kernel_args, &[])?;
@@ -192,9 +219,22 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
 
     let (exit_tx, exit_rx) = unbounded();
 
-    let mmio = Bus::new();
-    let event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
-    let device_args: Vec<String> = Vec::new();
+    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb.
+    let mut mmio = Bus::new();
+    let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
+    let mut device_args = Vec::new();
+    let devices: [SharedDevice; 2] = [Arc::new(Mutex::new(rootfs)), Arc::new(Mutex::new(appfs))];
+    for (slot, device) in devices.into_iter().enumerate() {
+        let handle = mmio::register(
+            vm.fd(),
+            &mut mmio,
+            &mut event_manager,
+            &mem,
+            device,
+            slot as u32,
+        )?;
+        device_args.push(handle.cmdline_fragment());
+    }
 
     // Boot structures.
     let cmdline = kernel::cmdline(&config.kernel_args, &device_args)?;
@@ -230,7 +270,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
     pio.insert(
         Arc::new(Mutex::new(ControlPort::new(
             start,
-            ExitOnAppFailure(exit_tx.clone()),
+            GuestSignals {
+                exit: exit_tx.clone(),
+                control: control.clone(),
+            },
         ))),
         u64::from(layout::CONTROL_PORT),
         1,
@@ -254,6 +297,9 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
     }
 
     spawn_event_loop(event_manager, exit_tx.clone())?;
+    if let Some(c) = &control {
+        spawn_control_thread(c.clone(), exit_tx.clone())?;
+    }
     spawn_signal_thread(signals, exit_tx.clone())?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     for vcpu in vcpus {
@@ -266,8 +312,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, BuildError> {
         })?;
     }
 
+    if let Some(c) = &control {
+        c.send(&Event::Ready {
+            us: start.elapsed().as_micros() as u64,
+        });
+    }
+
     // The first reason to stop wins; the process exit ends the other threads.
-    let exit = exit_rx.recv().unwrap_or(VmExit::Fatal("all VM threads ended".into()));
+    let exit = exit_rx
+        .recv()
+        .unwrap_or(VmExit::Fatal("all VM threads ended".into()));
     lock(&serial).flush();
     // Keep the VM (and so its memory slots) alive until here.
     drop(vm);
@@ -282,6 +336,25 @@ fn spawn_event_loop(mut em: EventManager, exit: Sender<VmExit>) -> Result<(), Bu
                 let _ = exit.send(VmExit::Fatal(format!("device event loop failed: {e}")));
                 return;
             }
+        })
+        .map(drop)
+        .map_err(BuildError::Thread)
+}
+
+fn spawn_control_thread(control: Arc<Channel>, exit: Sender<VmExit>) -> Result<(), BuildError> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let served = control.serve(|cmd| match cmd {
+                Command::Shutdown => {
+                    let _ = exit.send(VmExit::Shutdown);
+                }
+            });
+            match served {
+                Ok(()) => log::info!("the controller closed the control channel: stopping the VM"),
+                Err(e) => log::error!("{e}: stopping the VM"),
+            }
+            let _ = exit.send(VmExit::Shutdown);
         })
         .map(drop)
         .map_err(BuildError::Thread)

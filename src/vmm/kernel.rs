@@ -24,7 +24,9 @@ pub enum KernelError {
         path: String,
         source: std::io::Error,
     },
-    #[error("kernel {path} is neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})")]
+    #[error(
+        "kernel {path} is neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})"
+    )]
     UnknownFormat {
         path: String,
         elf: linux_loader::loader::Error,
@@ -134,7 +136,10 @@ pub fn cmdline(args: &str, extra: &[String]) -> Result<Cmdline, KernelError> {
 
 /// Writes the command line at its fixed address; returns (address, size
 /// including the NUL).
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<(u64, usize), KernelError> {
+pub fn write_cmdline(
+    mem: &GuestMemoryMmap,
+    cmdline: &Cmdline,
+) -> Result<(u64, usize), KernelError> {
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
         .map_err(KernelError::CmdlineWrite)?;
     let len = cmdline
@@ -150,14 +155,21 @@ mod tests {
 
     #[test]
     fn cmdline_appends_devices_and_enforces_the_limit() {
-        let c = cmdline("console=ttyS0  ", &["virtio_mmio.device=4K@0xd0000000:5".into()]).unwrap();
+        let c = cmdline(
+            "console=ttyS0  ",
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+        )
+        .unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
         );
         let c = cmdline("a -- init", &["dev=1".into()]).unwrap();
         assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "a dev=1 -- init");
-        assert!(matches!(cmdline("a\tb", &[]), Err(KernelError::CmdlineChar('\t'))));
+        assert!(matches!(
+            cmdline("a\tb", &[]),
+            Err(KernelError::CmdlineChar('\t'))
+        ));
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
             cmdline(&long, &[]),

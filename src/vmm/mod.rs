@@ -4,9 +4,9 @@
 pub mod bus;
 pub mod devices;
 pub mod event_loop;
+pub mod kernel;
 pub mod layout;
 pub mod memory;
-pub mod kernel;
 pub mod x86_64;
 
 /// Most vCPUs a VM may have: the MP table has to fit in the 1 KiB EBDA.
@@ -20,6 +20,8 @@ pub mod vm;
 pub enum VmExit {
     /// The guest reset the machine (i8042 reset, KVM system event).
     Reset,
+    /// The controller asked the VM to stop, or went away.
+    Shutdown,
     /// vCPU `n` triple-faulted.
     TripleFault(u8),
     /// The guest reported that its app failed to load (control port 125).
@@ -34,7 +36,7 @@ impl VmExit {
     /// firerunner's exit code for this reason (see the README).
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::Reset => 0,
+            VmExit::Reset | VmExit::Shutdown => 0,
             VmExit::TripleFault(_) => 2,
             VmExit::Fatal(_) => 3,
             VmExit::AppFailed => 4,

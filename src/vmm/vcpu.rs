@@ -137,9 +137,10 @@ impl Vcpu {
                     log::info!("vcpu{}: system event {kind}", self.id);
                     VmExit::Reset
                 }
-                Ok(VcpuExit::InternalError) => {
-                    VmExit::Fatal(format!("KVM internal error (emulation failure?); {}", self.dump(&ctx.mem)))
-                }
+                Ok(VcpuExit::InternalError) => VmExit::Fatal(format!(
+                    "KVM internal error (emulation failure?); {}",
+                    self.dump(&ctx.mem)
+                )),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => VmExit::Fatal(format!(
                     "KVM entry failure, hardware reason {reason:#x} on cpu {cpu}; {}",
                     self.dump(&ctx.mem)
@@ -150,7 +151,10 @@ impl Vcpu {
                 )),
                 Ok(other) => {
                     let what = format!("{other:?}");
-                    VmExit::Fatal(format!("unexpected KVM exit {what}; {}", self.dump(&ctx.mem)))
+                    VmExit::Fatal(format!(
+                        "unexpected KVM exit {what}; {}",
+                        self.dump(&ctx.mem)
+                    ))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => VmExit::Fatal(format!("KVM_RUN failed: {e}")),
@@ -170,10 +174,16 @@ impl Vcpu {
         };
         let mut bytes = [0u8; 16];
         let code = match self.fd.translate_gva(regs.rip) {
-            Ok(t) if t.valid != 0 => match mem.read_slice(&mut bytes, GuestAddress(t.physical_address)) {
-                Ok(()) => bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
-                Err(e) => format!("unreadable ({e})"),
-            },
+            Ok(t) if t.valid != 0 => {
+                match mem.read_slice(&mut bytes, GuestAddress(t.physical_address)) {
+                    Ok(()) => bytes
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    Err(e) => format!("unreadable ({e})"),
+                }
+            }
             _ => "unmapped".to_string(),
         };
         format!(

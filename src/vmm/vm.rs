@@ -6,6 +6,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemoryMmap;
 
+/// The only stable KVM API version.
+const KVM_API_VERSION: i32 = 12;
+
 /// Three pages below the IOAPIC that Intel VT-x needs for its real-mode TSS.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -13,6 +16,8 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub enum VmError {
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
+    #[error("/dev/kvm does not answer as KVM API version {KVM_API_VERSION}")]
+    NotKvm,
     #[error("this host's KVM lacks a capability snapvm needs: {0:?}")]
     MissingCapability(Cap),
     #[error("cannot create the KVM VM: {0}")]
@@ -45,6 +50,9 @@ impl Vm {
     /// LAPICs) and PIT.
     pub fn new() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        if kvm.get_api_version() != KVM_API_VERSION {
+            return Err(VmError::NotKvm);
+        }
         if let Some(cap) = REQUIRED_CAPS.iter().find(|c| !kvm.check_extension(**c)) {
             return Err(VmError::MissingCapability(*cap));
         }
@@ -90,8 +98,7 @@ impl Vm {
             // SAFETY: the region's mapping is owned by `mem`, which the VMM
             // keeps alive for the whole life of the VM, and slots do not
             // overlap because the regions of a GuestMemoryMmap do not.
-            unsafe { self.fd.set_user_memory_region(desc) }
-                .map_err(VmError::RegisterMemory)?;
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(VmError::RegisterMemory)?;
         }
         Ok(())
     }

@@ -48,17 +48,15 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, shape: CpuidShape) {
                 e.edx &= !EDX_HTT;
             }
         }
-        0x4 => {
-            // Deterministic cache parameters: every core of the package shares
-            // each cache; EAX[31:26] = cores per package - 1, EAX[25:14] =
-            // logical processors sharing this cache - 1.
-            if e.eax & 0x1f != 0 {
-                e.eax &= 0x3fff;
-                e.eax |= (count - 1) << 26;
-                let cache_level = (e.eax >> 5) & 0x7;
-                if cache_level >= 2 {
-                    e.eax |= (count - 1) << 14;
-                }
+        // Deterministic cache parameters (only entries that describe a
+        // cache): EAX[31:26] = cores per package - 1, EAX[25:14] = logical
+        // processors sharing the cache - 1 (L2 and up are shared by all).
+        0x4 if e.eax & 0x1f != 0 => {
+            e.eax &= 0x3fff;
+            e.eax |= (count - 1) << 26;
+            let cache_level = (e.eax >> 5) & 0x7;
+            if cache_level >= 2 {
+                e.eax |= (count - 1) << 14;
             }
         }
         0x6 => {

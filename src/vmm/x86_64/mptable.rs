@@ -34,7 +34,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 fn interrupt_entry(kind: u8, int_type: u8, src_irq: u8, dst_apic: u8, dst_pin: u8) -> [u8; 8] {
@@ -61,7 +64,13 @@ fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     for pin in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&interrupt_entry(ENTRY_IOINT, INT_TYPE_INT, pin, ioapic_id, pin));
+        entries.extend_from_slice(&interrupt_entry(
+            ENTRY_IOINT,
+            INT_TYPE_INT,
+            pin,
+            ioapic_id,
+            pin,
+        ));
     }
     // LINT0 is the PIC's ExtINT, LINT1 the NMI, on every local APIC.
     entries.extend_from_slice(&interrupt_entry(ENTRY_LINT, INT_TYPE_EXTINT, 0, 0xff, 0));
@@ -131,7 +140,10 @@ mod tests {
             assert_eq!(count, u16::from(n) + 2 + 24 + 2);
             // Only the first CPU is the BSP.
             let cpus: Vec<&[u8]> = table[44..].chunks(20).take(n as usize).collect();
-            assert!(cpus.iter().enumerate().all(|(i, e)| e[0] == 0 && e[1] == i as u8));
+            assert!(cpus
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e[0] == 0 && e[1] == i as u8));
             assert_eq!(cpus.iter().filter(|e| e[3] & CPU_BSP != 0).count(), 1);
         }
     }

@@ -57,7 +57,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment a GDT entry describes.
 fn segment(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {
@@ -182,7 +182,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let cs = segment(BOOT_GDT[1], CODE_SELECTOR);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.g, cs.s), (0, 0xffff_ffff, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.g, cs.s),
+            (0, 0xffff_ffff, 1, 0, 1, 1)
+        );
         assert_eq!((cs.type_, cs.present, cs.dpl), (0xb, 1, 0));
         let ds = segment(BOOT_GDT[2], DATA_SELECTOR);
         assert_eq!((ds.type_, ds.db, ds.l), (0x3, 1, 0));

@@ -14,6 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::memory::GuestMemoryMmap;
 
+pub mod block;
+pub mod mmio;
+pub mod vsock;
 
 /// Device ids (virtio 1.x, 5 "Device Types").
 pub const TYPE_BLOCK: u32 = 2;

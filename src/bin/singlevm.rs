@@ -1,0 +1,84 @@
+//! singlevm: run one function VM and answer JSON requests from stdin
+//! (see src/singlevm.rs for the exact contract).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use snapvm::cli::VmArgs;
+use snapvm::launcher::default_firerunner;
+use snapvm::singlevm::{self, Launch, Options};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "singlevm",
+    version,
+    about = "Serve JSON requests from stdin with one microVM"
+)]
+struct Args {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// firerunner binary (default: next to singlevm).
+    #[arg(long)]
+    firerunner: Option<PathBuf>,
+    /// Keep the guest console in this file.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Seconds to wait for the guest agent to connect.
+    #[arg(long = "boot_timeout", alias = "boot-timeout", default_value_t = 60.0)]
+    boot_timeout: f64,
+    /// Seconds a request may run before its VM is killed (default: no limit).
+    #[arg(long = "request_timeout", alias = "request-timeout")]
+    request_timeout: Option<f64>,
+    /// Wait for firerunner to exit instead of for the guest (snapshot runs).
+    #[arg(long = "force_exit", alias = "force-exit")]
+    force_exit: bool,
+}
+
+fn seconds(name: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--{name} must be a positive number of seconds, got {v}"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
+    let args = Args::parse();
+    let timeouts = seconds("boot_timeout", args.boot_timeout).and_then(|b| {
+        let r = args
+            .request_timeout
+            .map(|r| seconds("request_timeout", r))
+            .transpose()?;
+        Ok((b, r))
+    });
+    let (boot_timeout, request_timeout) = match timeouts {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("singlevm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = Options {
+        launch: Launch {
+            firerunner: args.firerunner.unwrap_or_else(default_firerunner),
+            vm_args: args.vm.to_firerunner_args(),
+            console: args.console,
+        },
+        boot_timeout,
+        request_timeout,
+        force_exit: args.force_exit,
+    };
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    match singlevm::run(&opts, stdin, stdout) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("singlevm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

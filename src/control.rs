@@ -1,0 +1,166 @@
+//! The control channel between a controller (singlevm, multivm) and the
+//! firerunner it spawned: a connected Unix stream socket the parent passes
+//! as `--control_fd N`, carrying one JSON object per line each way.
+//!
+//! firerunner → parent: [`Event`]s (VM ready, guest signals with their
+//! timing, exit). parent → firerunner: [`Command`]s. When the parent's end
+//! closes, firerunner stops its VM: a VM never outlives its controller.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// What firerunner reports; `us` is microseconds since firerunner started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The VM is built and its vCPUs are running.
+    Ready { us: u64 },
+    /// The guest wrote 123 (boot done).
+    BootDone { us: u64 },
+    /// The guest wrote 124 (snapshot point).
+    SnapshotPoint { us: u64 },
+    /// The guest wrote 126 (timestamp).
+    Timestamp { us: u64 },
+    /// The guest wrote 125: its app failed to load.
+    AppFailed { us: u64 },
+    /// The VM ended; `code` is firerunner's exit code.
+    Exit { code: i32, reason: String },
+}
+
+/// What a controller asks of firerunner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Stop the VM and exit 0.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("--control_fd {0} is not an open socket")]
+    BadFd(RawFd),
+    #[error("control channel: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control channel: malformed message {line:?}: {source}")]
+    Malformed {
+        line: String,
+        source: serde_json::Error,
+    },
+}
+
+/// firerunner's end of the control channel.
+pub struct Channel {
+    writer: Mutex<UnixStream>,
+    reader: UnixStream,
+}
+
+impl Channel {
+    /// Takes ownership of the inherited socket `fd`.
+    pub fn from_fd(fd: RawFd) -> Result<Self, ControlError> {
+        // Refuse anything that is not an open socket before owning it.
+        use std::os::unix::fs::FileTypeExt;
+        let is_socket = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .is_ok_and(|m| m.file_type().is_socket());
+        if fd < 0 || !is_socket {
+            return Err(ControlError::BadFd(fd));
+        }
+        // SAFETY: `fd` is an open socket (checked above) that the parent
+        // passed for this process alone; nothing else in firerunner owns or
+        // closes it, so taking ownership here is sound.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let stream = UnixStream::from(owned);
+        let reader = stream.try_clone()?;
+        Ok(Self {
+            writer: Mutex::new(stream),
+            reader,
+        })
+    }
+
+    /// Sends one event; a parent that went away is only logged.
+    pub fn send(&self, event: &Event) {
+        let mut line = serde_json::to_string(event).unwrap_or_default();
+        line.push('\n');
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = w.write_all(line.as_bytes()) {
+            log::debug!("control channel: cannot send {event:?}: {e}");
+        }
+    }
+
+    /// Reads commands until the parent closes its end; calls `on_command`
+    /// for each and returns when the channel ends.
+    pub fn serve(&self, mut on_command: impl FnMut(Command)) -> Result<(), ControlError> {
+        for line in BufReader::new(&self.reader).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(&line) {
+                Ok(cmd) => on_command(cmd),
+                Err(source) => return Err(ControlError::Malformed { line, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one event line (the parent's side).
+pub fn parse_event(line: &str) -> Result<Event, ControlError> {
+    serde_json::from_str(line).map_err(|source| ControlError::Malformed {
+        line: line.to_string(),
+        source,
+    })
+}
+
+/// Encodes one command line (the parent's side).
+pub fn encode_command(cmd: &Command) -> String {
+    let mut s = serde_json::to_string(cmd).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn events_and_commands_are_json_lines() {
+        let e = Event::BootDone { us: 12 };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(s, r#"{"event":"boot_done","us":12}"#);
+        assert_eq!(parse_event(&s).unwrap(), e);
+        assert_eq!(
+            encode_command(&Command::Shutdown),
+            "{\"cmd\":\"shutdown\"}\n"
+        );
+        assert!(parse_event("{\"event\":\"nope\"}").is_err());
+    }
+
+    #[test]
+    fn channel_carries_both_directions_and_rejects_non_sockets() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let chan = Channel::from_fd(theirs.into_raw_fd()).unwrap();
+        chan.send(&Event::Ready { us: 1 });
+        let mut r = BufReader::new(ours.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(parse_event(line.trim()).unwrap(), Event::Ready { us: 1 });
+        (&ours)
+            .write_all(encode_command(&Command::Shutdown).as_bytes())
+            .unwrap();
+        drop((ours, r));
+        let mut got = Vec::new();
+        chan.serve(|c| got.push(c)).unwrap();
+        assert_eq!(got, vec![Command::Shutdown]);
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(
+            Channel::from_fd(file.into_raw_fd()),
+            Err(ControlError::BadFd(_))
+        ));
+    }
+}

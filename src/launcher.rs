@@ -1,0 +1,299 @@
+//! Spawning firerunner from a controller: a private runtime directory with
+//! the vsock sockets and the console, the control channel, waiting for the
+//! guest agent to connect, and stopping the VM.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+
+use crate::control::{self, Event};
+use crate::protocol::AGENT_PORT;
+
+/// The fd number firerunner receives its control channel on.
+const CONTROL_FD: i32 = 3;
+/// How long a VM gets to stop after a shutdown request before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create the runtime directory {path}: {source}")]
+    RuntimeDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the control channel: {0}")]
+    Control(std::io::Error),
+    #[error("cannot start firerunner {path}: {source}")]
+    Spawn {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("firerunner exited before the guest connected ({status}){detail}")]
+    Died { status: ExitStatus, detail: String },
+    #[error("the guest did not connect within {0:?}{1}")]
+    BootTimeout(Duration, String),
+    #[error("waiting for the guest failed: {0}")]
+    Wait(std::io::Error),
+}
+
+/// What to start.
+pub struct Launch {
+    pub firerunner: PathBuf,
+    /// VM flags passed through to firerunner.
+    pub vm_args: Vec<OsString>,
+    /// Keep the guest console here; otherwise it goes to the runtime dir
+    /// and is shown (tail) when the VM fails to start.
+    pub console: Option<PathBuf>,
+}
+
+/// A running firerunner and its sockets. Dropping it kills the VM and
+/// removes the runtime directory.
+pub struct Vm {
+    child: Child,
+    status: Option<ExitStatus>,
+    control: UnixStream,
+    events: Receiver<Event>,
+    listener: UnixListener,
+    runtime_dir: PathBuf,
+    console: PathBuf,
+    pub spawned_at: Instant,
+}
+
+fn runtime_dir() -> Result<PathBuf, LaunchError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!(
+        "snapvm-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir(&dir).map_err(|source| LaunchError::RuntimeDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+impl Vm {
+    /// Listens for the guest agent, then spawns firerunner.
+    pub fn spawn(launch: &Launch) -> Result<Self, LaunchError> {
+        let dir = runtime_dir()?;
+        match Self::spawn_in(launch, &dir) {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn_in(launch: &Launch, dir: &Path) -> Result<Self, LaunchError> {
+        let uds = dir.join("vsock");
+        let agent_path = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
+        let listener = UnixListener::bind(&agent_path).map_err(|source| LaunchError::Listen {
+            path: agent_path.display().to_string(),
+            source,
+        })?;
+        let console = launch
+            .console
+            .clone()
+            .unwrap_or_else(|| dir.join("console.log"));
+        let (ours, theirs) = UnixStream::pair().map_err(LaunchError::Control)?;
+        let theirs_fd = theirs.as_raw_fd();
+
+        let mut cmd = Command::new(&launch.firerunner);
+        cmd.args(&launch.vm_args)
+            .arg("--vsock_uds")
+            .arg(&uds)
+            .arg("--console")
+            .arg(&console)
+            .arg("--control_fd")
+            .arg(CONTROL_FD.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (dup2, fcntl) on fds this process
+        // owns; `theirs` stays open in the parent until after spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if theirs_fd == CONTROL_FD {
+                    // dup2 onto itself would keep FD_CLOEXEC: clear it.
+                    if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned_at = Instant::now();
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            path: launch.firerunner.display().to_string(),
+            source,
+        })?;
+        drop(theirs);
+
+        let (tx, events) = unbounded();
+        let reader = ours.try_clone().map_err(LaunchError::Control)?;
+        std::thread::Builder::new()
+            .name("control-events".into())
+            .spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { break };
+                    match control::parse_event(&line) {
+                        Ok(e) => {
+                            if tx.send(e).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+            })
+            .map_err(LaunchError::Control)?;
+
+        Ok(Self {
+            child,
+            status: None,
+            control: ours,
+            events,
+            listener,
+            runtime_dir: dir.to_path_buf(),
+            console,
+            spawned_at,
+        })
+    }
+
+    /// Events firerunner has reported so far.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// The guest console file.
+    pub fn console(&self) -> &Path {
+        &self.console
+    }
+
+    /// The last lines of the console, for error messages.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; last console lines:\n{tail}")
+        }
+    }
+
+    /// firerunner's exit status, if it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Why firerunner exited, from its last control event.
+    fn exit_detail(&self) -> String {
+        self.events
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Exit { reason, .. } => Some(format!(": {reason}")),
+                _ => None,
+            })
+            .last()
+            .unwrap_or_default()
+    }
+
+    /// Waits for the guest agent's connection, firerunner's death or the
+    /// deadline, whichever comes first.
+    pub fn wait_for_guest(&mut self, timeout: Duration) -> Result<UnixStream, LaunchError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(10u8)) {
+                Ok(n) if n > 0 => {
+                    let (stream, _) = self.listener.accept().map_err(LaunchError::Wait)?;
+                    return Ok(stream);
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(LaunchError::Wait(e.into())),
+            }
+            if let Some(status) = self.try_status() {
+                // Let the control reader drain the exit event.
+                std::thread::sleep(Duration::from_millis(20));
+                let detail = format!("{}{}", self.exit_detail(), self.console_tail(20));
+                return Err(LaunchError::Died { status, detail });
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::BootTimeout(timeout, self.console_tail(20)));
+            }
+        }
+    }
+
+    /// Waits for firerunner to exit on its own.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let s = self.child.wait()?;
+        self.status = Some(s);
+        Ok(s)
+    }
+
+    /// Kills firerunner now (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.wait();
+        }
+    }
+
+    /// Asks the VM to stop, waits a grace period, then kills it.
+    pub fn shutdown(&mut self) -> Option<ExitStatus> {
+        if self.try_status().is_none() {
+            let _ = (&self.control)
+                .write_all(control::encode_command(&control::Command::Shutdown).as_bytes());
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while self.try_status().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            self.kill();
+        }
+        self.status
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.runtime_dir);
+    }
+}
+
+/// firerunner next to the running executable (how the binaries ship).
+pub fn default_firerunner() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("firerunner")))
+        .unwrap_or_else(|| PathBuf::from("firerunner"))
+}

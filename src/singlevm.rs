@@ -1,0 +1,184 @@
+//! singlevm: one VM, JSON requests on stdin, one JSON response per line on
+//! stdout, in order.
+//!
+//! Every input line gets exactly one output line. A line that is not JSON,
+//! or larger than the frame limit, is answered with an error and the VM
+//! keeps serving. A request that outlives `--request_timeout` kills the VM
+//! (the VM is the unit of isolation) and is answered with a timeout error;
+//! so is every later line, with "vm is gone", since no VM is left to serve
+//! it. The exit status is 0 when the VM served until end of input, 1
+//! otherwise.
+
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::control::Event;
+use crate::launcher::{LaunchError, Vm};
+use crate::protocol::{self, ProtocolError, MAX_FRAME};
+
+pub use crate::launcher::Launch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SingleVmError {
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("the guest agent failed its handshake: {0}")]
+    Handshake(ProtocolError),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+    #[error("waiting for firerunner failed: {0}")]
+    Wait(std::io::Error),
+    #[error("firerunner failed ({0})")]
+    Firerunner(std::process::ExitStatus),
+}
+
+pub struct Options {
+    pub launch: Launch,
+    pub boot_timeout: Duration,
+    pub request_timeout: Option<Duration>,
+    /// Wait for firerunner to exit instead of for the guest (snapshot runs).
+    pub force_exit: bool,
+}
+
+/// Logs firerunner's phase timings received so far.
+fn log_phases(vm: &Vm) {
+    for e in vm.events().try_iter() {
+        match e {
+            Event::Ready { us } => log::info!("firerunner ready in: {us} us"),
+            Event::BootDone { us } => log::info!("guest boot done at: {us} us"),
+            Event::SnapshotPoint { us } => log::info!("guest snapshot point at: {us} us"),
+            Event::Timestamp { us } => log::info!("guest timestamp at: {us} us"),
+            Event::AppFailed { us } => log::warn!("guest app failed to load at: {us} us"),
+            Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
+        }
+    }
+}
+
+/// The live connection, or why there is none.
+enum Agent {
+    Serving(UnixStream),
+    Gone(String),
+}
+
+fn error_line(msg: impl std::fmt::Display) -> String {
+    json!({ "error": msg.to_string() }).to_string()
+}
+
+/// Runs one VM over `input`, writing responses to `output`; returns the
+/// process exit code.
+pub fn run(
+    opts: &Options,
+    input: impl BufRead,
+    mut output: impl Write,
+) -> Result<i32, SingleVmError> {
+    let mut vm = Vm::spawn(&opts.launch)?;
+    if opts.force_exit {
+        let status = vm.wait().map_err(SingleVmError::Wait)?;
+        log_phases(&vm);
+        log::info!(
+            "firerunner exited in: {} us",
+            vm.spawned_at.elapsed().as_micros()
+        );
+        return if status.success() {
+            Ok(0)
+        } else {
+            Err(SingleVmError::Firerunner(status))
+        };
+    }
+    let mut stream = vm.wait_for_guest(opts.boot_timeout)?;
+    if let Err(e) = protocol::handshake(&mut stream) {
+        return Err(SingleVmError::Handshake(e));
+    }
+    log_phases(&vm);
+    log::info!("VM ready in: {} us", vm.spawned_at.elapsed().as_micros());
+
+    let mut agent = Agent::Serving(stream);
+    for line in input.split(b'\n') {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot read stdin: {e}");
+                break;
+            }
+        };
+        let answer = answer(&mut vm, &mut agent, &line, opts.request_timeout);
+        writeln!(output, "{answer}").map_err(SingleVmError::Stdout)?;
+        output.flush().map_err(SingleVmError::Stdout)?;
+    }
+    log_phases(&vm);
+    Ok(match agent {
+        Agent::Serving(_) => match vm.shutdown() {
+            Some(s) if s.success() => 0,
+            Some(s) => {
+                log::warn!("firerunner ended with {s} at shutdown");
+                0
+            }
+            None => 0,
+        },
+        Agent::Gone(_) => 1,
+    })
+}
+
+/// One output line for one input line.
+fn answer(vm: &mut Vm, agent: &mut Agent, line: &[u8], timeout: Option<Duration>) -> String {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.len() > MAX_FRAME {
+        return error_line(format!(
+            "request too large: {} bytes (limit {MAX_FRAME})",
+            line.len()
+        ));
+    }
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return error_line(format!("invalid request: {e}")),
+    };
+    let stream = match agent {
+        Agent::Serving(s) => s,
+        Agent::Gone(why) => return error_line(format!("vm is gone: {why}")),
+    };
+    let started = Instant::now();
+    if let Err(e) = stream.set_read_timeout(timeout) {
+        log::warn!("cannot set the request timeout: {e}");
+    }
+    let result = protocol::write_frame(stream, request.to_string().as_bytes())
+        .and_then(|()| protocol::read_json(stream));
+    match result {
+        Ok(response) => {
+            log::info!("request returned in: {} us", started.elapsed().as_micros());
+            response.to_string()
+        }
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            let ms = timeout.map_or(0, |t| t.as_millis());
+            vm.kill();
+            let why = format!("a request timed out after {ms} ms and the VM was stopped");
+            *agent = Agent::Gone(why);
+            error_line(format!(
+                "timeout: no response within {ms} ms; the VM was stopped"
+            ))
+        }
+        Err(ProtocolError::BadJson(e)) => {
+            error_line(format!("the function answered invalid JSON: {e}"))
+        }
+        Err(e) => {
+            // The connection broke: find out whether firerunner died.
+            std::thread::sleep(Duration::from_millis(50));
+            let why = match vm.try_status() {
+                Some(status) => format!("firerunner exited ({status}){}", vm.console_tail(5)),
+                None => {
+                    vm.kill();
+                    format!("the connection to the guest broke ({e}); the VM was stopped")
+                }
+            };
+            *agent = Agent::Gone(why.clone());
+            error_line(format!("vm died: {why}"))
+        }
+    }
+}

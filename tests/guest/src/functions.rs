@@ -1,0 +1,118 @@
+//! The built-in functions an appfs manifest can name (`fn=<name>`).
+
+use core::fmt::Write;
+
+use crate::bootinfo::BootInfo;
+use crate::json::{self, Writer};
+use crate::manifest::Manifest;
+use crate::mem::TOUCH_BASE;
+use crate::util::{mix64, Fnv, Rng};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Func {
+    Echo,
+    Hello,
+    Touch,
+    Fail,
+    Spin,
+    Random,
+    Discard,
+}
+
+impl Func {
+    pub fn by_name(name: &[u8]) -> Option<Func> {
+        Some(match name {
+            b"echo" => Func::Echo,
+            b"hello" => Func::Hello,
+            b"touch" => Func::Touch,
+            b"fail" => Func::Fail,
+            b"spin" => Func::Spin,
+            b"random" => Func::Random,
+            b"discard" => Func::Discard,
+            _ => return None,
+        })
+    }
+}
+
+/// What a function may look at besides the request.
+pub struct Env<'a> {
+    pub boot: &'a BootInfo,
+    pub manifest: &'a Manifest,
+    pub rng: &'a mut Rng,
+    pub init_realtime_ns: u64,
+}
+
+/// Runs `f` on a validated request `req` (the JSON value, trimmed) whose
+/// frame was `frame_len` bytes; writes the response object into `out`.
+pub fn run(f: Func, req: &[u8], frame_len: usize, env: &mut Env, out: &mut Writer) {
+    match f {
+        Func::Echo => {
+            if json::is_object(req) {
+                out.raw(req);
+            } else {
+                out.raw(b"{\"echo\": ");
+                out.raw(req);
+                out.raw(b"}");
+            }
+        }
+        Func::Hello => {
+            let name = json::field(req, "name").and_then(json::str_inner).unwrap_or(b"world");
+            // The raw (still escaped) string content is valid inside quotes.
+            out.raw(b"{\"message\": \"hello, ");
+            out.raw(name);
+            out.raw(b"\"}");
+        }
+        Func::Touch => touch(req, env, out),
+        Func::Fail => out.raw(b"{\"error\": \"fail: requested failure\"}"),
+        Func::Spin => loop {
+            core::hint::spin_loop();
+        },
+        Func::Random => {
+            let r = env.rng.next_u64();
+            let _ = write!(out, "{{\"random\": \"{:016x}\", \"init_realtime_ns\": {}}}", r, env.init_realtime_ns);
+        }
+        Func::Discard => {
+            let _ = write!(out, "{{\"bytes\": {}}}", frame_len);
+        }
+    }
+}
+
+/// Writes then reads back one 8-byte word per 4 KiB page of `mib` MiB at
+/// TOUCH_BASE. The values and so the checksum depend only on `mib`.
+fn touch(req: &[u8], env: &mut Env, out: &mut Writer) {
+    let from_manifest = || env.manifest.get(b"mib").and_then(crate::cmdline::parse_u64);
+    let mib = match json::field(req, "mib") {
+        Some(v) => match json::as_u64(v) {
+            Some(n) => n,
+            None => {
+                out.raw(b"{\"error\": \"touch: mib must be a non-negative integer\"}");
+                return;
+            }
+        },
+        None => from_manifest().unwrap_or(16),
+    };
+    let bytes = mib.saturating_mul(1 << 20);
+    if env.boot.ram_range_holding(TOUCH_BASE, bytes.max(1)).is_none() || bytes > (1 << 40) {
+        let room = env.boot.ram_range_holding(TOUCH_BASE, 1).map_or(0, |r| (r.end() - TOUCH_BASE) >> 20);
+        let _ = write!(out, "{{\"error\": \"touch: {} MiB does not fit in guest RAM ({} MiB available)\"}}", mib, room);
+        return;
+    }
+    let pages = bytes / 4096;
+    let mut sum = Fnv::new();
+    for p in 0..pages {
+        let addr = TOUCH_BASE + p * 4096;
+        let v = mix64(p ^ (mib << 40));
+        // SAFETY: [TOUCH_BASE, TOUCH_BASE + bytes) is RAM (checked against
+        // e820 above) that nothing else uses: the heap ends below it.
+        let back = unsafe {
+            core::ptr::write_volatile(addr as *mut u64, v);
+            core::ptr::read_volatile(addr as *const u64)
+        };
+        if back != v {
+            let _ = write!(out, "{{\"error\": \"touch: read back mismatch at {:#x}\"}}", addr);
+            return;
+        }
+        sum.update(&back.to_le_bytes());
+    }
+    let _ = write!(out, "{{\"touched_mib\": {}, \"checksum\": \"{:016x}\"}}", mib, sum.0);
+}
