@@ -17,6 +17,7 @@ use super::devices::i8042::I8042;
 use super::devices::serial::{ConsoleSink, SerialDevice};
 use super::devices::virtio::block::{Block, BlockError};
 use super::devices::virtio::mmio::{self, MmioError, SharedDevice};
+use super::devices::virtio::vsock::{Vsock, VsockError};
 use super::event_loop::EventManager;
 use super::kernel::{self, KernelError};
 use super::layout;
@@ -67,6 +68,8 @@ pub enum BuildError {
         what: &'static str,
         source: BlockError,
     },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("cannot attach a virtio device: {0}")]
     Virtio(#[from] MmioError),
     #[error("cannot open the console file {path}: {source}")]
@@ -219,11 +222,20 @@ pub fn run(
 
     let (exit_tx, exit_rx) = unbounded();
 
-    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb.
+    let uds = config.vsock_uds.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("snapvm-{}.vsock", std::process::id()))
+    });
+    let vsock = Vsock::new(config.cid, &uds)?;
+
+    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb, vsock.
     let mut mmio = Bus::new();
     let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
     let mut device_args = Vec::new();
-    let devices: [SharedDevice; 2] = [Arc::new(Mutex::new(rootfs)), Arc::new(Mutex::new(appfs))];
+    let devices: [SharedDevice; 3] = [
+        Arc::new(Mutex::new(rootfs)),
+        Arc::new(Mutex::new(appfs)),
+        Arc::new(Mutex::new(vsock)),
+    ];
     for (slot, device) in devices.into_iter().enumerate() {
         let handle = mmio::register(
             vm.fd(),
