@@ -143,3 +143,72 @@ pub fn run_testguest(extra: &[&str]) -> Outcome {
     cmd.arg("--kernel").arg(testguest()).args(extra);
     run_with_deadline(cmd, Duration::from_secs(120))
 }
+
+pub fn singlevm() -> &'static str {
+    env!("CARGO_BIN_EXE_singlevm")
+}
+
+/// A testguest appfs image: manifest lines, NUL-padded to 4 KiB.
+pub fn app_image(scratch: &Scratch, name: &str, lines: &[&str]) -> PathBuf {
+    let mut m = Vec::new();
+    for l in lines {
+        m.extend_from_slice(l.as_bytes());
+        m.push(b'\n');
+    }
+    m.resize(4096, 0);
+    scratch.file(name, &m)
+}
+
+/// Runs `cmd` with `input` on stdin, killing it after `limit`.
+pub fn run_with_input(mut cmd: Command, input: Vec<u8>, limit: Duration) -> Outcome {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > limit {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    let out = child.wait_with_output().expect("wait");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = feeder.join();
+    let killed = watchdog.join().unwrap_or(false);
+    let outcome = Outcome {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !killed,
+        "process did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+        outcome.stdout, outcome.stderr
+    );
+    outcome
+}
+
+/// singlevm on testguest with `extra` flags, `input` on stdin; its runtime
+/// files go to `scratch` (TMPDIR) so a test can check nothing is left.
+pub fn run_singlevm(scratch: &Scratch, extra: &[&str], input: &str, limit: Duration) -> Outcome {
+    let mut cmd = Command::new(singlevm());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .args(extra)
+        .env("TMPDIR", &scratch.0)
+        .env_remove("XDG_RUNTIME_DIR");
+    run_with_input(cmd, input.as_bytes().to_vec(), limit)
+}
