@@ -24,6 +24,8 @@ pub struct Options<'a> {
     pub bad_exit: Option<&'a [u8]>,
     pub diskcheck: bool,
     pub readbench: Option<&'a [u8]>,
+    /// `testguest.crash=`: fail on purpose (tests of the crash path).
+    pub crash: Option<&'a [u8]>,
     pub devices: [Option<MmioDevice>; MAX_DEVICES],
 }
 
@@ -73,7 +75,7 @@ fn parse_device(s: &[u8]) -> Option<MmioDevice> {
 }
 
 pub fn parse(cmdline: &[u8]) -> Options<'_> {
-    let mut o = Options { exit: None, bad_exit: None, diskcheck: false, readbench: None, devices: [None; MAX_DEVICES] };
+    let mut o = Options { exit: None, bad_exit: None, diskcheck: false, readbench: None, crash: None, devices: [None; MAX_DEVICES] };
     let mut ndev = 0;
     for w in words(cmdline) {
         if let Some(v) = w.strip_prefix(b"testguest.exit=") {
@@ -87,6 +89,8 @@ pub fn parse(cmdline: &[u8]) -> Options<'_> {
             o.diskcheck = v != b"0";
         } else if let Some(v) = w.strip_prefix(b"testguest.readbench=") {
             o.readbench = Some(v);
+        } else if let Some(v) = w.strip_prefix(b"testguest.crash=") {
+            o.crash = Some(v);
         } else if let Some(v) = w.strip_prefix(b"virtio_mmio.device=") {
             if let Some(d) = parse_device(v) {
                 if ndev < MAX_DEVICES {

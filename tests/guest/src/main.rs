@@ -92,7 +92,7 @@ fn bsp_main(boot: &BootInfo) -> ! {
     for r in boot.ram() {
         ram_bytes += r.size;
         ranges += 1;
-        if top.map_or(true, |t| r.end() > t.end()) {
+        if top.is_none_or(|t| r.end() > t.end()) {
             top = Some(r);
         }
     }
@@ -104,6 +104,9 @@ fn bsp_main(boot: &BootInfo) -> ! {
 
     io::control(io::CONTROL_BOOT_DONE);
     println!("testguest: boot done");
+    if let Some(how) = opts.crash {
+        crash(how);
+    }
 
     // Stage 2: the virtio devices (not needed when the test only boots).
     let wants_devices = opts.exit.is_none() || opts.diskcheck || opts.readbench.is_some();
@@ -183,6 +186,20 @@ fn idle() -> ! {
     }
 }
 
+/// `testguest.crash=pagefault|panic`: the crash paths, on purpose.
+fn crash(how: &[u8]) {
+    match how {
+        b"pagefault" => {
+            // 64 GiB: canonical, but beyond the identity map.
+            // SAFETY: not safe at all, on purpose: the #PF goes to the CPL0
+            // crash path, which reports it and resets the machine.
+            unsafe { core::ptr::read_volatile(0x10_0000_0000 as *const u64) };
+        }
+        b"panic" => panic!("requested by testguest.crash=panic"),
+        _ => {}
+    }
+}
+
 /// Writes and reads back the last page of the highest RAM range, when RAM
 /// goes above 4 GiB.
 fn highmem_check(top: Option<bootinfo::E820Entry>) {
@@ -216,7 +233,10 @@ fn highmem_check(top: Option<bootinfo::E820Entry>) {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let mut c = serial::lock_or_steal();
-    let _ = write!(c, "testguest: panic: {}", info);
+    let _ = write!(c, "testguest: panic: {}", info.message());
+    if let Some(at) = info.location() {
+        let _ = write!(c, " at {}:{}", at.file(), at.line());
+    }
     c.write_bytes(b"\n");
     drop(c);
     io::reset()

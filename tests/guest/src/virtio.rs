@@ -61,7 +61,7 @@ pub struct Device {
 impl Device {
     /// Checks the magic and the version; does not touch the device state.
     pub fn probe(spec: &MmioDevice) -> Result<Device, &'static str> {
-        if spec.size < 0x200 || spec.base % 4096 != 0 || spec.base >= (1 << 34) {
+        if spec.size < 0x200 || !spec.base.is_multiple_of(4096) || spec.base >= (1 << 34) {
             return Err("bad window");
         }
         if spec.gsi >= 24 {

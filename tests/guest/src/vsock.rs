@@ -517,13 +517,11 @@ impl Vsock {
                     c.need_rst = true;
                 }
             }
-            OP_RW => {
-                if c.state == State::Connected || c.state == State::Closing {
-                    // Never more than our credit allows; a peer that
-                    // overruns it loses the excess.
-                    let n = c.rx.push(data);
-                    c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
-                }
+            // Never more than our credit allows; a peer that overruns it
+            // loses the excess.
+            OP_RW if c.state == State::Connected || c.state == State::Closing => {
+                let n = c.rx.push(data);
+                c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
             }
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => c.need_credit_update = true,
