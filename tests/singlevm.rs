@@ -361,7 +361,7 @@ fn sixteen_vsock_streams_move_data_both_ways() {
     // Wait until the guest listens.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some((mut w, _)) = connect_guest(&uds, 5000) {
+        if let Some((w, _)) = connect_guest(&uds, 5000) {
             w.shutdown(std::net::Shutdown::Both).ok();
             break;
         }

@@ -243,8 +243,15 @@ impl<'a> Agent<'a> {
 
     /// Handles the request frame in req[..len]; returns the response length.
     fn handle(&mut self, len: usize) -> usize {
-        let req: &[u8] = &self.req[..len];
-        let Some(value) = json::validate(req) else {
+        // Lend the request buffer out so the response can be built from it.
+        let req = core::mem::take(&mut self.req);
+        let n = self.respond_to(&req[..len]);
+        self.req = req;
+        n
+    }
+
+    fn respond_to(&mut self, frame: &[u8]) -> usize {
+        let Some(value) = json::validate(frame) else {
             return self.respond_with(|w| w.raw(b"{\"error\":\"invalid json\"}"));
         };
         if let Some(init) = json::field(value, "init").filter(|v| json::is_object(v)) {
@@ -270,17 +277,10 @@ impl<'a> Agent<'a> {
                 })
             }
         };
-        // The request lives in self.req, the response goes to self.resp:
-        // split the borrows by hand.
-        let req_ptr = value.as_ptr();
-        let req_len = value.len();
-        // SAFETY: req and resp are distinct allocations; nothing writes
-        // req while the function runs.
-        let value: &[u8] = unsafe { core::slice::from_raw_parts(req_ptr, req_len) };
         let mut env = Env { boot: self.boot, manifest: &self.manifest, rng: &mut self.rng, init_realtime_ns: self.realtime_ns };
         let (hdr, body) = self.resp.split_at_mut(4);
         let mut w = Writer::new(body);
-        functions::run(func, value, len, &mut env, &mut w);
+        functions::run(func, value, frame.len(), &mut env, &mut w);
         if w.overflow {
             w = Writer::new(body);
             w.raw(b"{\"error\":\"response too large\"}");
