@@ -50,8 +50,11 @@ impl Rng {
             let j = i % 4;
             self.s[j] = mix64(self.s[j] ^ w ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
-        for j in 0..4 {
-            self.s[j] = mix64(self.s[j] ^ self.s[(j + 1) % 4]);
+        // Two rounds: every state word then depends on every input word.
+        for _ in 0..2 {
+            for j in 0..4 {
+                self.s[j] = mix64(self.s[j] ^ self.s[(j + 1) % 4] ^ self.s[(j + 3) % 4]);
+            }
         }
         if self.s == [0; 4] {
             self.s[0] = 1;
