@@ -12,3 +12,5 @@ echo "== testguest" >&2
 scripts/build-testguest.sh >/dev/null
 echo "== cargo test" >&2
 cargo test --release -- --test-threads=2
+echo "== rootfs images and guest agents" >&2
+scripts/rootfs-test.sh --images
