@@ -10,7 +10,8 @@ use crate::vmm::builder::{VmConfig, DEFAULT_KERNEL_ARGS};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmArgs {
-    /// Guest kernel: ELF vmlinux or bzImage.
+    /// Guest kernel: ELF vmlinux or bzImage. Required (as in SnapFaaS) but
+    /// not read with --load_dir: the snapshot holds the booted kernel.
     #[arg(long)]
     pub kernel: PathBuf,
     /// Kernel command line (device announcements are appended).
@@ -31,13 +32,18 @@ pub struct VmArgs {
     /// VM id, also the guest's vsock CID.
     #[arg(long, default_value_t = 100)]
     pub id: u64,
-    /// Restore from a snapshot directory (BASE or BASE,DIFF).
+    /// Restore from a snapshot directory instead of booting (BASE; the
+    /// BASE,DIFF form of diff snapshots is not supported yet). --mem_size,
+    /// --vcpu_count and --rootfs must match the snapshot's; --appfs and
+    /// --id may differ; --kernel and --kernel_args are not used.
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<String>,
     /// Diff snapshot layers to stack on --load_dir (comma list).
     #[arg(long = "diff_dirs", alias = "diff-dirs")]
     pub diff_dirs: Option<String>,
-    /// Write a snapshot here at the guest's snapshot point, then exit.
+    /// Write a full snapshot to this directory at the guest's snapshot point
+    /// (control port 124), then exit 0. The parent directory must exist; an
+    /// existing snapshot there is replaced atomically.
     #[arg(long = "dump_dir", alias = "dump-dir")]
     pub dump_dir: Option<PathBuf>,
     /// Record the working set of the first request (into DIR, or the top layer).
@@ -46,25 +52,35 @@ pub struct VmArgs {
     /// Load the recorded working set eagerly at restore.
     #[arg(long = "load_ws", alias = "load-ws")]
     pub load_ws: bool,
-    /// Copy the base snapshot's memory eagerly instead of mapping it.
+    /// With --load_dir: copy the snapshot's memory into the VM up front
+    /// instead of mapping it lazily (page by page on first touch).
     #[arg(long = "copy_base", alias = "copy-base")]
     pub copy_base: bool,
     /// Copy the diff snapshot's memory eagerly instead of mapping it.
     #[arg(long = "copy_diff", alias = "copy-diff")]
     pub copy_diff: bool,
+    /// CPU template (JSON): CPUID bits to set/clear and MSR overrides for
+    /// every vCPU; see src/vmm/x86_64/cpu_template.rs.
+    #[arg(long = "cpu_template", alias = "cpu-template")]
+    pub cpu_template: Option<PathBuf>,
 }
 
 impl VmArgs {
     /// The first flag whose feature has not landed yet: refused, never ignored.
     pub fn unsupported(&self) -> Option<&'static str> {
         [
-            (self.load_dir.is_some(), "--load_dir"),
+            (
+                self.load_dir.as_deref().is_some_and(|d| d.contains(',')),
+                "--load_dir BASE,DIFF (diff snapshots)",
+            ),
             (self.diff_dirs.is_some(), "--diff_dirs"),
-            (self.dump_dir.is_some(), "--dump_dir"),
             (self.dump_ws.is_some(), "--dump_ws"),
             (self.load_ws, "--load_ws"),
-            (self.copy_base, "--copy_base"),
             (self.copy_diff, "--copy_diff"),
+            (
+                self.copy_base && self.load_dir.is_none(),
+                "--copy_base without --load_dir",
+            ),
         ]
         .into_iter()
         .find_map(|(set, name)| set.then_some(name))
@@ -85,6 +101,10 @@ impl VmArgs {
             cid: self.id,
             console,
             vsock_uds,
+            load_dir: self.load_dir.as_ref().map(PathBuf::from),
+            dump_dir: self.dump_dir.clone(),
+            copy_base: self.copy_base,
+            cpu_template: self.cpu_template.clone(),
         }
     }
 
@@ -100,6 +120,9 @@ impl VmArgs {
             flag("kernel_args", k.into());
         }
         flag("rootfs", self.rootfs.clone().into());
+        if let Some(t) = &self.cpu_template {
+            flag("cpu_template", t.clone().into());
+        }
         if let Some(p) = &self.appfs {
             flag("appfs", p.clone().into());
         }
@@ -165,6 +188,40 @@ mod tests {
         assert_eq!(again.vm.kernel_args.as_deref(), Some("a b"));
         assert!(again.vm.copy_base);
         assert_eq!(again.vm.mem_size, 256);
-        assert_eq!(again.vm.unsupported(), Some("--copy_base"));
+        assert_eq!(
+            again.vm.unsupported(),
+            Some("--copy_base without --load_dir")
+        );
+        let t = T::parse_from(["x", "--kernel", "k", "--rootfs", "r", "--load_dir", "a,b"]);
+        assert_eq!(
+            t.vm.unsupported(),
+            Some("--load_dir BASE,DIFF (diff snapshots)")
+        );
+        let t = T::parse_from(["x", "--kernel", "k", "--rootfs", "r", "--load_dir", "a"]);
+        assert_eq!(t.vm.unsupported(), None);
+        assert_eq!(
+            t.vm.vm_config(None, None).load_dir,
+            Some(PathBuf::from("a"))
+        );
+    }
+
+    #[test]
+    fn cpu_template_reaches_firerunner_and_the_vm_config() {
+        let t = T::parse_from([
+            "x",
+            "--kernel",
+            "k",
+            "--rootfs",
+            "r",
+            "--cpu-template",
+            "t.json",
+        ]);
+        let mut argv: Vec<OsString> = vec!["x".into()];
+        argv.extend(t.vm.to_firerunner_args());
+        let again = T::parse_from(argv);
+        assert_eq!(
+            again.vm.vm_config(None, None).cpu_template,
+            Some(PathBuf::from("t.json"))
+        );
     }
 }

@@ -27,6 +27,16 @@ pub enum Event {
     Timestamp { us: u64 },
     /// The guest wrote 125: its app failed to load.
     AppFailed { us: u64 },
+    /// A snapshot was written (`--dump_dir`) at the guest's snapshot point;
+    /// firerunner exits 0 next. `memory_bytes` is the non-hole part of the
+    /// memory file, `create_us` the time from the request to the snapshot
+    /// directory in place.
+    SnapshotWritten {
+        us: u64,
+        dir: String,
+        memory_bytes: u64,
+        create_us: u64,
+    },
     /// The VM ended; `code` is firerunner's exit code.
     Exit { code: i32, reason: String },
 }

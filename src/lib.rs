@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod control;
 pub mod launcher;
+pub mod multivm;
 pub mod protocol;
 pub mod singlevm;
+pub mod snapshot;
 pub mod vmm;

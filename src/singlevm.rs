@@ -52,6 +52,9 @@ fn log_phases(vm: &Vm) {
             Event::SnapshotPoint { us } => log::info!("guest snapshot point at: {us} us"),
             Event::Timestamp { us } => log::info!("guest timestamp at: {us} us"),
             Event::AppFailed { us } => log::warn!("guest app failed to load at: {us} us"),
+            Event::SnapshotWritten { dir, create_us, .. } => {
+                log::info!("snapshot written to {dir} in: {create_us} us")
+            }
             Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
         }
     }

@@ -309,7 +309,7 @@ fn bad_input_is_refused_with_one_clear_line() {
             tg,
             "--rootfs",
             r,
-            "--load_dir",
+            "--diff_dirs",
             "/tmp/snap",
             "--console",
             c,

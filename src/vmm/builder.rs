@@ -1,36 +1,52 @@
-//! Assembles a VM from its parts and runs it until it ends: memory, KVM VM,
-//! kernel, devices, boot structures, vCPUs, event loop.
+//! Assembles a VM from its parts and runs it until it ends.
+//!
+//! Two ways in: [`boot`] builds a fresh VM from a kernel (memory, KVM VM,
+//! kernel, devices, boot structures, vCPUs); [`restore`] rebuilds one from
+//! a snapshot directory (validate, VM + irqchip + PIT, memory, vCPU state,
+//! clock, devices). Both end in the same running [`Machine`]: vCPU
+//! threads, the device event loop, and the main thread waiting for the
+//! reason to stop — or for the guest's snapshot point, when `--dump_dir`
+//! is given.
 
 use std::fs::File;
 use std::io::LineWriter;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{select, unbounded, Sender};
 use nix::sys::signal::{SigSet, Signal};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::{lock, Bus, BusError};
 use super::devices::control::{ControlPort, GuestSignal, SignalSink};
 use super::devices::i8042::I8042;
-use super::devices::serial::{ConsoleSink, SerialDevice};
+use super::devices::serial::{ConsoleSink, SerialDevice, SerialError};
 use super::devices::virtio::block::{Block, BlockError};
-use super::devices::virtio::mmio::{self, MmioError, SharedDevice};
+use super::devices::virtio::mmio::{self, MmioDeviceHandle, MmioError, SharedDevice};
 use super::devices::virtio::vsock::{Vsock, VsockError};
 use super::event_loop::EventManager;
 use super::kernel::{self, KernelError};
 use super::layout;
-use super::memory::{self, MemoryError};
-use super::vcpu::{Vcpu, VcpuContext, VcpuError};
+use super::memory::{self, GuestMemoryMmap, MemoryError};
+use super::vcpu::{self, Vcpu, VcpuContext, VcpuError, Vcpus};
 use super::vm::{Vm, VmError};
+use super::x86_64::cpu_template::{CpuTemplate, CpuTemplateError};
 use super::x86_64::{boot_params, cpuid::CpuidShape, mptable, regs};
 use super::{VmExit, MAX_VCPUS};
 use crate::control::{Channel, Command, Event};
+use crate::snapshot::format::{self, DeviceEntry, FormatError, SnapshotState};
+use crate::snapshot::quiesce::{LoopPause, QuiesceError};
+use crate::snapshot::{self, disk};
 
 /// Kernel command line used when the user gives none.
 pub const DEFAULT_KERNEL_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Environment variable a parent may set to CLOCK_MONOTONIC (ns) just
+/// before it spawns firerunner, so the log can say how long exec took.
+pub const SPAWN_TIME_ENV: &str = "SNAPVM_SPAWN_MONO_NS";
 
 /// Everything needed to build one VM.
 #[derive(Clone, Debug)]
@@ -47,6 +63,15 @@ pub struct VmConfig {
     pub console: Option<PathBuf>,
     /// Base path of the vsock Unix sockets (see the vsock device).
     pub vsock_uds: Option<PathBuf>,
+    /// Restore this snapshot directory instead of booting the kernel.
+    pub load_dir: Option<PathBuf>,
+    /// At the guest's snapshot point, write a snapshot here and exit.
+    pub dump_dir: Option<PathBuf>,
+    /// With `load_dir`: copy the snapshot's memory up front instead of
+    /// mapping it lazily.
+    pub copy_base: bool,
+    /// CPU template (JSON) applied to every vCPU at boot.
+    pub cpu_template: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +111,8 @@ pub enum BuildError {
     #[error("cannot get KVM's supported CPUID: {0}")]
     Cpuid(kvm_ioctls::Error),
     #[error(transparent)]
+    CpuTemplate(#[from] CpuTemplateError),
+    #[error(transparent)]
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     BootParams(#[from] boot_params::BootParamsError),
@@ -93,10 +120,28 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error("cannot create the device event loop: {0}")]
     EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
     #[error("cannot start a VMM thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot block termination signals: {0}")]
     Signals(nix::Error),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error(transparent)]
+    DumpDir(#[from] snapshot::dir::DirError),
+    #[error("cannot restore: {0}")]
+    Format(#[from] FormatError),
+    #[error("cannot restore: {0}")]
+    Rootfs(#[from] disk::DiskError),
+    #[error("cannot restore {dir}: {reason}")]
+    Mismatch { dir: String, reason: String },
+    #[error("cannot restore {dir}: its memory file {path}: {reason}")]
+    MemoryFile {
+        dir: String,
+        path: String,
+        reason: String,
+    },
 }
 
 fn host_ram_mib() -> u64 {
@@ -105,15 +150,19 @@ fn host_ram_mib() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Logs the guest's control-port signals, reports them to the controller
-/// and ends the VM when the app failed to load.
+/// Logs the guest's control-port signals, reports them to the controller,
+/// ends the VM when the app failed to load, and at the snapshot point asks
+/// for a snapshot when one is wanted.
 struct GuestSignals {
     exit: Sender<VmExit>,
     control: Option<Arc<Channel>>,
+    /// Where to ask for a snapshot (`--dump_dir` given).
+    snapshot: Option<Sender<()>>,
+    snapshot_requested: AtomicBool,
 }
 
 impl SignalSink for GuestSignals {
-    fn signal(&self, signal: GuestSignal, since_start: std::time::Duration) {
+    fn signal(&self, signal: GuestSignal, since_start: Duration) {
         let us = since_start.as_micros() as u64;
         let event = match signal {
             GuestSignal::BootDone => {
@@ -125,7 +174,21 @@ impl SignalSink for GuestSignals {
                 Event::Timestamp { us }
             }
             GuestSignal::SnapshotPoint => {
-                log::info!("guest snapshot point {us} us after start (no --dump_dir: ignored)");
+                match &self.snapshot {
+                    Some(tx) if !self.snapshot_requested.swap(true, Ordering::SeqCst) => {
+                        log::info!("guest snapshot point {us} us after start: taking a snapshot");
+                        // This runs on the vCPU thread that wrote 124: it
+                        // stops right after the write completes.
+                        vcpu::pause_this_vcpu();
+                        let _ = tx.send(());
+                    }
+                    Some(_) => {
+                        log::info!("guest snapshot point {us} us after start (snapshot under way)")
+                    }
+                    None => log::info!(
+                        "guest snapshot point {us} us after start (no --dump_dir: ignored)"
+                    ),
+                }
                 Event::SnapshotPoint { us }
             }
             GuestSignal::AppFailed => {
@@ -164,9 +227,67 @@ fn console_sink(path: &Option<PathBuf>) -> Result<ConsoleSink, BuildError> {
     }
 }
 
-/// Builds the VM described by `config`, runs it and returns why it ended.
-/// `start` is when the process started (for timing logs).
-/// `control`, when given, is the channel to the controller that spawned us.
+/// What both ways of building a VM share: where its events go.
+struct Wiring {
+    start: Instant,
+    control: Option<Arc<Channel>>,
+    exit: Sender<VmExit>,
+    snapshot: Option<Sender<()>>,
+}
+
+/// A running VM: everything that drives it and everything a snapshot saves.
+pub struct Machine {
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem_mib: u64,
+    pub(crate) vcpus: Vcpus,
+    /// The virtio devices, in slot order (vda, vdb, vsock).
+    pub(crate) devices: Vec<MmioDeviceHandle>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) event_loop: LoopPause,
+    pub(crate) rootfs: PathBuf,
+    /// The rootfs identity for the snapshot, hashed while the guest runs
+    /// (`--dump_dir` only).
+    pub(crate) rootfs_identity: Option<disk::IdentityJob>,
+    /// Data ranges of the snapshot memory this VM maps lazily (empty for a
+    /// booted VM, or with `--copy_base`): pages a full dump must consider
+    /// even if this process never touched them.
+    pub(crate) base_ranges: Vec<(u64, u64)>,
+}
+
+/// A built VM whose threads have not started.
+struct Parts {
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    devices: Vec<MmioDeviceHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    pio: Bus,
+    mmio: Bus,
+    event_manager: EventManager,
+    event_loop: LoopPause,
+    base_ranges: Vec<(u64, u64)>,
+    /// Runs on vCPU 0's thread just before its first `KVM_RUN`.
+    on_first_run: Box<dyn FnOnce() + Send>,
+}
+
+/// The virtio devices in slot order, as DESIGN.md fixes them.
+pub fn device_list() -> Vec<DeviceEntry> {
+    let e = |kind: &str, role: &str| DeviceEntry {
+        kind: kind.into(),
+        role: role.into(),
+    };
+    vec![
+        e("block", "rootfs"),
+        e("block", "appfs"),
+        e("vsock", "vsock"),
+    ]
+}
+
+/// Builds the VM described by `config` — booted, or restored with
+/// `--load_dir` — runs it and returns why it ended. `start` is when the
+/// process started (for timing logs); `control`, when given, is the
+/// channel to the controller that spawned us.
 pub fn run(
     config: &VmConfig,
     start: Instant,
@@ -186,7 +307,6 @@ pub fn run(
             max: MAX_VCPUS as usize,
         });
     }
-    let vcpu_count = config.vcpus as u8;
     let host_mib = host_ram_mib();
     if config.mem_mib > host_mib {
         return Err(BuildError::MemoryTooLarge {
@@ -194,6 +314,459 @@ pub fn run(
             host_mib,
         });
     }
+    if let Some(dir) = &config.dump_dir {
+        snapshot::dir::check_target(dir)?;
+    }
+
+    let (exit_tx, exit_rx) = unbounded();
+    let (snap_tx, snap_rx) = unbounded();
+    let wiring = Wiring {
+        start,
+        control: control.clone(),
+        exit: exit_tx.clone(),
+        snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
+    };
+    let parts = match &config.load_dir {
+        None => boot(config, &wiring)?,
+        Some(dir) => restore(config, dir, &wiring)?,
+    };
+    let mut machine = start_machine(config, parts, &wiring, signals)?;
+    if config.dump_dir.is_some() {
+        // Hash the rootfs while the guest runs towards its snapshot point.
+        machine.rootfs_identity =
+            Some(disk::IdentityJob::start(&config.rootfs).map_err(BuildError::Thread)?);
+    }
+
+    if let Some(c) = &control {
+        c.send(&Event::Ready {
+            us: start.elapsed().as_micros() as u64,
+        });
+    }
+
+    // The first reason to stop wins; the process exit ends the other threads.
+    // (`snap_tx` lives until here, so the snapshot channel never closes.)
+    let exit = select! {
+        recv(exit_rx) -> e => e.unwrap_or(VmExit::Fatal("all VM threads ended".into())),
+        recv(snap_rx) -> _ => take_snapshot(&machine, config, &wiring),
+    };
+    lock(&machine.serial).flush();
+    // Keep the VM (and so its memory slots) alive until here.
+    drop((machine, snap_tx));
+    Ok(exit)
+}
+
+/// Writes the snapshot `--dump_dir` asks for; the VM ends either way.
+fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExit {
+    let Some(target) = &config.dump_dir else {
+        return VmExit::Fatal("a snapshot was requested without --dump_dir".into());
+    };
+    match snapshot::create::create(machine, target) {
+        Ok(written) => {
+            if let Some(c) = &wiring.control {
+                c.send(&Event::SnapshotWritten {
+                    us: wiring.start.elapsed().as_micros() as u64,
+                    dir: written.dir.display().to_string(),
+                    memory_bytes: written.memory_bytes,
+                    create_us: written.elapsed.as_micros() as u64,
+                });
+            }
+            VmExit::Snapshotted(written.dir)
+        }
+        Err(e) => VmExit::Fatal(format!(
+            "cannot write the snapshot to {}: {e}",
+            target.display()
+        )),
+    }
+}
+
+/// The boot path: a fresh VM that enters the kernel.
+fn boot(config: &VmConfig, wiring: &Wiring) -> Result<Parts, BuildError> {
+    let vcpu_count = config.vcpus as u8;
+    // A bad CPU template fails before any work is done.
+    let template = match &config.cpu_template {
+        Some(path) => CpuTemplate::from_file(path)?,
+        None => CpuTemplate::default(),
+    };
+    let (rootfs, appfs) = open_disks(config)?;
+    // Refuse an unusable command line before doing any work.
+    kernel::cmdline(&config.kernel_args, &[])?;
+    let mem = memory::create(config.mem_mib)?;
+    let vm = Vm::new()?;
+    check_vcpu_limit(&vm, config)?;
+    vm.register_memory(&mem)?;
+    let kernel = kernel::load(&mem, &config.kernel)?;
+
+    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb, vsock.
+    let mut mmio = Bus::new();
+    let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
+    let event_loop = LoopPause::new(&mut event_manager)?;
+    let vsock = Vsock::new(config.cid, &vsock_path(config))?;
+    let (devices, _vsock) = attach_virtio(
+        &vm,
+        &mem,
+        &mut mmio,
+        &mut event_manager,
+        [rootfs, appfs],
+        vsock,
+    )?;
+    let device_args: Vec<String> = devices.iter().map(|d| d.cmdline_fragment()).collect();
+
+    // Boot structures.
+    let cmdline = kernel::cmdline(&config.kernel_args, &device_args)?;
+    let (cmdline_addr, cmdline_size) = kernel::write_cmdline(&mem, &cmdline)?;
+    log::debug!("kernel command line: {:?}", cmdline.as_cstring().ok());
+    boot_params::write(&mem, kernel.setup_header, cmdline_addr, cmdline_size)?;
+    mptable::setup(&mem, vcpu_count)?;
+    regs::write_boot_tables(&mem)?;
+
+    // Legacy devices on the port-I/O bus.
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq(&vm)?,
+        console_sink(&config.console)?,
+    )));
+    let pio = legacy_bus(serial.clone(), wiring)?;
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::Cpuid)?;
+    template.check_leaves(&supported)?;
+    let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let mut vcpus = Vec::new();
+    for id in 0..vcpu_count {
+        let vcpu = Vcpu::new(vm.fd(), id)?;
+        let shape = CpuidShape {
+            cpu_id: id,
+            cpu_count: vcpu_count,
+            tsc_deadline,
+        };
+        vcpu.configure(&supported, shape, kernel.entry)?;
+        vcpu.apply_cpu_template(&template, &supported, shape)?;
+        vcpus.push(vcpu);
+    }
+
+    let start = wiring.start;
+    Ok(Parts {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        serial,
+        pio,
+        mmio,
+        event_manager,
+        event_loop,
+        base_ranges: Vec::new(),
+        on_first_run: Box::new(move || {
+            log::info!(
+                "first KVM_RUN {} us after start",
+                start.elapsed().as_micros()
+            );
+        }),
+    })
+}
+
+/// Restore timings, logged when the first vCPU enters the guest.
+struct Phases {
+    start: Instant,
+    /// Parent's spawn → our `main`, when the parent said when it spawned.
+    exec: Option<Duration>,
+    marks: Vec<(&'static str, Duration)>,
+    last: Duration,
+    /// Work done on another thread alongside the marks.
+    alongside: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        let exec = std::env::var(SPAWN_TIME_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .and_then(|spawned| {
+                let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+                let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+                let since_spawn = Duration::from_nanos(now_ns.checked_sub(spawned)?);
+                since_spawn.checked_sub(start.elapsed())
+            });
+        let last = start.elapsed();
+        Self {
+            start,
+            exec,
+            marks: vec![("start→restore", last)],
+            last,
+            alongside: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = self.start.elapsed();
+        self.marks.push((name, now - self.last));
+        self.last = now;
+    }
+
+    /// The log line, completed with the first KVM_RUN.
+    fn into_logger(self) -> Box<dyn FnOnce() + Send> {
+        Box::new(move || {
+            let run = self.start.elapsed();
+            let exec = self.exec.unwrap_or_default();
+            let mut line = match self.exec {
+                Some(e) => format!("spawn→main {}", e.as_micros()),
+                None => "spawn→main unknown".to_string(),
+            };
+            for (name, d) in &self.marks {
+                line.push_str(&format!(", {name} {}", d.as_micros()));
+            }
+            line.push_str(&format!(
+                ", →first KVM_RUN {}",
+                (run - self.last).as_micros()
+            ));
+            if !self.alongside.is_empty() {
+                let par: Vec<String> = self
+                    .alongside
+                    .iter()
+                    .map(|(n, d)| format!("{n} {}", d.as_micros()))
+                    .collect();
+                line.push_str(&format!(" [alongside: {}]", par.join(", ")));
+            }
+            line.push_str(&format!(
+                "; first KVM_RUN {} us after spawn",
+                (exec + run).as_micros()
+            ));
+            log::info!("restore phases (us): {line}");
+        })
+    }
+}
+
+/// The restore path: validates the snapshot in `dir` against `config`,
+/// then rebuilds the VM from it in the order KVM needs: VM with irqchip and
+/// PIT, memory, vCPU state, clock, devices. No vCPU exists before the
+/// snapshot passed every check, and nothing runs until [`start_machine`].
+///
+/// Creating the VM and registering its memory cost milliseconds (mostly
+/// `KVM_SET_USER_MEMORY_REGION`), so they run on a helper thread while this
+/// one reads and checks the state file; a refusal simply drops that VM.
+fn restore(config: &VmConfig, dir: &Path, wiring: &Wiring) -> Result<Parts, BuildError> {
+    let mut phases = Phases::new(wiring.start);
+    format::check_present(dir)?;
+    let mem_file = open_memory_file(config, dir)?;
+    let copy = config.copy_base;
+    let mem_mib = config.mem_mib;
+    let memory_thread = std::thread::Builder::new()
+        .name("restore-memory".into())
+        .spawn(move || -> Result<_, BuildError> {
+            let t = Instant::now();
+            let vm = Vm::new()?;
+            let t_vm = t.elapsed();
+            let mem = if copy {
+                let ranges = memory::data_ranges(&mem_file)?;
+                memory::copy_snapshot(&mem_file, mem_mib, &ranges)?
+            } else {
+                memory::map_snapshot(&mem_file, mem_mib)?
+            };
+            let t_mem = t.elapsed();
+            vm.register_memory(&mem)?;
+            Ok((vm, mem, [t_vm, t_mem - t_vm, t.elapsed() - t_mem]))
+        })
+        .map_err(BuildError::Thread)?;
+
+    let state = format::read(dir)?;
+    check_snapshot_shape(config, dir, &state)?;
+    let ranges = check_memory_layer(config, dir, &state)?;
+    disk::verify(&config.rootfs, &state.rootfs)?;
+    let (rootfs, appfs) = open_disks(config)?;
+    let vsock = Vsock::new(config.cid, &vsock_path(config))?;
+    let console = console_sink(&config.console)?;
+    phases.mark("open+validate");
+
+    let (vm, mem, [t_vm, t_map, t_slots]) = memory_thread
+        .join()
+        .map_err(|_| BuildError::Thread(std::io::Error::other("the memory thread panicked")))??;
+    phases.mark("memory wait");
+    phases.alongside = vec![
+        ("create VM", t_vm),
+        (if copy { "copy" } else { "mmap" }, t_map),
+        ("memslots", t_slots),
+    ];
+    check_vcpu_limit(&vm, config)?;
+    vm.restore_irqchip_and_pit(&state.vm)?;
+    let mut vcpus = Vec::new();
+    for s in &state.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), s.id)?;
+        vcpu.restore_state(s)?;
+        vcpus.push(vcpu);
+    }
+    let clock = vm.restore_clock(&state.vm)?;
+    phases.mark("KVM state");
+
+    let mut mmio = Bus::new();
+    let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
+    let event_loop = LoopPause::new(&mut event_manager)?;
+    let (devices, vsock) = attach_virtio(
+        &vm,
+        &mem,
+        &mut mmio,
+        &mut event_manager,
+        [rootfs, appfs],
+        vsock,
+    )?;
+    for (handle, saved) in devices.iter().zip(&state.devices) {
+        lock(handle.transport()).restore_state(saved)?;
+    }
+    let serial = Arc::new(Mutex::new(SerialDevice::restore(
+        serial_irq(&vm)?,
+        console,
+        &state.serial,
+    )?));
+    let pio = legacy_bus(serial.clone(), wiring)?;
+    // No connection survived: tell the guest (its agent reconnects).
+    lock(&vsock).send_transport_reset();
+    phases.mark("devices");
+    log::info!(
+        "kvmclock advanced by {} ms (host time since the snapshot); guest clock is {} us off the host's",
+        clock.elapsed_ns / 1_000_000,
+        clock.error_ns / 1000
+    );
+
+    Ok(Parts {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        serial,
+        pio,
+        mmio,
+        event_manager,
+        event_loop,
+        base_ranges: if copy { Vec::new() } else { ranges },
+        on_first_run: phases.into_logger(),
+    })
+}
+
+/// Refuses a snapshot whose VM shape differs from the command line's.
+fn check_snapshot_shape(
+    config: &VmConfig,
+    dir: &Path,
+    s: &SnapshotState,
+) -> Result<(), BuildError> {
+    let mismatch = |reason: String| BuildError::Mismatch {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    if s.shape.mem_mib != config.mem_mib {
+        return Err(mismatch(format!(
+            "it was taken with --mem_size {} but --mem_size is {}",
+            s.shape.mem_mib, config.mem_mib
+        )));
+    }
+    if u64::from(s.shape.vcpus) != config.vcpus {
+        return Err(mismatch(format!(
+            "it was taken with --vcpu_count {} but --vcpu_count is {}",
+            s.shape.vcpus, config.vcpus
+        )));
+    }
+    let ids: Vec<u8> = s.vcpus.iter().map(|v| v.id).collect();
+    if ids != (0..s.shape.vcpus).collect::<Vec<_>>() {
+        return Err(mismatch(format!("it holds the state of vCPUs {ids:?}")));
+    }
+    let kinds = |d: &[DeviceEntry]| {
+        d.iter()
+            .map(|e| format!("{}:{}", e.kind, e.role))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ours = device_list();
+    if s.shape.devices != ours || s.devices.len() != ours.len() {
+        return Err(mismatch(format!(
+            "its devices are [{}], this VM has [{}]",
+            kinds(&s.shape.devices),
+            kinds(&ours)
+        )));
+    }
+    let layout: Vec<(u64, u64, u64)> = memory::regions(config.mem_mib)?;
+    let table: Vec<(u64, u64, u64)> = s
+        .memory
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size, r.file_offset))
+        .collect();
+    if table != layout {
+        return Err(mismatch(format!(
+            "its RAM regions {table:x?} are not this VM's {layout:x?}"
+        )));
+    }
+    match s.memory.layers.as_slice() {
+        [base] if base.parent.is_none() && base.dir == Path::new(".") => Ok(()),
+        _ => Err(mismatch(
+            "it is a diff snapshot (layered memory), which is not supported yet".into(),
+        )),
+    }
+}
+
+/// Opens the snapshot's memory file read-only and checks it covers guest
+/// RAM exactly (a shorter file would fault the guest on its tail).
+fn open_memory_file(config: &VmConfig, dir: &Path) -> Result<File, BuildError> {
+    let path = dir.join(format::MEMORY_FILE);
+    let fail = |reason: String| BuildError::MemoryFile {
+        dir: dir.display().to_string(),
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = File::open(&path).map_err(|e| fail(e.to_string()))?;
+    let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    let want = config.mem_mib << 20;
+    if len != want {
+        return Err(fail(format!(
+            "it is {len} bytes, guest RAM is {want} (truncated, or another --mem_size)"
+        )));
+    }
+    Ok(file)
+}
+
+/// Checks the memory table: one layer, this directory's `memory`, whose
+/// ranges are pages of RAM. Returns the ranges.
+fn check_memory_layer(
+    config: &VmConfig,
+    dir: &Path,
+    s: &SnapshotState,
+) -> Result<Vec<(u64, u64)>, BuildError> {
+    let layer = &s.memory.layers[0];
+    let fail = |reason: String| BuildError::MemoryFile {
+        dir: dir.display().to_string(),
+        path: dir.join(&layer.file).display().to_string(),
+        reason,
+    };
+    if layer.file != format::MEMORY_FILE {
+        return Err(fail(format!(
+            "the state file names memory file {:?}, expected {:?}",
+            layer.file,
+            format::MEMORY_FILE
+        )));
+    }
+    let page = memory::PAGE_SIZE as u64;
+    let ram = config.mem_mib << 20;
+    for &(off, l) in &layer.ranges {
+        if off % page != 0 || l % page != 0 || off.checked_add(l).is_none_or(|e| e > ram) {
+            return Err(fail(format!(
+                "its range {off:#x}+{l:#x} is not a page range of RAM"
+            )));
+        }
+    }
+    Ok(layer.ranges.clone())
+}
+
+fn check_vcpu_limit(vm: &Vm, config: &VmConfig) -> Result<(), BuildError> {
+    let max = vm.max_vcpus().min(MAX_VCPUS as usize);
+    if config.vcpus > max as u64 {
+        return Err(BuildError::VcpuCount {
+            got: config.vcpus,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Opens the rootfs and the appfs (an empty disk without `--appfs`).
+fn open_disks(config: &VmConfig) -> Result<(Block, Block), BuildError> {
     let rootfs = Block::new(&config.rootfs).map_err(|source| BuildError::Disk {
         what: "--rootfs",
         source,
@@ -205,139 +778,145 @@ pub fn run(
         })?,
         None => Block::empty(),
     };
+    Ok((rootfs, appfs))
+}
 
-    // Refuse an unusable command line before doing any work.
-    kernel::cmdline(&config.kernel_args, &[])?;
-    let mem = memory::create(config.mem_mib)?;
-    let vm = Vm::new()?;
-    let max = vm.max_vcpus().min(MAX_VCPUS as usize);
-    if usize::from(vcpu_count) > max {
-        return Err(BuildError::VcpuCount {
-            got: config.vcpus,
-            max,
-        });
-    }
-    vm.register_memory(&mem)?;
-    let kernel = kernel::load(&mem, &config.kernel)?;
-
-    let (exit_tx, exit_rx) = unbounded();
-
-    let uds = config.vsock_uds.clone().unwrap_or_else(|| {
+/// Where the vsock device listens (`--vsock_uds`, else a per-process path).
+fn vsock_path(config: &VmConfig) -> PathBuf {
+    config.vsock_uds.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("snapvm-{}.vsock", std::process::id()))
-    });
-    let vsock = Vsock::new(config.cid, &uds)?;
+    })
+}
 
-    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb, vsock.
-    let mut mmio = Bus::new();
-    let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
-    let mut device_args = Vec::new();
+/// Places the three virtio devices in their slots (vda, vdb, vsock).
+/// Returns the handles and the vsock device.
+fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager,
+    [rootfs, appfs]: [Block; 2],
+    vsock: Vsock,
+) -> Result<(Vec<MmioDeviceHandle>, Arc<Mutex<Vsock>>), BuildError> {
+    let vsock = Arc::new(Mutex::new(vsock));
     let devices: [SharedDevice; 3] = [
         Arc::new(Mutex::new(rootfs)),
         Arc::new(Mutex::new(appfs)),
-        Arc::new(Mutex::new(vsock)),
+        vsock.clone(),
     ];
+    let mut handles = Vec::new();
     for (slot, device) in devices.into_iter().enumerate() {
-        let handle = mmio::register(
+        handles.push(mmio::register(
             vm.fd(),
-            &mut mmio,
-            &mut event_manager,
-            &mem,
+            mmio,
+            event_manager,
+            mem,
             device,
             slot as u32,
-        )?;
-        device_args.push(handle.cmdline_fragment());
+        )?);
     }
+    Ok((handles, vsock))
+}
 
-    // Boot structures.
-    let cmdline = kernel::cmdline(&config.kernel_args, &device_args)?;
-    let (cmdline_addr, cmdline_size) = kernel::write_cmdline(&mem, &cmdline)?;
-    log::debug!("kernel command line: {:?}", cmdline.as_cstring().ok());
-    boot_params::write(&mem, kernel.setup_header, cmdline_addr, cmdline_size)?;
-    mptable::setup(&mem, vcpu_count)?;
-    regs::write_boot_tables(&mem)?;
-
-    // Legacy devices on the port-I/O bus.
-    let mut pio = Bus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+/// The serial port's interrupt line (an irqfd on IRQ 4).
+fn serial_irq(vm: &Vm) -> Result<EventFd, BuildError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.fd()
-        .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .register_irqfd(&irq, layout::SERIAL_IRQ)
         .map_err(|source| BuildError::Irqfd {
             gsi: layout::SERIAL_IRQ,
             source,
         })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        console_sink(&config.console)?,
-    )));
+    Ok(irq)
+}
+
+/// The port-I/O bus: serial, i8042, control port.
+fn legacy_bus(serial: Arc<Mutex<SerialDevice>>, wiring: &Wiring) -> Result<Bus, BuildError> {
+    let mut pio = Bus::new();
     pio.insert(
-        serial.clone(),
+        serial,
         u64::from(layout::SERIAL_PORT),
         u64::from(layout::SERIAL_PORT_LEN),
     )?;
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(ResetTrigger(exit_tx.clone())))),
+        Arc::new(Mutex::new(I8042::new(ResetTrigger(wiring.exit.clone())))),
         u64::from(layout::I8042_PORT),
         u64::from(layout::I8042_PORT_LEN),
     )?;
     pio.insert(
         Arc::new(Mutex::new(ControlPort::new(
-            start,
+            wiring.start,
             GuestSignals {
-                exit: exit_tx.clone(),
-                control: control.clone(),
+                exit: wiring.exit.clone(),
+                control: wiring.control.clone(),
+                snapshot: wiring.snapshot.clone(),
+                snapshot_requested: AtomicBool::new(false),
             },
         ))),
         u64::from(layout::CONTROL_PORT),
         1,
     )?;
+    Ok(pio)
+}
 
-    let supported = vm
-        .kvm()
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
-    let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-    let mut vcpus = Vec::new();
-    for id in 0..vcpu_count {
-        let vcpu = Vcpu::new(vm.fd(), id)?;
-        let shape = CpuidShape {
-            cpu_id: id,
-            cpu_count: vcpu_count,
-            tsc_deadline,
-        };
-        vcpu.configure(&supported, shape, kernel.entry)?;
-        vcpus.push(vcpu);
-    }
-
-    spawn_event_loop(event_manager, exit_tx.clone())?;
-    if let Some(c) = &control {
-        spawn_control_thread(c.clone(), exit_tx.clone())?;
-    }
-    spawn_signal_thread(signals, exit_tx.clone())?;
+/// Starts the event loop, the control and signal threads and the vCPUs.
+fn start_machine(
+    config: &VmConfig,
+    parts: Parts,
+    wiring: &Wiring,
+    signals: SigSet,
+) -> Result<Machine, BuildError> {
+    let Parts {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        serial,
+        pio,
+        mmio,
+        event_manager,
+        event_loop,
+        base_ranges,
+        on_first_run,
+    } = parts;
+    // vCPUs first: they are what a restore waits for. A queue notification
+    // they make before the event loop runs waits in its eventfd, and the
+    // termination signals stay blocked (pending) until their thread waits.
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut on_first_run = Some(on_first_run);
+    let mut handles = Vec::new();
     for vcpu in vcpus {
-        vcpu.spawn(VcpuContext {
+        let first = if vcpu.id() == 0 {
+            on_first_run.take()
+        } else {
+            None
+        };
+        handles.push(vcpu.spawn(VcpuContext {
             pio: pio.clone(),
             mmio: mmio.clone(),
             mem: mem.clone(),
-            exit: exit_tx.clone(),
-            start,
-        })?;
+            exit: wiring.exit.clone(),
+            start: wiring.start,
+            on_first_run: first,
+        })?);
     }
-
-    if let Some(c) = &control {
-        c.send(&Event::Ready {
-            us: start.elapsed().as_micros() as u64,
-        });
+    spawn_event_loop(event_manager, wiring.exit.clone())?;
+    if let Some(c) = &wiring.control {
+        spawn_control_thread(c.clone(), wiring.exit.clone())?;
     }
-
-    // The first reason to stop wins; the process exit ends the other threads.
-    let exit = exit_rx
-        .recv()
-        .unwrap_or(VmExit::Fatal("all VM threads ended".into()));
-    lock(&serial).flush();
-    // Keep the VM (and so its memory slots) alive until here.
-    drop(vm);
-    Ok(exit)
+    spawn_signal_thread(signals, wiring.exit.clone())?;
+    Ok(Machine {
+        rootfs_identity: None,
+        vm,
+        mem,
+        mem_mib: config.mem_mib,
+        vcpus: Vcpus::new(handles),
+        devices,
+        serial,
+        event_loop,
+        rootfs: config.rootfs.clone(),
+        base_ranges,
+    })
 }
 
 fn spawn_event_loop(mut em: EventManager, exit: Sender<VmExit>) -> Result<(), BuildError> {

@@ -30,13 +30,15 @@ pub enum VmExit {
     Signal(i32),
     /// An unrecoverable KVM or VMM error, with the details for the log.
     Fatal(String),
+    /// A snapshot was written here at the guest's snapshot point.
+    Snapshotted(std::path::PathBuf),
 }
 
 impl VmExit {
     /// firerunner's exit code for this reason (see the README).
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::Shutdown => 0,
+            VmExit::Reset | VmExit::Shutdown | VmExit::Snapshotted(_) => 0,
             VmExit::TripleFault(_) => 2,
             VmExit::Fatal(_) => 3,
             VmExit::AppFailed => 4,

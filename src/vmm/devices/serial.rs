@@ -4,7 +4,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,6 +24,27 @@ impl Trigger for IrqTrigger {
 
 pub type ConsoleSink = Box<dyn Write + Send>;
 
+/// The UART's registers and receive FIFO, saved in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialPersist {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot restore the serial port: {0}")]
+    Restore(String),
+}
+
 pub struct SerialDevice {
     serial: Serial<IrqTrigger, NoEvents, ConsoleSink>,
 }
@@ -31,6 +53,42 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleSink) -> Self {
         Self {
             serial: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A UART in the saved state (a pending interrupt is raised again).
+    pub fn restore(irq: EventFd, out: ConsoleSink, s: &SerialPersist) -> Result<Self, SerialError> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(Self { serial })
+    }
+
+    /// The registers and FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialPersist {
+        let s = self.serial.state();
+        SerialPersist {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -58,5 +116,29 @@ impl BusDevice for SerialDevice {
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
             log::warn!("serial: {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn state_round_trips() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut a = SerialDevice::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        a.write(3, &[0x80]); // DLAB
+        a.write(0, &[3]);
+        a.write(3, &[0x03]);
+        a.write(7, &[0x5a]); // scratch
+        let saved = a.save_state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialPersist = serde_json::from_str(&json).unwrap();
+        let mut b = SerialDevice::restore(irq, Box::new(std::io::sink()), &back).unwrap();
+        assert_eq!(b.save_state(), saved);
+        let mut v = [0u8];
+        b.read(7, &mut v);
+        assert_eq!(v, [0x5a]);
     }
 }

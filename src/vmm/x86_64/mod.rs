@@ -2,6 +2,7 @@
 //! Linux 64-bit boot protocol, the MP table and the zero page.
 
 pub mod boot_params;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod mptable;
 pub mod msr;

@@ -76,6 +76,11 @@ pub fn timer_oneshot(ns: u64) {
     lapic_write(LAPIC_TIMER_INIT, ns.clamp(1, u64::from(u32::MAX)) as u32);
 }
 
+/// Stops the local APIC timer (a pending one-shot never fires).
+pub fn timer_stop() {
+    lapic_write(LAPIC_TIMER_INIT, 0);
+}
+
 fn ioapic_write(reg: u32, v: u32) {
     mmio_write32(IOAPIC_BASE, reg);
     mmio_write32(IOAPIC_BASE + 0x10, v);

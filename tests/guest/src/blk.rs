@@ -39,6 +39,16 @@ impl Blk {
         Ok(Blk { dev, q, capacity, ro, slots, head_slot: [0; 256], done: [false; SLOTS] })
     }
 
+    /// Gives the device back (e.g. to re-initialise it from scratch).
+    pub fn into_device(self) -> Device {
+        self.dev
+    }
+
+    /// The device (raw register access for `hostile=` cases).
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
     /// Queues request `kind` at `sector` with `len` bytes at `data` in slot
     /// `slot`. `device_writes`: the data buffer is written by the device.
     fn submit(&mut self, slot: usize, kind: u32, sector: u64, data: *mut u8, len: usize, device_writes: bool) {

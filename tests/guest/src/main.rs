@@ -13,6 +13,7 @@ mod cmdline;
 mod cpl0;
 mod disks;
 mod functions;
+mod hostile;
 mod io;
 mod json;
 mod manifest;
@@ -172,6 +173,10 @@ fn run_agent(boot: &BootInfo, mut devs: disks::Devices) -> ! {
         io::control(io::CONTROL_APP_FAILED);
     }
     io::control(io::CONTROL_SNAPSHOT); // diff snapshot point
+    let mut vs = vs;
+    if let Some(case) = manifest.get(b"hostile") {
+        hostile::run(case, boot, &mut devs, vs.as_mut());
+    }
     match vs {
         Some(vs) => agent::Agent::new(vs, boot, app, manifest).run(),
         None => idle(),

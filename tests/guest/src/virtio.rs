@@ -13,35 +13,35 @@ pub const DEVICE_VSOCK: u32 = 19;
 
 pub const F_VERSION_1: u64 = 1 << 32;
 
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_INTERRUPT_STATUS: usize = 0x060;
-const REG_INTERRUPT_ACK: usize = 0x064;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC_LOW: usize = 0x080;
-const REG_QUEUE_DESC_HIGH: usize = 0x084;
-const REG_QUEUE_DRIVER_LOW: usize = 0x090;
-const REG_QUEUE_DRIVER_HIGH: usize = 0x094;
-const REG_QUEUE_DEVICE_LOW: usize = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: usize = 0x0a4;
-const REG_CONFIG_GENERATION: usize = 0x0fc;
-const REG_CONFIG: usize = 0x100;
+pub const REG_MAGIC: usize = 0x000;
+pub const REG_VERSION: usize = 0x004;
+pub const REG_DEVICE_ID: usize = 0x008;
+pub const REG_DEVICE_FEATURES: usize = 0x010;
+pub const REG_DEVICE_FEATURES_SEL: usize = 0x014;
+pub const REG_DRIVER_FEATURES: usize = 0x020;
+pub const REG_DRIVER_FEATURES_SEL: usize = 0x024;
+pub const REG_QUEUE_SEL: usize = 0x030;
+pub const REG_QUEUE_NUM_MAX: usize = 0x034;
+pub const REG_QUEUE_NUM: usize = 0x038;
+pub const REG_QUEUE_READY: usize = 0x044;
+pub const REG_QUEUE_NOTIFY: usize = 0x050;
+pub const REG_INTERRUPT_STATUS: usize = 0x060;
+pub const REG_INTERRUPT_ACK: usize = 0x064;
+pub const REG_STATUS: usize = 0x070;
+pub const REG_QUEUE_DESC_LOW: usize = 0x080;
+pub const REG_QUEUE_DESC_HIGH: usize = 0x084;
+pub const REG_QUEUE_DRIVER_LOW: usize = 0x090;
+pub const REG_QUEUE_DRIVER_HIGH: usize = 0x094;
+pub const REG_QUEUE_DEVICE_LOW: usize = 0x0a0;
+pub const REG_QUEUE_DEVICE_HIGH: usize = 0x0a4;
+pub const REG_CONFIG_GENERATION: usize = 0x0fc;
+pub const REG_CONFIG: usize = 0x100;
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 128;
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_FAILED: u32 = 128;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -88,12 +88,19 @@ impl Device {
         Ok(Device { device_id: id, ..d })
     }
 
-    fn read(&self, reg: usize) -> u32 {
+    /// Reads a 32-bit register of the device's window.
+    pub fn read(&self, reg: usize) -> u32 {
         mmio_read32(self.base + reg)
     }
 
-    fn write(&self, reg: usize, v: u32) {
+    /// Writes a 32-bit register of the device's window.
+    pub fn write(&self, reg: usize, v: u32) {
         mmio_write32(self.base + reg, v)
+    }
+
+    /// Guest-physical base address of the register window.
+    pub fn base(&self) -> usize {
+        self.base
     }
 
     fn set_status(&self, bits: u32) {
@@ -258,6 +265,60 @@ impl VirtQueue {
 
     pub fn num_free(&self) -> u16 {
         self.num_free
+    }
+
+    // Raw access for `hostile=` cases: descriptors and ring entries written
+    // as given, outside the free-list bookkeeping of `add`/`pop_used`.
+
+    /// Guest-physical addresses of the descriptor table, available ring
+    /// and used ring.
+    pub fn ring_addrs(&self) -> (u64, u64, u64) {
+        (self.desc as u64, self.avail as u64, self.used as u64)
+    }
+
+    /// Writes descriptor `i` (reduced modulo the queue size) verbatim.
+    pub fn raw_desc(&mut self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        // SAFETY: the index is reduced modulo size, inside our table.
+        unsafe {
+            let d = &mut *self.desc.add(usize::from(i % self.size));
+            d.addr = addr;
+            d.len = len;
+            d.flags = flags;
+            d.next = next;
+        }
+    }
+
+    /// Puts `head` (any value) in the next available-ring slot and
+    /// publishes it.
+    pub fn raw_publish(&mut self, head: u16) {
+        let slot = 2 + usize::from(self.avail_idx % self.size);
+        // SAFETY: slot < 2 + size, inside the avail ring.
+        unsafe { core::ptr::write_volatile(self.avail.add(slot), head) };
+        self.raw_set_avail_idx(self.avail_idx.wrapping_add(1));
+    }
+
+    /// Sets the available index to any value.
+    pub fn raw_set_avail_idx(&mut self, idx: u16) {
+        fence(Ordering::Release);
+        self.avail_idx = idx;
+        // SAFETY: the avail ring's idx field is its second u16.
+        unsafe { core::ptr::write_volatile(self.avail.add(1), idx) };
+    }
+
+    /// Takes one used element verbatim: (id, len).
+    pub fn raw_pop_used(&mut self) -> Option<(u32, u32)> {
+        // SAFETY: as in pop_used; the index is reduced modulo size.
+        let e = unsafe {
+            let idx = core::ptr::read_volatile((self.used as *const u16).add(1));
+            if idx == self.last_used {
+                return None;
+            }
+            fence(Ordering::Acquire);
+            let e = self.used.add(4 + 8 * usize::from(self.last_used % self.size)) as *const u32;
+            (core::ptr::read_volatile(e), core::ptr::read_volatile(e.add(1)))
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        Some(e)
     }
 
     /// Makes `bufs` available as one chain; returns its head id, or None

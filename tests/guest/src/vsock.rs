@@ -13,17 +13,17 @@ use crate::mem;
 use crate::virtio::{Buf, Device, VirtQueue};
 
 pub const HOST_CID: u64 = 2;
-const HDR_LEN: usize = 44;
-const HDR_STRIDE: usize = 64;
+pub const HDR_LEN: usize = 44;
+pub const HDR_STRIDE: usize = 64;
 
-const TYPE_STREAM: u16 = 1;
-const OP_REQUEST: u16 = 1;
-const OP_RESPONSE: u16 = 2;
-const OP_RST: u16 = 3;
-const OP_SHUTDOWN: u16 = 4;
-const OP_RW: u16 = 5;
-const OP_CREDIT_UPDATE: u16 = 6;
-const OP_CREDIT_REQUEST: u16 = 7;
+pub const TYPE_STREAM: u16 = 1;
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
 pub const SHUT_RCV: u32 = 1;
 pub const SHUT_SEND: u32 = 2;
 const EVENT_TRANSPORT_RESET: u32 = 0;
@@ -31,7 +31,7 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 const RX_BUFS: usize = 64;
 const RX_BUF_SIZE: usize = 16 << 10;
 const TX_SLOTS: usize = 64;
-const TX_BUF_SIZE: usize = 16 << 10;
+pub const TX_BUF_SIZE: usize = 16 << 10;
 const EVENT_BUFS: usize = 4;
 
 /// Connection slots: slot 0 is for the one connection we initiate (the
@@ -42,18 +42,22 @@ const INBOUND_RING: usize = 64 << 10;
 const MAX_LISTENERS: usize = 8;
 const RST_QUEUE: usize = 32;
 
+/// Local ports whose packets the driver leaves to `hostile=` cases: it
+/// counts them in `raw_seen` and never answers them itself.
+pub const RAW_PORTS: core::ops::Range<u32> = 40000..50000;
+
 #[derive(Clone, Copy, Default)]
-struct Hdr {
-    src_cid: u64,
-    dst_cid: u64,
-    src_port: u32,
-    dst_port: u32,
-    len: u32,
-    kind: u16,
-    op: u16,
-    flags: u32,
-    buf_alloc: u32,
-    fwd_cnt: u32,
+pub struct Hdr {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub kind: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
 }
 
 impl Hdr {
@@ -298,6 +302,10 @@ pub struct Vsock {
     next_port: u32,
     /// TRANSPORT_RESET events seen.
     pub resets: u32,
+    /// Packets received for [`RAW_PORTS`], by op (index 0: unknown ops).
+    pub raw_seen: [u32; 8],
+    /// The last packet received for [`RAW_PORTS`].
+    pub raw_last: Hdr,
 }
 
 impl Vsock {
@@ -329,6 +337,8 @@ impl Vsock {
             nrsts: 0,
             next_port: 1024,
             resets: 0,
+            raw_seen: [0; 8],
+            raw_last: Hdr::default(),
         };
         for (i, slot) in v.tx_free.iter_mut().enumerate() {
             *slot = i as u8;
@@ -361,6 +371,51 @@ impl Vsock {
         if let Some(head) = self.evq.add(&[Buf::inp(p, 4)]) {
             self.ev_of_head[usize::from(head)] = i as u8;
         }
+    }
+
+    /// `hostile=` cases: sends header `h` as given, from a header
+    /// descriptor of `hdr_len` bytes (at most HDR_STRIDE), followed by
+    /// `data` when given (any address and length; `Buf::out` of the slot
+    /// buffer from `slot_data` for real bytes). False when no tx slot is
+    /// free: poll and retry.
+    pub fn send_raw(&mut self, h: &Hdr, hdr_len: usize, data: Option<Buf>) -> bool {
+        let Some(s) = self.take_tx_slot() else { return false };
+        // SAFETY: s < TX_SLOTS; the slot's header area is HDR_STRIDE bytes.
+        let hp = unsafe { self.tx_hdrs.add(s * HDR_STRIDE) };
+        h.write(hp);
+        let hdr = Buf::out(hp, hdr_len.min(HDR_STRIDE));
+        let head = match data {
+            Some(d) => self.txq.add(&[hdr, d]),
+            None => self.txq.add(&[hdr]),
+        };
+        match head {
+            Some(head) => {
+                self.tx_of_head[usize::from(head)] = s as u8;
+                self.txq.notify();
+                true
+            }
+            None => {
+                self.tx_free[self.tx_nfree] = s as u8;
+                self.tx_nfree += 1;
+                false
+            }
+        }
+    }
+
+    /// A buffer of `len` (at most TX_BUF_SIZE) bytes of `byte` for
+    /// `send_raw`, in memory only the hostile cases use.
+    pub fn raw_data(len: usize, byte: u8) -> Buf {
+        use core::sync::atomic::{AtomicPtr, Ordering};
+        static BUF: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+        let mut p = BUF.load(Ordering::Relaxed);
+        if p.is_null() {
+            p = mem::alloc(TX_BUF_SIZE, 4096).as_mut_ptr();
+            BUF.store(p, Ordering::Relaxed);
+        }
+        let n = len.min(TX_BUF_SIZE);
+        // SAFETY: p holds TX_BUF_SIZE bytes.
+        unsafe { core::ptr::write_bytes(p, byte, n) };
+        Buf::out(p, n)
     }
 
     pub fn listen(&mut self, port: u32, kind: u8) {
@@ -486,6 +541,12 @@ impl Vsock {
     }
 
     fn packet(&mut self, h: &Hdr, data: &[u8]) {
+        if RAW_PORTS.contains(&h.dst_port) {
+            let op = usize::from(h.op);
+            self.raw_seen[if op < 8 { op } else { 0 }] += 1;
+            self.raw_last = *h;
+            return;
+        }
         if h.kind != TYPE_STREAM {
             if h.op != OP_RST {
                 self.queue_rst(h.src_cid, h.src_port, h.dst_port);

@@ -40,9 +40,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueState;
+
 use super::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_RING,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, INT_CONFIG_CHANGE,
+    INT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -154,6 +157,20 @@ fn serial_for(path: Option<&Path>) -> [u8; SERIAL_LEN] {
     let mut serial = [0u8; SERIAL_LEN];
     serial.copy_from_slice(&hex.as_bytes()[..SERIAL_LEN]);
     serial
+}
+
+/// The saved state of a block device. The image itself is not saved:
+/// restore serves the file the command line names, and when its capacity
+/// differs from `capacity` the driver is told (config change).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Capacity in sectors the driver last saw.
+    pub capacity: u64,
+    pub config_generation: u32,
+    /// The driver corrupted the queue before the snapshot.
+    pub broken: bool,
+    /// The image served at snapshot time (informational).
+    pub path: Option<PathBuf>,
 }
 
 /// State that exists between activation and reset.
@@ -618,6 +635,45 @@ impl VirtioDevice for Block {
 
     fn config_generation(&self) -> u32 {
         self.config_generation
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            capacity: self.capacity,
+            config_generation: self.config_generation,
+            broken: self.active.as_ref().is_some_and(|a| a.broken),
+            path: self.path().map(Path::to_path_buf),
+        })
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(ActivateError::WrongState(format!(
+                "virtio-blk cannot take {state:?}"
+            )));
+        };
+        self.config_generation = s.config_generation;
+        if let Some(active) = &mut self.active {
+            active.broken = s.broken;
+        }
+        if s.capacity != self.capacity {
+            // Another image than at snapshot time: announce its size.
+            debug!(
+                "virtio-blk: capacity {} sectors at snapshot, {} now",
+                s.capacity, self.capacity
+            );
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if let Some(active) = &self.active {
+                if let Err(e) = active.interrupt.trigger(INT_CONFIG_CHANGE) {
+                    error!("virtio-blk: cannot announce the new capacity: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1237,6 +1293,52 @@ mod tests {
         // A failed replacement keeps the old disk.
         assert!(r.blk.replace_backing(Path::new("/nonexistent")).is_err());
         assert_eq!((r.blk.capacity(), r.blk.config_generation()), (16, 3));
+    }
+
+    #[test]
+    fn restored_state_keeps_the_queue_and_announces_a_new_size() {
+        let small = pattern(1024);
+        let big = pattern(8192);
+        let (f1, f2) = (disk(&small), disk(&big));
+        let m = mem();
+        let mut r = Rig::new(&m, Block::new(f1.as_path()).unwrap());
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]),
+            (513, OK)
+        );
+        let saved = r.blk.save_state();
+        let queues = r.blk.queue_states();
+        assert_eq!(queues.len(), 1);
+        assert_eq!(queues[0].next_used, 1);
+        let _ = r.irq.irqfd().read();
+        r.irq.ack(u32::MAX);
+
+        // Same image: nothing to announce.
+        let mut same = Block::new(f1.as_path()).unwrap();
+        same.restore_state(&saved).unwrap();
+        assert_eq!(same.config_generation(), 0);
+        // Another size (another appfs at restore): new capacity, new
+        // generation, and a config-change interrupt once running.
+        let mut other = Block::new(f2.as_path()).unwrap();
+        let q = Queue::try_from(queues[0]).unwrap();
+        other
+            .activate(ActivateContext {
+                mem: m.clone(),
+                queues: vec![q],
+                interrupt: r.irq.clone(),
+                acked_features: other.device_features(),
+            })
+            .unwrap();
+        other.restore_state(&saved).unwrap();
+        assert_eq!((other.capacity(), other.config_generation()), (16, 1));
+        assert_eq!(r.irq.status(), INT_CONFIG_CHANGE);
+        assert_eq!(other.queue_states(), queues);
+        // A vsock state is not a block state.
+        let vsock = DeviceState::Vsock(super::super::vsock::VsockState {
+            guest_cid: 3,
+            broken: false,
+        });
+        assert!(other.restore_state(&vsock).is_err());
     }
 
     #[test]

@@ -23,13 +23,14 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::{debug, error, warn};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, DeviceState, Interrupt, QueuePersist, VirtioDevice, BACKEND_EVENT_BASE,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vmm::bus::{lock, Bus, BusDevice, BusError};
 use crate::vmm::event_loop::{EventManager, Subscriber};
@@ -131,6 +132,8 @@ pub enum MmioError {
     },
     #[error("cannot place the virtio-mmio device on the MMIO bus: {0}")]
     Bus(BusError),
+    #[error("cannot restore virtio-mmio device type {device_type}: {reason}")]
+    Restore { device_type: u32, reason: String },
 }
 
 /// Number of virtio-mmio slots: limited by the IOAPIC pins left above
@@ -151,7 +154,7 @@ pub fn slot_location(slot: u32) -> Result<(u64, u32), MmioError> {
 /// The queue registers as the driver wrote them. Queues are built from this
 /// (and checked) only at DRIVER_OK, so a half-written address or a bad size
 /// is caught there rather than silently half-applied.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     pub max_size: u16,
     /// QueueNum as written (0 until the driver writes it means "max_size").
@@ -193,6 +196,26 @@ impl QueueConfig {
         }
         Ok(q)
     }
+}
+
+/// The saved state of one virtio-mmio device: the transport's registers,
+/// the queue positions of a running device, and the device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub status: u32,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueConfig>,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub activate_called: bool,
+    pub activated: bool,
+    /// The device's queues as it held them (running devices only).
+    pub active_queues: Vec<QueuePersist>,
+    pub device: DeviceState,
 }
 
 /// The virtio-mmio register block of one device.
@@ -296,6 +319,104 @@ impl MmioTransport {
     /// The queue registers as written by the driver.
     pub fn queue_configs(&self) -> &[QueueConfig] {
         &self.queues
+    }
+
+    /// Snapshot: the transport's registers, the queues and the device's
+    /// state. The device must be quiescent (vCPUs and event loop paused).
+    pub fn save_state(&self) -> TransportState {
+        let dev = lock(&self.device);
+        TransportState {
+            device_type: self.device_type,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            status: self.status,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            activate_called: self.activate_called,
+            activated: self.is_activated(),
+            active_queues: dev.queue_states().into_iter().map(Into::into).collect(),
+            device: dev.save_state(),
+        }
+    }
+
+    /// Restore into a freshly built transport (power-on state) whose
+    /// device was built from the command line: registers, then, for a
+    /// device that was running, activation with the saved queues, then the
+    /// device's state. Every queue is kicked afterwards so buffers the
+    /// driver made available before the snapshot are picked up. A state
+    /// that does not fit this device, or queues outside guest memory, is an
+    /// error; nothing is activated then.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), MmioError> {
+        let device_type = self.device_type;
+        let fail = move |reason: String| MmioError::Restore {
+            device_type,
+            reason,
+        };
+        if s.device_type != self.device_type {
+            return Err(fail(format!(
+                "the snapshot holds a device of type {} in this slot",
+                s.device_type
+            )));
+        }
+        let sizes = |q: &[QueueConfig]| q.iter().map(|c| c.max_size).collect::<Vec<_>>();
+        if sizes(&s.queues) != sizes(&self.queues) {
+            return Err(fail(format!(
+                "queue sizes {:?} in the snapshot, {:?} here",
+                sizes(&s.queues),
+                sizes(&self.queues)
+            )));
+        }
+        let mut queues = Vec::new();
+        if s.activated {
+            if s.active_queues.len() != self.queues.len() {
+                return Err(fail(format!(
+                    "{} running queues saved for a device with {}",
+                    s.active_queues.len(),
+                    self.queues.len()
+                )));
+            }
+            for (i, q) in s.active_queues.iter().enumerate() {
+                let queue = Queue::try_from(QueueState::from(*q))
+                    .map_err(|e| fail(format!("queue {i}: {e}")))?;
+                if queue.ready() && !queue.is_valid(&self.mem) {
+                    return Err(fail(format!("queue {i} lies outside guest memory")));
+                }
+                queues.push(queue);
+            }
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.status = s.status;
+        self.queue_sel = s.queue_sel;
+        self.queues = s.queues.clone();
+        self.interrupt.restore(s.interrupt_status, s.needs_reset);
+        self.activate_called = s.activate_called;
+        let mut dev = lock(&self.device);
+        if s.activated {
+            dev.activate(ActivateContext {
+                mem: self.mem.clone(),
+                queues,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.acked_features,
+            })
+            .map_err(|e| fail(e.to_string()))?;
+            self.activated.store(true, Ordering::SeqCst);
+        }
+        dev.restore_state(&s.device)
+            .map_err(|e| fail(e.to_string()))?;
+        drop(dev);
+        if s.activated {
+            for (i, evt) in self.queue_evts.iter().enumerate() {
+                if let Err(e) = evt.write(1) {
+                    error!("virtio-mmio: cannot kick queue {i} after restore: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
@@ -553,6 +674,10 @@ impl MmioTransport {
         };
         match result {
             Ok(()) => {
+                debug!(
+                    "virtio-mmio: device type {} activated; driver features {:#x}",
+                    self.device_type, self.acked_features
+                );
                 // Pick up buffers made available before DRIVER_OK.
                 for (i, evt) in self.queue_evts.iter().enumerate() {
                     if let Err(e) = evt.write(1) {
@@ -790,6 +915,7 @@ fn attach(
 
 #[cfg(test)]
 mod tests {
+    use super::super::block::BlockState;
     use super::super::{ActivateError, INT_CONFIG_CHANGE, TYPE_BLOCK};
     use super::*;
     use crate::vmm::memory::GuestMemoryMmap;
@@ -811,6 +937,7 @@ mod tests {
         generation: u32,
         fail_activate: bool,
         calls: Arc<Mutex<Calls>>,
+        queues: Vec<QueueState>,
     }
 
     impl VirtioDevice for Dummy {
@@ -837,6 +964,7 @@ mod tests {
             if self.fail_activate {
                 return Err(ActivateError::Backend("test".into()));
             }
+            self.queues = ctx.queues.iter().map(|q| q.state()).collect();
             lock(&self.calls).activated.push((
                 ctx.queues.len(),
                 ctx.acked_features,
@@ -856,6 +984,26 @@ mod tests {
         }
         fn config_generation(&self) -> u32 {
             self.generation
+        }
+        fn save_state(&self) -> DeviceState {
+            DeviceState::Block(BlockState {
+                capacity: 0,
+                config_generation: self.generation,
+                broken: false,
+                path: None,
+            })
+        }
+        fn queue_states(&self) -> Vec<QueueState> {
+            self.queues.clone()
+        }
+        fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+            match state {
+                DeviceState::Block(b) => {
+                    self.generation = b.config_generation;
+                    Ok(())
+                }
+                other => Err(ActivateError::WrongState(format!("{other:?}"))),
+            }
         }
     }
 
@@ -880,6 +1028,7 @@ mod tests {
             generation: 0,
             fail_activate: false,
             calls: calls.clone(),
+            queues: Vec::new(),
         }));
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(mem(), dev.clone(), irq).unwrap();
@@ -937,6 +1086,45 @@ mod tests {
         setup_queue(t, 0, 0x10000);
         setup_queue(t, 1, 0x20000);
         wr(t, regs::STATUS, 0b1111);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_transport() {
+        let mut r = rig();
+        bring_up(&mut r.t);
+        lock(&r.dev).generation = 3;
+        r.t.interrupt().trigger(1).unwrap();
+        wr(&mut r.t, regs::QUEUE_SEL, 1);
+        let saved = r.t.save_state();
+        assert!(saved.activated);
+        assert_eq!(saved.active_queues.len(), 2);
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: TransportState = serde_json::from_str(&json).unwrap();
+
+        let mut fresh = rig();
+        fresh.t.restore_state(&saved).unwrap();
+        assert!(fresh.t.is_activated());
+        assert_eq!(rd(&mut fresh.t, regs::STATUS), 0b1111);
+        assert_eq!(rd(&mut fresh.t, regs::INTERRUPT_STATUS), 1);
+        assert_eq!(rd(&mut fresh.t, regs::QUEUE_READY), 1);
+        assert_eq!(rd(&mut fresh.t, regs::CONFIG_GENERATION), 3);
+        assert_eq!(fresh.t.acked_features(), FEATURES);
+        assert_eq!(fresh.t.queue_configs(), r.t.queue_configs());
+        assert_eq!(lock(&fresh.dev).queues, lock(&r.dev).queues);
+        // Every queue is kicked to pick up buffers made available before.
+        for evt in fresh.t.queue_evts() {
+            assert_eq!(evt.read().unwrap(), 1);
+        }
+        // And the restored device resets like any other.
+        wr(&mut fresh.t, regs::STATUS, 0);
+        assert_eq!(lock(&fresh.calls).resets, 1);
+
+        // A state that does not fit is refused.
+        let mut other = rig_with(vec![16]);
+        assert!(other.t.restore_state(&saved).is_err());
+        let mut bad = saved.clone();
+        bad.active_queues[0].desc_table = 0x8000_0000;
+        assert!(rig().t.restore_state(&bad).is_err());
     }
 
     #[test]
@@ -1257,6 +1445,7 @@ mod tests {
             generation: 0,
             fail_activate: false,
             calls,
+            queues: Vec::new(),
         }));
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let e = MmioTransport::new(mem(), dev, irq).err().unwrap();

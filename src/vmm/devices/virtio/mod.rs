@@ -5,11 +5,17 @@
 //! hands the device its queues when the driver sets DRIVER_OK. Queue
 //! notifications (ioeventfds) and backend fds are dispatched to the device on
 //! the event-loop thread.
+//!
+//! Snapshots: the transport saves its registers and, for a running device,
+//! the queue positions ([`QueueState`]); the device saves its own state
+//! ([`DeviceState`]). Restore builds the device afresh from the command
+//! line, activates it with the restored queues and applies its state.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use event_manager::{EventOps, Events};
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::memory::GuestMemoryMmap;
@@ -100,6 +106,68 @@ impl Interrupt {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }
+
+    /// Snapshot restore: puts back InterruptStatus and DEVICE_NEEDS_RESET
+    /// without raising the line (the interrupt controller's own state,
+    /// restored by KVM, holds whatever was pending).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+}
+
+/// A queue's saved state: [`QueueState`] in serializable form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePersist {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueuePersist {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueuePersist> for QueueState {
+    fn from(q: QueuePersist) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A virtio device's own saved state (its transport saves the rest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Vsock(vsock::VsockState),
 }
 
 /// What a device receives when the driver sets DRIVER_OK.
@@ -117,6 +185,8 @@ pub enum ActivateError {
     MissingFeatures(u64),
     #[error("device activation failed: {0}")]
     Backend(String),
+    #[error("the saved state belongs to another kind of device: {0}")]
+    WrongState(String),
 }
 
 /// A virtio device behind the MMIO transport.
@@ -159,4 +229,13 @@ pub trait VirtioDevice: Send {
     fn config_generation(&self) -> u32 {
         0
     }
+    /// Snapshot: the device's own state.
+    fn save_state(&self) -> DeviceState;
+    /// Snapshot: the positions of the queues the device holds (empty when
+    /// it is not activated).
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Restore: applies `state` to a freshly built device — after
+    /// `activate` with the restored queues if the device was running, or
+    /// alone if it was not. Errors when `state` is another device's.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError>;
 }

@@ -30,12 +30,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::VsockPacket;
 
 use super::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, INT_USED_RING,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, BACKEND_EVENT_BASE,
+    INT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use crate::vmm::memory::GuestMemoryMmap;
 use connection::MAX_PKT_DATA;
@@ -72,6 +73,18 @@ pub enum VsockError {
     ReservedCid(u64),
     #[error(transparent)]
     Backend(#[from] MuxerError),
+}
+
+/// The saved state of the vsock device. Connections are not saved: none
+/// survives a snapshot, and restore tells the guest so with a
+/// TRANSPORT_RESET event ([`Vsock::send_transport_reset`]). The CID comes
+/// from the command line at restore (clones get their own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest CID at snapshot time (informational).
+    pub guest_cid: u64,
+    /// The driver corrupted a ring before the snapshot.
+    pub broken: bool,
 }
 
 /// What the device holds between DRIVER_OK and reset.
@@ -465,6 +478,32 @@ impl VirtioDevice for Vsock {
                 self.muxer.uds_path().display()
             );
         }
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState {
+            guest_cid: self.guest_cid,
+            broken: self.active.as_ref().is_some_and(|a| a.broken),
+        })
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+        let DeviceState::Vsock(s) = state else {
+            return Err(ActivateError::WrongState(format!(
+                "virtio-vsock cannot take {state:?}"
+            )));
+        };
+        if let Some(active) = &mut self.active {
+            active.broken = s.broken;
+        }
+        Ok(())
     }
 
     fn backend_event(&mut self, events: Events, _ops: &mut EventOps) {

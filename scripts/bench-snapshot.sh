@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Snapshot benchmark (issue 6): testguest VMs of 128 MiB and 1 GiB, N runs
+# each (default 10), min/median/max, all in one run:
+#   create       full snapshot create time (firerunner's own measure, from
+#                the guest's 124 to the directory in place) and the memory
+#                file's size (allocated bytes; its apparent size is RAM)
+#   floor        create VM + register RAM + first KVM_RUN, nothing else
+#                (examples/restore_floor.rs)
+#   restore      exec -> first KVM_RUN of a restore, lazy and --copy_base
+#   first resp.  exec -> first response, booted vs restored (lazy, eager):
+#                this script plays the controller (listens on the agent
+#                port, sends the init frame and one request)
+# "exec" is this script's CLOCK_MONOTONIC just before spawning, passed as
+# SNAPVM_SPAWN_MONO_NS; firerunner and the floor report against it.
+# Usage: scripts/bench-snapshot.sh [RUNS]   (SIZES="128 1024" to choose)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-10}
+sizes=${SIZES:-"128 1024"}
+target=${CARGO_TARGET_DIR:-target}
+cargo build --release -q --bins --example restore_floor
+tg=$(scripts/build-testguest.sh 2>/dev/null | tail -1)
+python3 - "$runs" "$tg" "$sizes" "$target/release" <<'PY'
+import json, os, re, signal, socket, statistics, struct, subprocess, sys, tempfile, time, shutil
+
+runs, tg, sizes, bindir = int(sys.argv[1]), sys.argv[2], [int(x) for x in sys.argv[3].split()], sys.argv[4]
+fr = os.path.abspath(os.path.join(bindir, "firerunner"))
+floor = os.path.abspath(os.path.join(bindir, "examples", "restore_floor"))
+tmp = tempfile.mkdtemp(prefix="snapvm-bench-snap-")
+rootfs = os.path.join(tmp, "rootfs.img")
+with open(rootfs, "wb") as f:
+    f.write(os.urandom(64 << 20))
+app = os.path.join(tmp, "hello.img")
+with open(app, "wb") as f:
+    f.write(b"fn=hello\n".ljust(4096, b"\0"))
+
+def spawn(argv, **kw):
+    env = dict(os.environ, RUST_LOG="info", SNAPVM_SPAWN_MONO_NS=str(time.monotonic_ns()))
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+def vm_args(mem, i, extra):
+    return [fr, "--kernel", tg, "--rootfs", rootfs, "--appfs", app, "--mem_size", str(mem),
+            "--console", os.path.join(tmp, "console.log"),
+            "--vsock_uds", os.path.join(tmp, f"v{i}.sock")] + extra
+
+def wait_line(p, pattern, limit=60):
+    deadline = time.time() + limit
+    for raw in p.stderr:
+        line = raw.decode(errors="replace")
+        m = re.search(pattern, line)
+        if m:
+            return m
+        if time.time() > deadline:
+            break
+    raise SystemExit(f"no line matching {pattern!r} (exit {p.poll()})")
+
+def stop(p):
+    p.kill()
+    p.wait()
+
+def create(mem, i, snap):
+    shutil.rmtree(snap, ignore_errors=True)
+    p = spawn(vm_args(mem, i, ["--dump_dir", snap]))
+    m = wait_line(p, r"snapshot written to .* in (\d+) us")
+    p.wait()
+    assert p.returncode == 0, p.returncode
+    st = os.stat(os.path.join(snap, "memory"))
+    return int(m.group(1)) / 1000, st.st_blocks * 512 / 2**20, os.path.getsize(os.path.join(snap, "snapshot.json")) / 1024
+
+def restore_latency(mem, i, snap, extra):
+    p = spawn(vm_args(mem, i, ["--load_dir", snap] + extra))
+    m = wait_line(p, r"restore phases \(us\): (.*?)(?: \[alongside: (.*)\])?; first KVM_RUN (\d+) us after spawn")
+    stop(p)
+    parts = m.group(1).split(", ") + (m.group(2).split(", ") if m.group(2) else [])
+    phases = dict((k.strip(), int(v)) for k, v in (x.rsplit(" ", 1) for x in parts))
+    return int(m.group(3)) / 1000, phases
+
+def floor_latency(mem):
+    env = dict(os.environ, SNAPVM_SPAWN_MONO_NS=str(time.monotonic_ns()))
+    out = subprocess.run([floor, "--mem_size", str(mem)], env=env, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"floor: spawn→main (\d+), create VM (\d+), register \d+ MiB (\d+), →first KVM_RUN (\d+).*first KVM_RUN (\d+) us after spawn", out)
+    phases = {"spawn→main": int(m.group(1)), "create VM": int(m.group(2)), "memslots": int(m.group(3)), "→first KVM_RUN": int(m.group(4))}
+    return int(m.group(5)) / 1000, phases
+
+def frame(sock, obj):
+    body = json.dumps(obj).encode()
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+def read_frame(sock):
+    def exact(n):
+        b = b""
+        while len(b) < n:
+            c = sock.recv(n - len(b))
+            if not c:
+                raise SystemExit("guest closed the connection")
+            b += c
+        return b
+    (n,) = struct.unpack(">I", exact(4))
+    return json.loads(exact(n))
+
+def first_response(mem, i, extra):
+    uds = os.path.join(tmp, f"r{i}.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = f"{uds}_1234"
+    if os.path.exists(path):
+        os.unlink(path)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(60)
+    t0 = time.monotonic_ns()
+    argv = vm_args(mem, i, extra)
+    argv[argv.index("--vsock_uds") + 1] = uds
+    env = dict(os.environ, RUST_LOG="warn", SNAPVM_SPAWN_MONO_NS=str(t0))
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn, _ = listener.accept()
+    frame(conn, {"init": {"seed": os.urandom(32).hex(), "realtime_ns": time.time_ns()}})
+    assert read_frame(conn) == {"ready": True}
+    frame(conn, {"name": "bench"})
+    resp = read_frame(conn)
+    t = (time.monotonic_ns() - t0) / 1e6
+    assert resp == {"message": "hello, bench"}, resp
+    conn.close(); listener.close(); os.unlink(path)
+    stop(p)
+    return t
+
+def stats(xs):
+    return f"{min(xs):8.2f} {statistics.median(xs):8.2f} {max(xs):8.2f}"
+
+print(f"snapshot benchmark: {runs} runs per row, testguest, 64 MiB rootfs; ms unless noted")
+print(f"{'':44s} {'min':>8s} {'median':>8s} {'max':>8s}")
+summary = []
+for mem in sizes:
+    snap = os.path.join(tmp, f"snap{mem}")
+    created = [create(mem, i, snap) for i in range(runs)]
+    fl = [floor_latency(mem) for _ in range(runs)]
+    lazy = [restore_latency(mem, i, snap, []) for i in range(runs)]
+    eager = [restore_latency(mem, i, snap, ["--copy_base"]) for i in range(runs)]
+    boot_r = [first_response(mem, i, []) for i in range(runs)]
+    lazy_r = [first_response(mem, i, ["--load_dir", snap]) for i in range(runs)]
+    eager_r = [first_response(mem, i, ["--load_dir", snap, "--copy_base"]) for i in range(runs)]
+    print(f"--- {mem} MiB")
+    print(f"{'create full snapshot':44s} {stats([c[0] for c in created])}")
+    print(f"{'memory file, allocated MiB':44s} {stats([c[1] for c in created])}")
+    print(f"{'snapshot.json, KiB':44s} {stats([c[2] for c in created])}")
+    print(f"{'floor: exec -> first KVM_RUN':44s} {stats([x[0] for x in fl])}")
+    print(f"{'restore lazy: exec -> first KVM_RUN':44s} {stats([x[0] for x in lazy])}")
+    print(f"{'restore --copy_base: exec -> first KVM_RUN':44s} {stats([x[0] for x in eager])}")
+    for name, rows in (("floor", fl), ("lazy", lazy), ("copy", eager)):
+        keys = list(rows[0][1].keys())
+        med = ", ".join(f"{k} {statistics.median(r[1][k] for r in rows) / 1000:.2f}" for k in keys)
+        print(f"  {name} phase medians: {med}")
+    print(f"{'boot -> first response':44s} {stats(boot_r)}")
+    print(f"{'restore lazy -> first response':44s} {stats(lazy_r)}")
+    print(f"{'restore --copy_base -> first response':44s} {stats(eager_r)}")
+    med = statistics.median
+    summary.append((mem, med([x[0] for x in fl]), med([x[0] for x in lazy]), med([x[0] for x in eager]),
+                    med(boot_r), med(lazy_r), med(eager_r), med([c[0] for c in created]),
+                    med([c[1] for c in created])))
+print("--- side by side (medians)")
+print("  Firecracker on this host: restore 11.1 ms, full create 207 ms for 128 MiB")
+print("  targets: restore <= floor + 2 ms; create <= 103 ms (half of Firecracker's)")
+for mem, fl, lz, eg, br, lr, er, cr, sz in summary:
+    print(f"  {mem:5d} MiB: restore lazy {lz:.2f} = floor {fl:.2f} + {lz - fl:.2f}; "
+          f"copy {eg:.2f} = floor + {eg - fl:.2f}; first response boot {br:.2f} vs restore "
+          f"{lr:.2f} (x{br / lr:.1f}), copy {er:.2f}; create {cr:.2f} ms, {sz:.2f} MiB on disk")
+shutil.rmtree(tmp, ignore_errors=True)
+PY

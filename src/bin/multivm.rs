@@ -1,0 +1,61 @@
+//! multivm: serve function invocations over HTTP from many microVMs within
+//! a memory budget (see src/multivm/ for the config, API and scheduler).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use snapvm::launcher::default_firerunner;
+use snapvm::multivm::{self, Options};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "multivm",
+    version,
+    about = "Serve functions over HTTP from many microVMs within a memory budget"
+)]
+struct Args {
+    /// YAML config: the functions and their VMs (see resources/multivm/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Memory budget in MiB for all VMs together (guest memory plus the
+    /// per-VM overhead of the config's `vm_overhead`).
+    #[arg(long)]
+    mem: u64,
+    /// Where to serve HTTP: [ADDR:]PORT; a bare port is loopback only.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Seconds requests in progress may run on after SIGTERM/SIGINT.
+    #[arg(
+        long = "drain_timeout",
+        alias = "drain-timeout",
+        default_value_t = 30.0
+    )]
+    drain_timeout: f64,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
+    let args = Args::parse();
+    let Ok(drain_timeout) = Duration::try_from_secs_f64(args.drain_timeout) else {
+        eprintln!("multivm: error: --drain_timeout must be a number of seconds");
+        return ExitCode::from(2);
+    };
+    let opts = Options {
+        config: args.config,
+        mem_mib: args.mem,
+        listen: args.listen,
+        drain_timeout,
+        default_firerunner: default_firerunner(),
+    };
+    match multivm::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("multivm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,917 @@
+//! The multivm YAML configuration: the SnapFaaS controller schema plus the
+//! keys a memory-budgeted scheduler needs, resolved and checked at startup.
+//!
+//! ```yaml
+//! firerunner_path: ./firerunner        # default: next to the multivm binary
+//! kernel_path: vmlinux                 # default kernel of every function
+//! kernel_args: "console=ttyS0"         # alias kernel_boot_args
+//! runtimefs_dir: images/rootfs         # base of relative `runtimefs` paths
+//! appfs_dir: images/appfs              # base of relative `appfs` paths
+//! snapshot_dir: snapshots              # base of relative `load_dir` entries
+//! allow_network: false                 # accepted; snapvm VMs have no network
+//! boot_timeout: 30s                    # launch (boot or restore) deadline
+//! vm_overhead: 8                       # MiB accounted per VM on top of `memory`
+//! functions:
+//!   hello:
+//!     runtimefs: python3.ext4          # required
+//!     appfs: hello.ext2
+//!     vcpus: 1                         # default 1
+//!     memory: 128                      # MiB, default 128
+//!     concurrency_limit: 4             # VMs of this function at once; default: the budget
+//!     load_dir: base/python,diff/hello # restore instead of boot (BASE[,DIFF...])
+//!     copy_base: false
+//!     copy_diff: false
+//!     load_ws: false
+//!     kernel: other-vmlinux            # per-function kernel
+//!     cmdline: "quiet"                 # per-function kernel command line
+//!     network: false                   # `true` is refused: no network device
+//!     min_idle: 0                      # pre-warmed idle VMs
+//!     idle_timeout: 5m                 # idle VMs beyond min_idle are stopped after this
+//!     request_timeout: 30s             # queue wait limit, and run limit (kills the VM)
+//!     max_queue: 64                    # requests waiting for a VM; more get 429
+//! ```
+//!
+//! Durations are seconds (a number) or a string with a unit: `250ms`,
+//! `30s`, `5m`, `1h`. Relative paths are resolved against the directory of
+//! the configuration file (or against `*_dir` for the keys above).
+//! Unknown keys, missing files and sizes that cannot work are startup
+//! errors naming the file, line and key.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::vmm::MAX_VCPUS;
+
+/// MiB accounted per VM for firerunner itself (VMM heap, thread stacks,
+/// device buffers, its share of the binary) and the kernel's KVM
+/// structures (vCPU state, page tables), on top of the guest's `memory`.
+/// Measured here: an idle testguest firerunner has an RSS of 3.7 MiB
+/// whatever its guest size (0.8 MiB anonymous, 2.9 MiB file-backed and
+/// mostly shared between VMs); 8 MiB leaves room for the kernel side and
+/// for busier devices.
+pub const DEFAULT_VM_OVERHEAD_MIB: u64 = 8;
+const DEFAULT_MEMORY_MIB: u64 = 128;
+const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_QUEUE: u64 = 64;
+/// Smallest guest that can hold a kernel and an agent.
+const MIN_MEMORY_MIB: u64 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax {
+        file: String,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{file}:{line}: {key}: {message}")]
+    Invalid {
+        file: String,
+        line: u64,
+        key: String,
+        message: String,
+    },
+}
+
+/// A duration as written in the config.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Seconds(pub Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a duration: seconds, or a string like \"250ms\", \"30s\", \"5m\", \"1h\"",
+                )
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                Ok(Seconds(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(|s| Seconds(Duration::from_secs(s)))
+                    .map_err(|_| E::custom(format!("a duration cannot be negative, got {v}")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+                Duration::try_from_secs_f64(v)
+                    .map(Seconds)
+                    .map_err(|_| E::custom(format!("not a valid number of seconds: {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+                parse_duration(v).map(Seconds).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `250ms`, `30s`, `1.5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (e.g. \"250ms\", \"30s\", \"5m\")"))?;
+    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("duration out of range: {text:?}"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    allow_network: Option<Spanned<bool>>,
+    firerunner_path: Option<Spanned<String>>,
+    kernel_path: Option<Spanned<String>>,
+    #[serde(alias = "kernel_boot_args")]
+    kernel_args: Option<Spanned<String>>,
+    runtimefs_dir: Option<Spanned<String>>,
+    appfs_dir: Option<Spanned<String>>,
+    snapshot_dir: Option<Spanned<String>>,
+    boot_timeout: Option<Spanned<Seconds>>,
+    vm_overhead: Option<Spanned<u64>>,
+    functions: Spanned<BTreeMap<String, Spanned<RawFunction>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    network: Option<Spanned<bool>>,
+    runtimefs: Spanned<String>,
+    appfs: Option<Spanned<String>>,
+    vcpus: Option<Spanned<u64>>,
+    memory: Option<Spanned<u64>>,
+    concurrency_limit: Option<Spanned<u64>>,
+    load_dir: Option<Spanned<String>>,
+    copy_base: Option<Spanned<bool>>,
+    copy_diff: Option<Spanned<bool>>,
+    load_ws: Option<Spanned<bool>>,
+    kernel: Option<Spanned<String>>,
+    cmdline: Option<Spanned<String>>,
+    min_idle: Option<Spanned<u64>>,
+    idle_timeout: Option<Spanned<Seconds>>,
+    request_timeout: Option<Spanned<Seconds>>,
+    max_queue: Option<Spanned<u64>>,
+}
+
+/// How a function's VMs start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchKind {
+    Boot,
+    Restore,
+}
+
+impl LaunchKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchKind::Boot => "boot",
+            LaunchKind::Restore => "restore",
+        }
+    }
+}
+
+/// One function, every path absolute and checked.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub name: String,
+    pub kernel: PathBuf,
+    pub cmdline: Option<String>,
+    pub rootfs: PathBuf,
+    pub appfs: Option<PathBuf>,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    /// Most VMs of this function at once (launching, idle or busy).
+    pub concurrency_limit: usize,
+    /// Snapshot layers to restore from, comma-separated absolute paths.
+    pub load_dir: Option<String>,
+    pub copy_base: bool,
+    pub copy_diff: bool,
+    pub load_ws: bool,
+    pub min_idle: usize,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_queue: usize,
+}
+
+impl Function {
+    pub fn launch_kind(&self) -> LaunchKind {
+        if self.load_dir.is_some() {
+            LaunchKind::Restore
+        } else {
+            LaunchKind::Boot
+        }
+    }
+
+    /// The firerunner flags of one VM of this function (the VmArgs flags
+    /// of src/cli.rs; the launcher adds the vsock, console and control ones).
+    pub fn firerunner_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            a.push(format!("--{name}").into());
+            a.push(value);
+        };
+        flag("kernel", self.kernel.clone().into());
+        if let Some(k) = &self.cmdline {
+            flag("kernel_args", k.into());
+        }
+        flag("rootfs", self.rootfs.clone().into());
+        if let Some(p) = &self.appfs {
+            flag("appfs", p.clone().into());
+        }
+        flag("mem_size", self.memory_mib.to_string().into());
+        flag("vcpu_count", self.vcpus.to_string().into());
+        if let Some(d) = &self.load_dir {
+            flag("load_dir", d.into());
+        }
+        for (set, name) in [
+            (self.copy_base, "--copy_base"),
+            (self.copy_diff, "--copy_diff"),
+            (self.load_ws, "--load_ws"),
+        ] {
+            if set {
+                a.push(name.into());
+            }
+        }
+        a
+    }
+}
+
+/// The whole configuration, ready to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub firerunner: PathBuf,
+    pub boot_timeout: Duration,
+    /// MiB accounted per VM on top of its guest memory.
+    pub vm_overhead_mib: u64,
+    /// Sorted by name.
+    pub functions: Vec<Function>,
+}
+
+impl Config {
+    /// Reads, resolves and checks `path` against a `budget_mib` memory budget.
+    pub fn load(
+        path: &Path,
+        budget_mib: u64,
+        default_firerunner: PathBuf,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(
+            &text,
+            &path.display().to_string(),
+            &base,
+            budget_mib,
+            default_firerunner,
+        )
+    }
+
+    /// Parses `text` (named `file` in errors); relative paths resolve against `base`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        base: &Path,
+        budget_mib: u64,
+        default_firerunner: PathBuf,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            let mut message = plain_message(&e);
+            if message.starts_with("invalid u64") || message.starts_with("invalid i64") {
+                message = "expected a whole number".to_string();
+            }
+            let mut path = key_path(text, line);
+            if message.starts_with("missing field") {
+                path.pop();
+            }
+            if !path.is_empty() {
+                message = format!("{}: {message}", path.join("."));
+            }
+            ConfigError::Syntax {
+                file: file.to_string(),
+                line,
+                column,
+                message,
+            }
+        })?;
+        Resolver { file, base }.resolve(raw, budget_mib, default_firerunner)
+    }
+}
+
+/// serde-saphyr's message without its source snippet and position suffix.
+fn plain_message(e: &serde_saphyr::Error) -> String {
+    let msg = e.without_snippet().to_string();
+    let first = msg.lines().next().unwrap_or_default().trim().to_string();
+    match first.rfind(" at line ") {
+        Some(i) => first[..i].to_string(),
+        None => first,
+    }
+}
+
+/// The dotted key path of the block-style YAML key on `line` (1-based),
+/// found through the indentation of the lines above; empty if none.
+fn key_path(text: &str, line: u64) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(idx) = usize::try_from(line).ok().and_then(|l| l.checked_sub(1)) else {
+        return Vec::new();
+    };
+    let key_of = |l: &str| -> Option<(usize, String)> {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            return None;
+        }
+        let (k, _) = t.split_once(':')?;
+        let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
+        (!k.is_empty() && !k.contains(['{', '[', ' '])).then(|| (l.len() - t.len(), k.to_string()))
+    };
+    let Some((mut indent, key)) = lines.get(idx).and_then(|l| key_of(l)) else {
+        return Vec::new();
+    };
+    let mut path = vec![key];
+    for l in lines[..idx].iter().rev() {
+        if indent == 0 {
+            break;
+        }
+        if let Some((i, k)) = key_of(l) {
+            if i < indent {
+                path.push(k);
+                indent = i;
+            }
+        }
+    }
+    path.reverse();
+    path
+}
+
+struct Resolver<'a> {
+    file: &'a str,
+    base: &'a Path,
+}
+
+impl Resolver<'_> {
+    fn err<T>(&self, at: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: at.referenced.line().max(1),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn dir(&self, d: &Option<Spanned<String>>, key: &str) -> Result<PathBuf, ConfigError> {
+        match d {
+            None => Ok(self.base.to_path_buf()),
+            Some(s) => {
+                let p = self.base.join(&s.value);
+                if p.is_dir() {
+                    Ok(p)
+                } else {
+                    Err(self.err(s, key, format!("{} is not a directory", p.display())))
+                }
+            }
+        }
+    }
+
+    /// `s` under `dir`, which must exist as a file.
+    fn file_in(&self, dir: &Path, s: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        if s.value.trim().is_empty() {
+            return Err(self.err(s, key, "must not be empty"));
+        }
+        let p = dir.join(&s.value);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(absolute(&p)),
+            Ok(_) => Err(self.err(s, key, format!("{} is not a file", p.display()))),
+            Err(e) => Err(self.err(s, key, format!("{}: {e}", p.display()))),
+        }
+    }
+
+    fn resolve(
+        &self,
+        raw: RawConfig,
+        budget_mib: u64,
+        default_firerunner: PathBuf,
+    ) -> Result<Config, ConfigError> {
+        if let Some(n) = &raw.allow_network {
+            if n.value {
+                log::warn!("allow_network: snapvm VMs have no network device; ignored");
+            }
+        }
+        let firerunner = match &raw.firerunner_path {
+            Some(s) => self.file_in(self.base, s, "firerunner_path")?,
+            None => default_firerunner,
+        };
+        let kernel = raw
+            .kernel_path
+            .as_ref()
+            .map(|s| self.file_in(self.base, s, "kernel_path"))
+            .transpose()?;
+        let runtimefs_dir = self.dir(&raw.runtimefs_dir, "runtimefs_dir")?;
+        let appfs_dir = self.dir(&raw.appfs_dir, "appfs_dir")?;
+        let snapshot_dir = self.dir(&raw.snapshot_dir, "snapshot_dir")?;
+        let boot_timeout = match &raw.boot_timeout {
+            Some(s) if s.value.0.is_zero() => {
+                return Err(self.err(s, "boot_timeout", "must be longer than zero"))
+            }
+            Some(s) => s.value.0,
+            None => DEFAULT_BOOT_TIMEOUT,
+        };
+        let vm_overhead_mib = raw
+            .vm_overhead
+            .as_ref()
+            .map_or(DEFAULT_VM_OVERHEAD_MIB, |s| s.value);
+        if raw.functions.value.is_empty() {
+            return Err(self.err(&raw.functions, "functions", "no function is configured"));
+        }
+        let mut functions = Vec::new();
+        for (name, f) in &raw.functions.value {
+            let key = |k: &str| format!("functions.{name}.{k}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                return Err(self.err(
+                    f,
+                    &format!("functions.{name}"),
+                    "a function name uses only letters, digits, '_', '-' and '.'",
+                ));
+            }
+            let fv = &f.value;
+            if let Some(n) = &fv.network {
+                if n.value {
+                    return Err(self.err(
+                        n,
+                        &key("network"),
+                        "snapvm VMs have no network device; remove the key or set it to false",
+                    ));
+                }
+            }
+            let kernel = match (&fv.kernel, &kernel) {
+                (Some(s), _) => self.file_in(self.base, s, &key("kernel"))?,
+                (None, Some(k)) => k.clone(),
+                (None, None) => {
+                    return Err(self.err(
+                        f,
+                        &key("kernel"),
+                        "no kernel: set kernel_path at the top or kernel in the function",
+                    ))
+                }
+            };
+            let cmdline = fv
+                .cmdline
+                .as_ref()
+                .or(raw.kernel_args.as_ref())
+                .map(|s| s.value.clone());
+            let rootfs = self.file_in(&runtimefs_dir, &fv.runtimefs, &key("runtimefs"))?;
+            let appfs = fv
+                .appfs
+                .as_ref()
+                .map(|s| self.file_in(&appfs_dir, s, &key("appfs")))
+                .transpose()?;
+            let vcpus = fv.vcpus.as_ref().map_or(Ok(1), |s| {
+                if s.value == 0 || s.value > u64::from(MAX_VCPUS) {
+                    Err(self.err(
+                        s,
+                        &key("vcpus"),
+                        format!("must be between 1 and {MAX_VCPUS}, got {}", s.value),
+                    ))
+                } else {
+                    Ok(s.value)
+                }
+            })?;
+            let memory_mib = match &fv.memory {
+                None => DEFAULT_MEMORY_MIB,
+                Some(s) if s.value < MIN_MEMORY_MIB => {
+                    return Err(self.err(
+                        s,
+                        &key("memory"),
+                        format!(
+                            "{} MiB is too small; a VM needs at least {MIN_MEMORY_MIB} MiB",
+                            s.value
+                        ),
+                    ))
+                }
+                Some(s) => s.value,
+            };
+            let footprint = memory_mib.saturating_add(vm_overhead_mib);
+            if footprint > budget_mib {
+                let message = format!(
+                    "{memory_mib} MiB plus {vm_overhead_mib} MiB of VMM overhead does not fit in the --mem budget of {budget_mib} MiB"
+                );
+                return Err(match &fv.memory {
+                    Some(s) => self.err(s, &key("memory"), message),
+                    None => self.err(f, &key("memory"), message),
+                });
+            }
+            let concurrency_limit = match &fv.concurrency_limit {
+                Some(s) if s.value == 0 => {
+                    return Err(self.err(s, &key("concurrency_limit"), "must be at least 1"))
+                }
+                Some(s) => usize::try_from(s.value).unwrap_or(usize::MAX),
+                None => usize::try_from(budget_mib / footprint.max(1))
+                    .unwrap_or(usize::MAX)
+                    .max(1),
+            };
+            let min_idle = fv.min_idle.as_ref().map_or(Ok(0), |s| {
+                let n = usize::try_from(s.value).unwrap_or(usize::MAX);
+                if n > concurrency_limit {
+                    Err(self.err(s, &key("min_idle"), format!("{n} exceeds concurrency_limit {concurrency_limit}")))
+                } else if s.value.saturating_mul(footprint) > budget_mib {
+                    Err(self.err(
+                        s,
+                        &key("min_idle"),
+                        format!("{n} VMs of {footprint} MiB do not fit in the --mem budget of {budget_mib} MiB"),
+                    ))
+                } else {
+                    Ok(n)
+                }
+            })?;
+            let positive = |s: &Option<Spanned<Seconds>>, k: &str, default: Duration| match s {
+                Some(s) if s.value.0.is_zero() => {
+                    Err(self.err(s, &key(k), "must be longer than zero"))
+                }
+                Some(s) => Ok(s.value.0),
+                None => Ok(default),
+            };
+            let idle_timeout = positive(&fv.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
+            let request_timeout = positive(
+                &fv.request_timeout,
+                "request_timeout",
+                DEFAULT_REQUEST_TIMEOUT,
+            )?;
+            let max_queue = fv.max_queue.as_ref().map_or(DEFAULT_MAX_QUEUE, |s| s.value);
+            let max_queue = usize::try_from(max_queue).unwrap_or(usize::MAX);
+            let load_dir = match &fv.load_dir {
+                None => None,
+                Some(s) => {
+                    let mut dirs = Vec::new();
+                    for part in s.value.split(',').map(str::trim) {
+                        if part.is_empty() {
+                            return Err(self.err(
+                                s,
+                                &key("load_dir"),
+                                "empty entry in the comma list",
+                            ));
+                        }
+                        let p = snapshot_dir.join(part);
+                        if !p.is_dir() {
+                            return Err(self.err(
+                                s,
+                                &key("load_dir"),
+                                format!("snapshot directory {} does not exist", p.display()),
+                            ));
+                        }
+                        dirs.push(absolute(&p).display().to_string());
+                    }
+                    Some(dirs.join(","))
+                }
+            };
+            let flag = |b: &Option<Spanned<bool>>| b.as_ref().is_some_and(|s| s.value);
+            for (b, k) in [
+                (&fv.copy_base, "copy_base"),
+                (&fv.copy_diff, "copy_diff"),
+                (&fv.load_ws, "load_ws"),
+            ] {
+                if let Some(s) = b {
+                    if s.value && load_dir.is_none() {
+                        return Err(self.err(
+                            s,
+                            &key(k),
+                            "only applies to a restore: set load_dir",
+                        ));
+                    }
+                }
+            }
+            functions.push(Function {
+                name: name.clone(),
+                kernel,
+                cmdline,
+                rootfs,
+                appfs,
+                vcpus,
+                memory_mib,
+                concurrency_limit,
+                load_dir,
+                copy_base: flag(&fv.copy_base),
+                copy_diff: flag(&fv.copy_diff),
+                load_ws: flag(&fv.load_ws),
+                min_idle,
+                idle_timeout,
+                request_timeout,
+                max_queue,
+            });
+        }
+        let warm: u64 = functions
+            .iter()
+            .map(|f| f.min_idle as u64 * (f.memory_mib + vm_overhead_mib))
+            .sum();
+        if warm > budget_mib {
+            return Err(self.err(
+                &raw.functions,
+                "functions",
+                format!("the min_idle VMs together need {warm} MiB, more than the --mem budget of {budget_mib} MiB"),
+            ));
+        }
+        Ok(Config {
+            firerunner,
+            boot_timeout,
+            vm_overhead_mib,
+            functions,
+        })
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A directory with a kernel, a rootfs, an appfs and a snapshot dir.
+    fn fixture(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("multivm-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("snap/base")).unwrap();
+        for f in ["vmlinux", "rootfs.img", "app.img", "firerunner"] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        Dir(d)
+    }
+
+    fn parse(d: &Dir, yaml: &str, budget: u64) -> Result<Config, ConfigError> {
+        Config::parse(
+            yaml,
+            "f.yaml",
+            &d.0,
+            budget,
+            PathBuf::from("/default/firerunner"),
+        )
+    }
+
+    fn invalid(r: Result<Config, ConfigError>) -> (u64, String, String) {
+        match r {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            Err(e) => panic!("expected an invalid-value error, got {e}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    fn syntax(r: Result<Config, ConfigError>) -> (u64, String) {
+        match r {
+            Err(ConfigError::Syntax { line, message, .. }) => (line, message),
+            Err(e) => panic!("expected a syntax error, got {e}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    const GOOD: &str = "\
+kernel_path: vmlinux
+kernel_args: console=ttyS0
+snapshot_dir: snap
+functions:
+  hello:
+    runtimefs: rootfs.img
+    appfs: app.img
+    memory: 64
+    concurrency_limit: 3
+    min_idle: 1
+    idle_timeout: 250ms
+    request_timeout: 2.5
+  restored:
+    runtimefs: rootfs.img
+    load_dir: base
+    copy_base: true
+    cmdline: quiet
+    max_queue: 0
+";
+
+    #[test]
+    fn a_good_config_resolves_paths_and_defaults() {
+        let d = fixture("good");
+        let c = parse(&d, GOOD, 1024).unwrap();
+        assert_eq!(c.firerunner, PathBuf::from("/default/firerunner"));
+        assert_eq!(c.vm_overhead_mib, DEFAULT_VM_OVERHEAD_MIB);
+        assert_eq!(c.boot_timeout, DEFAULT_BOOT_TIMEOUT);
+        let h = &c.functions[0];
+        assert_eq!(h.name, "hello");
+        assert!(h.kernel.is_absolute() && h.kernel.ends_with("vmlinux"));
+        assert!(h.appfs.as_ref().unwrap().ends_with("app.img"));
+        assert_eq!(h.cmdline.as_deref(), Some("console=ttyS0"));
+        assert_eq!((h.memory_mib, h.concurrency_limit, h.min_idle), (64, 3, 1));
+        assert_eq!(h.idle_timeout, Duration::from_millis(250));
+        assert_eq!(h.request_timeout, Duration::from_millis(2500));
+        assert_eq!(h.launch_kind(), LaunchKind::Boot);
+        let r = &c.functions[1];
+        assert_eq!(r.launch_kind(), LaunchKind::Restore);
+        assert!(r.load_dir.as_ref().unwrap().ends_with("snap/base"));
+        assert_eq!(r.cmdline.as_deref(), Some("quiet"));
+        assert_eq!(r.memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(r.max_queue, 0);
+        // Default concurrency: what the budget holds.
+        assert_eq!(r.concurrency_limit, 1024 / (128 + 8));
+        // firerunner's own flag parser takes them.
+        #[derive(clap::Parser)]
+        struct Firerunner {
+            #[command(flatten)]
+            vm: crate::cli::VmArgs,
+        }
+        let mut argv: Vec<OsString> = vec!["firerunner".into()];
+        argv.extend(r.firerunner_args());
+        let vm = <Firerunner as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .vm;
+        assert_eq!(vm.load_dir, r.load_dir);
+        assert!(vm.copy_base && !vm.copy_diff && !vm.load_ws);
+        assert_eq!((vm.mem_size, vm.vcpu_count), (128, 1));
+        assert_eq!(vm.kernel_args.as_deref(), Some("quiet"));
+        assert!(vm.appfs.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let d = fixture("unknown");
+        let (line, msg) = syntax(parse(
+            &d,
+            "kernel_path: vmlinux\nbogus: 1\nfunctions: {}\n",
+            1024,
+        ));
+        assert_eq!(line, 2, "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+        let yaml = GOOD.replace("    max_queue: 0\n", "    max_queue: 0\n    memroy: 64\n");
+        let (line, msg) = syntax(parse(&d, &yaml, 1024));
+        assert_eq!(line, 19, "{msg}");
+        assert!(msg.contains("memroy"), "{msg}");
+        let (line, msg) = syntax(parse(&d, "functions:\n  f:\n    runtimefs: [1\n", 1024));
+        assert!(line >= 3, "{line} {msg}");
+    }
+
+    #[test]
+    fn missing_files_name_the_key_and_line() {
+        let d = fixture("missing");
+        let yaml = GOOD.replace("appfs: app.img", "appfs: nope.img");
+        let (line, key, msg) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (7, "functions.hello.appfs"), "{msg}");
+        assert!(msg.contains("nope.img"), "{msg}");
+        let yaml = GOOD.replace("load_dir: base", "load_dir: base,gone");
+        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (15, "functions.restored.load_dir"));
+        let yaml = GOOD.replace("kernel_path: vmlinux", "kernel_path: bzImage");
+        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (1, "kernel_path"));
+        let yaml = format!("firerunner_path: fr\n{GOOD}");
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "firerunner_path");
+        let e = Config::load(&d.0.join("absent.yaml"), 1024, PathBuf::new()).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused() {
+        let d = fixture("sizes");
+        let (line, key, msg) = invalid(parse(&d, GOOD, 60));
+        assert_eq!((line, key.as_str()), (8, "functions.hello.memory"), "{msg}");
+        assert!(msg.contains("--mem budget of 60 MiB"), "{msg}");
+        // The default memory does not fit: the function's own line.
+        let (line, key, _) = invalid(parse(&d, GOOD, 100));
+        assert_eq!((line, key.as_str()), (14, "functions.restored.memory"));
+        let yaml = GOOD.replace("memory: 64", "memory: 0");
+        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (8, "functions.hello.memory"));
+        let yaml = GOOD.replace("memory: 64", "memory: 64\n    vcpus: 99");
+        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (9, "functions.hello.vcpus"));
+        let yaml = GOOD.replace("min_idle: 1", "min_idle: 4");
+        let (_, key, msg) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.hello.min_idle", "{msg}");
+        let yaml = GOOD.replace("concurrency_limit: 3", "concurrency_limit: 0");
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.hello.concurrency_limit");
+        let yaml = GOOD.replace("memory: 64", "memory: -5");
+        let (line, msg) = syntax(parse(&d, &yaml, 1024));
+        assert_eq!(line, 8, "{msg}");
+        let yaml = GOOD.replace("request_timeout: 2.5", "request_timeout: 0");
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.hello.request_timeout");
+        let yaml = GOOD.replace("idle_timeout: 250ms", "idle_timeout: 5 fortnights");
+        let (line, msg) = syntax(parse(&d, &yaml, 1024));
+        assert_eq!(line, 11, "{msg}");
+        assert!(msg.contains("unit"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_or_inconsistent_settings_are_refused() {
+        let d = fixture("misc");
+        let yaml = GOOD.replace(
+            "    appfs: app.img\n",
+            "    appfs: app.img\n    network: true\n",
+        );
+        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (8, "functions.hello.network"));
+        let yaml = GOOD.replace(
+            "    appfs: app.img\n",
+            "    appfs: app.img\n    load_ws: true\n",
+        );
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.hello.load_ws");
+        let (_, key, _) = invalid(parse(&d, "kernel_path: vmlinux\nfunctions: {}\n", 1024));
+        assert_eq!(key, "functions");
+        let yaml = GOOD.replace("kernel_path: vmlinux\n", "");
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.hello.kernel");
+        let yaml = GOOD.replace("  hello:", "  \"he llo\":");
+        let (_, key, _) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!(key, "functions.he llo");
+        let (_, msg) = syntax(parse(&d, "functions:\n  f:\n    appfs: app.img\n", 1024));
+        assert!(msg.contains("runtimefs"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_path() {
+        let d = fixture("keypath");
+        let yaml = GOOD.replace("memory: 64", "memory: lots");
+        let e = parse(&d, &yaml, 1024).unwrap_err().to_string();
+        assert!(e.starts_with("f.yaml:8:"), "{e}");
+        assert!(
+            e.contains("functions.hello.memory: expected a whole number"),
+            "{e}"
+        );
+        let yaml = GOOD.replace("    runtimefs: rootfs.img\n    appfs", "    appfs");
+        let e = parse(&d, &yaml, 1024).unwrap_err().to_string();
+        assert!(
+            e.contains("functions.hello: missing field `runtimefs`"),
+            "{e}"
+        );
+        assert_eq!(
+            key_path("a:\n  b:\n    # c\n\n    d: 1\n", 5),
+            ["a", "b", "d"]
+        );
+        assert!(key_path("a: 1\n", 9).is_empty());
+    }
+
+    #[test]
+    fn the_example_config_uses_only_known_keys() {
+        let text = include_str!("../../resources/multivm/functions.yaml");
+        let raw: RawConfig = serde_saphyr::from_str(text).unwrap();
+        assert!(raw.functions.value.contains_key("hello"));
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+}

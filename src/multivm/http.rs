@@ -1,0 +1,368 @@
+//! The HTTP/1.1 API (tiny_http; one worker thread per request in flight,
+//! from an elastic pool).
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `POST /function/{name}`, body = JSON request | 200 + the function's JSON response |
+//! | `GET /healthz` | 200 `{"status":"ok"}`; 503 `{"status":"shutting down"}` |
+//! | `GET /metrics` | Prometheus text format (see metrics.rs) |
+//! | `GET /functions` | JSON array: config and live counts per function |
+//! | `GET /vms` | JSON array: every VM (id, function, state, memory, ages) |
+//! | `GET /vms/{id}/log` | the VM's guest console, text, last MiB (also for the last 32 stopped VMs) |
+//!
+//! An empty body is the JSON `null`. Every answer carries `X-Request-Id`
+//! (also in the logs); invocations also carry `X-Vm-Id` and `X-Start`
+//! (`warm`, `cold-boot`, `cold-restore`).
+//!
+//! A function error — the guest answered an object with an `"error"`
+//! field — is still the function's answer: 200 with that JSON, flagged by
+//! the header `X-Function-Error: true`. multivm's own failures are JSON
+//! `{"error": "...", "request_id": "..."}` with: 400 body is not JSON,
+//! 404 unknown function or path, 405 wrong method, 413 body over 4 MiB,
+//! 429 the function's queue is full, 503 no VM became free within the
+//! function's `request_timeout` or multivm is shutting down (both with
+//! `Retry-After`), 502 the VM failed to launch, died, or answered
+//! something that is not JSON, 504 the function ran past its
+//! `request_timeout` (its VM was killed).
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Request, Response};
+
+use super::scheduler::{Scheduler, Start};
+use crate::protocol::MAX_FRAME;
+
+/// Stack of a request thread: they only parse, copy and wait.
+const HANDLER_STACK: usize = 256 << 10;
+/// GET /vms/{id}/log returns at most this much of the end of a console.
+const LOG_TAIL: u64 = 1 << 20;
+/// A worker thread with nothing to do for this long ends.
+const WORKER_IDLE: Duration = Duration::from_secs(10);
+
+pub struct Api {
+    sched: Arc<Scheduler>,
+    rid_prefix: String,
+    next_rid: AtomicU64,
+    /// Requests being handled, for the drain at shutdown.
+    active: Mutex<usize>,
+    idle: Condvar,
+    /// Worker threads waiting for a request, not yet claimed.
+    waiting: AtomicUsize,
+    work_tx: Sender<Request>,
+    work_rx: Receiver<Request>,
+}
+
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    /// Function label for the request metrics (invocations only).
+    function: Option<String>,
+}
+
+impl Reply {
+    fn json(status: u16, v: &Value) -> Self {
+        Self {
+            status,
+            body: v.to_string().into_bytes(),
+            content_type: "application/json",
+            headers: Vec::new(),
+            function: None,
+        }
+    }
+
+    fn error(status: u16, msg: impl std::fmt::Display, rid: &str) -> Self {
+        let mut r = Self::json(
+            status,
+            &json!({"error": msg.to_string(), "request_id": rid}),
+        );
+        if status == 429 || status == 503 {
+            r.headers.push(("Retry-After", "1".into()));
+        }
+        r
+    }
+
+    fn text(status: u16, body: Vec<u8>, content_type: &'static str) -> Self {
+        Self {
+            status,
+            body,
+            content_type,
+            headers: Vec::new(),
+            function: None,
+        }
+    }
+}
+
+fn header(name: &str, value: &str) -> Option<Header> {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+}
+
+impl Api {
+    pub fn new(sched: Arc<Scheduler>) -> Arc<Self> {
+        let seed = crate::protocol::fresh_seed().unwrap_or([0; 32]);
+        let rid_prefix: String = seed[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let (work_tx, work_rx) = unbounded();
+        Arc::new(Self {
+            sched,
+            rid_prefix,
+            next_rid: AtomicU64::new(1),
+            active: Mutex::new(0),
+            idle: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+            work_tx,
+            work_rx,
+        })
+    }
+
+    /// Hands `req` to a waiting worker thread, or to a new one when all
+    /// are busy (requests may wait in the scheduler for long: the pool
+    /// grows with them; workers idle for [`WORKER_IDLE`] end).
+    pub fn dispatch(self: &Arc<Self>, req: Request) {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        // Claim a waiting worker; the count never goes below zero.
+        let claimed = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            if let Err(e) = self.work_tx.send(req) {
+                // Unreachable: `self` holds a receiver.
+                drop(e.into_inner());
+                self.done();
+            }
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("http-worker".into())
+            .stack_size(HANDLER_STACK)
+            .spawn(move || me.work(req));
+        if let Err(e) = spawned {
+            log::error!("cannot start a request thread: {e}");
+            self.done();
+        }
+    }
+
+    /// A worker: serves `first`, then whatever it is handed, until idle.
+    fn work(&self, first: Request) {
+        let mut req = first;
+        loop {
+            self.handle(req);
+            self.done();
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            req = loop {
+                match self.work_rx.recv_timeout(WORKER_IDLE) {
+                    Ok(r) => break r,
+                    Err(_) => {
+                        // Leave only if no request has claimed a waiter
+                        // that it might be counting on; else keep waiting.
+                        let left = self
+                            .waiting
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                            .is_ok();
+                        if left {
+                            return;
+                        }
+                    }
+                }
+            };
+        }
+    }
+
+    fn done(&self) {
+        let mut n = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Blocks until no request is being handled.
+    pub fn wait_idle(&self) {
+        let mut n = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn handle(&self, mut req: Request) {
+        let t0 = Instant::now();
+        let rid = format!(
+            "{}-{}",
+            self.rid_prefix,
+            self.next_rid.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = req.url().split('?').next().unwrap_or_default().to_string();
+        let method = req.method().clone();
+        let reply = self.route(&mut req, &method, &path, &rid, t0);
+        let status = reply.status;
+        let mut resp = Response::from_data(reply.body).with_status_code(status);
+        for h in [
+            header("Content-Type", reply.content_type),
+            header("X-Request-Id", &rid),
+        ]
+        .into_iter()
+        .chain(reply.headers.iter().map(|(k, v)| header(k, v)))
+        .flatten()
+        {
+            resp = resp.with_header(h);
+        }
+        if let Some(f) = &reply.function {
+            self.sched.metrics.request(f, status, t0.elapsed());
+        }
+        log::info!(
+            "[{rid}] {method} {path} -> {status} in {} us",
+            t0.elapsed().as_micros()
+        );
+        if let Err(e) = req.respond(resp) {
+            log::debug!("[{rid}] cannot send the response: {e}");
+        }
+    }
+
+    fn route(
+        &self,
+        req: &mut Request,
+        method: &Method,
+        path: &str,
+        rid: &str,
+        t0: Instant,
+    ) -> Reply {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let get = *method == Method::Get || *method == Method::Head;
+        match (parts.as_slice(), get) {
+            (["function", name], _) if *method == Method::Post => self.invoke(req, name, rid, t0),
+            (["function", _], _) => method_not_allowed("POST", rid),
+            (["healthz"], true) => {
+                if self.sched.is_shutting_down() {
+                    Reply::json(503, &json!({"status": "shutting down"}))
+                } else {
+                    Reply::json(200, &json!({"status": "ok"}))
+                }
+            }
+            (["metrics"], true) => {
+                let page = self.sched.metrics.render(&self.sched.gauges());
+                Reply::text(200, page.into_bytes(), "text/plain; version=0.0.4")
+            }
+            (["functions"], true) => Reply::json(200, &self.sched.functions_json()),
+            (["vms"], true) => Reply::json(200, &self.sched.vms_json()),
+            (["vms", id, "log"], true) => {
+                let log = id.parse().ok().and_then(|id| self.sched.vm_log(id));
+                match log {
+                    Some(p) => match read_tail(&p, LOG_TAIL) {
+                        Ok(b) => Reply::text(200, b, "text/plain; charset=utf-8"),
+                        // Launched, but the console has no output yet.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            Reply::text(200, Vec::new(), "text/plain; charset=utf-8")
+                        }
+                        Err(e) => Reply::error(500, format!("cannot read the log: {e}"), rid),
+                    },
+                    None => Reply::error(404, format!("no VM {id}"), rid),
+                }
+            }
+            (["healthz"] | ["metrics"] | ["functions"] | ["vms"] | ["vms", _, "log"], false) => {
+                method_not_allowed("GET", rid)
+            }
+            _ => Reply::error(404, format!("no such endpoint: {path}"), rid),
+        }
+    }
+
+    fn invoke(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
+        let Some(fi) = self.sched.function(name) else {
+            return Reply::error(404, format!("no function named {name:?}"), rid);
+        };
+        let mut reply = self.invoke_fn(req, fi, rid, t0);
+        reply.function = Some(name.to_string());
+        reply
+    }
+
+    fn invoke_fn(&self, req: &mut Request, fi: usize, rid: &str, t0: Instant) -> Reply {
+        let mut body = Vec::new();
+        if let Err(e) = req
+            .as_reader()
+            .take(MAX_FRAME as u64 + 1)
+            .read_to_end(&mut body)
+        {
+            return Reply::error(400, format!("cannot read the request body: {e}"), rid);
+        }
+        if body.len() > MAX_FRAME {
+            return Reply::error(
+                413,
+                format!("request body over the {MAX_FRAME}-byte limit"),
+                rid,
+            );
+        }
+        let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Reply::error(400, format!("the request body is not JSON: {e}"), rid)
+                }
+            }
+        };
+        let payload = request.to_string().into_bytes();
+        if payload.len() > MAX_FRAME {
+            return Reply::error(413, format!("request over the {MAX_FRAME}-byte limit"), rid);
+        }
+        match self.sched.invoke(fi, &payload, rid) {
+            Ok(inv) => {
+                let is_error = serde_json::from_slice::<Value>(&inv.body)
+                    .ok()
+                    .is_some_and(|v| v.get("error").is_some());
+                if is_error {
+                    self.sched
+                        .metrics
+                        .function_error(&self.sched.config().functions[fi].name);
+                }
+                if inv.start == Start::Warm && inv.queued.is_zero() {
+                    self.sched
+                        .metrics
+                        .overhead(t0.elapsed().saturating_sub(inv.guest));
+                }
+                log::debug!(
+                    "[{rid}] vm {} {}: queued {} us, launch {} us, guest {} us",
+                    inv.vm,
+                    inv.start.as_str(),
+                    inv.queued.as_micros(),
+                    inv.launch.as_micros(),
+                    inv.guest.as_micros()
+                );
+                let mut r = Reply::text(200, inv.body, "application/json");
+                r.headers.push(("X-Vm-Id", inv.vm.to_string()));
+                r.headers.push(("X-Start", inv.start.as_str().to_string()));
+                if is_error {
+                    r.headers.push(("X-Function-Error", "true".into()));
+                }
+                r
+            }
+            Err(e) => {
+                log::warn!("[{rid}] {e}");
+                Reply::error(e.status(), e, rid)
+            }
+        }
+    }
+}
+
+/// The last `max` bytes of a file.
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut b = Vec::new();
+    f.take(max).read_to_end(&mut b)?;
+    Ok(b)
+}
+
+fn method_not_allowed(allow: &str, rid: &str) -> Reply {
+    let mut r = Reply::error(405, format!("method not allowed; use {allow}"), rid);
+    r.headers.push(("Allow", allow.to_string()));
+    r
+}

@@ -1,0 +1,850 @@
+//! multivm end to end on real KVM with testguest, over loopback HTTP:
+//! config errors, warm reuse, the memory budget under load, LRU eviction,
+//! idle timeouts, queueing, timeouts, dead VMs, launch failures and a
+//! clean SIGTERM. Every wait is bounded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{app_image, testguest, Scratch};
+use serde_json::{json, Value};
+
+/// Guest memory of every test function (MiB) and the VMM overhead the
+/// configs set: each VM accounts for 40 MiB.
+const MEM: u64 = 32;
+const OVERHEAD: u64 = 8;
+const VM_MIB: u64 = MEM + OVERHEAD;
+
+fn multivm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_multivm")
+}
+
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).expect("connect to multivm");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// A running multivm; SIGKILLed on drop if a test did not stop it.
+struct Daemon {
+    child: Child,
+    addr: String,
+    stderr: Arc<std::sync::Mutex<String>>,
+    /// XDG_RUNTIME_DIR of the daemon: everything it creates lives here.
+    runtime: PathBuf,
+}
+
+impl Daemon {
+    fn start(s: &Scratch, config: &str, mem: u64, extra: &[&str]) -> Daemon {
+        let cfg = s.file("multivm.yaml", config.as_bytes());
+        let runtime = s.path("run");
+        std::fs::create_dir_all(&runtime).unwrap();
+        let mut child = Command::new(multivm_bin())
+            .args(["--config", cfg.to_str().unwrap(), "--mem", &mem.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn multivm");
+        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+        {
+            let mut err = child.stderr.take().unwrap();
+            let sink = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "multivm did not start: {line:?}\n{}",
+                stderr.lock().unwrap()
+            );
+        };
+        Daemon {
+            addr: addr.to_string(),
+            child,
+            stderr,
+            runtime,
+        }
+    }
+
+    fn post(&self, function: &str, body: &str) -> Reply {
+        http(&self.addr, "POST", &format!("/function/{function}"), body)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(&self.addr, "GET", path, "")
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        let page = self.get("/metrics").body;
+        snapvm::multivm::metrics::sample(&page, sample).unwrap_or(0.0)
+    }
+
+    fn vms(&self) -> Vec<Value> {
+        self.get("/vms")
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Polls `cond` every 20 ms for up to `limit`.
+    fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Daemon) -> bool) {
+        let t = Instant::now();
+        while !cond(self) {
+            assert!(
+                t.elapsed() < limit,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// firerunner processes whose parent is this daemon.
+    fn firerunners(&self) -> Vec<u32> {
+        children_named(self.child.id(), "firerunner")
+    }
+
+    /// SIGTERM, then the exit status within `limit`.
+    fn terminate(self, limit: Duration) -> (Option<i32>, String) {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped
+        // (we still own the Child), so the pid is not reused.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(limit)
+    }
+
+    /// The exit status within `limit`, and everything it logged.
+    fn wait_exit(mut self, limit: Duration) -> (Option<i32>, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return (s.code(), self.log());
+            }
+            assert!(
+                t.elapsed() < limit,
+                "multivm did not stop within {limit:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let comm = comm.split_once('(').map_or("", |c| c.1);
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if comm == name && ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A config for testguest functions: `(name, fn=, extra YAML lines)`.
+fn config(s: &Scratch, functions: &[(&str, &str, &str)]) -> String {
+    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
+    let mut y = format!(
+        "kernel_path: {}\nvm_overhead: {OVERHEAD}\nboot_timeout: 20s\nfunctions:\n",
+        testguest().display()
+    );
+    for (name, f, extra) in functions {
+        let app = app_image(s, &format!("{name}.img"), &[&format!("fn={f}")]);
+        y += &format!(
+            "  {name}:\n    runtimefs: {}\n    appfs: {}\n    memory: {MEM}\n",
+            rootfs.display(),
+            app.display()
+        );
+        for l in extra.lines().filter(|l| !l.trim().is_empty()) {
+            y += &format!("    {}\n", l.trim());
+        }
+    }
+    y
+}
+
+#[test]
+fn config_errors_stop_startup_naming_the_key_and_line() {
+    let s = Scratch::new("mv-config");
+    let cases: [(String, u64, &str); 3] = [
+        (
+            config(&s, &[("hello", "hello", "colour: blue")]),
+            1024,
+            ":9:",
+        ),
+        (
+            config(&s, &[("hello", "hello", "")]).replace("hello.img", "missing.img"),
+            1024,
+            ":7: functions.hello.appfs",
+        ),
+        (
+            config(&s, &[("hello", "hello", "")]),
+            39,
+            ":8: functions.hello.memory",
+        ),
+    ];
+    for (yaml, mem, want) in cases {
+        let cfg = s.file("bad.yaml", yaml.as_bytes());
+        let out = common::run_with_deadline(
+            {
+                let mut c = Command::new(multivm_bin());
+                c.args([
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--mem",
+                    &mem.to_string(),
+                    "--listen",
+                    "127.0.0.1:0",
+                ]);
+                c
+            },
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.code(), Some(1), "{yaml}\n{}", out.stderr);
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        assert!(
+            out.stderr.contains("bad.yaml") && out.stderr.contains(want),
+            "want {want:?} in: {}",
+            out.stderr
+        );
+    }
+    let out = common::run_with_deadline(
+        {
+            let mut c = Command::new(multivm_bin());
+            c.args(["--config", "/nonexistent.yaml", "--mem", "64"]);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(1));
+    assert!(out.stderr.contains("/nonexistent.yaml"), "{}", out.stderr);
+}
+
+#[test]
+fn requests_reuse_warm_vms_and_the_api_answers() {
+    let s = Scratch::new("mv-api");
+    let cfg = config(
+        &s,
+        &[
+            ("hello", "hello", "concurrency_limit: 2"),
+            ("fail", "fail", ""),
+        ],
+    );
+    let d = Daemon::start(&s, &cfg, 10 * VM_MIB, &[]);
+    assert_eq!(d.get("/healthz").json(), json!({"status": "ok"}));
+
+    let r = d.post("hello", r#"{"name": "multivm"}"#);
+    assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
+    assert_eq!(r.json(), json!({"message": "hello, multivm"}));
+    assert_eq!(r.header("x-start"), Some("cold-boot"));
+    let rid = r.header("x-request-id").expect("request id").to_string();
+    let vm = r.header("x-vm-id").unwrap().to_string();
+    let r = d.post("hello", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"message": "hello, world"}));
+    assert_eq!(r.header("x-start"), Some("warm"));
+    assert_eq!(
+        r.header("x-vm-id"),
+        Some(vm.as_str()),
+        "the idle VM is reused"
+    );
+    assert_ne!(r.header("x-request-id"), Some(rid.as_str()));
+    assert!(
+        d.log().contains(&format!("[{rid}]")),
+        "request id in the logs"
+    );
+    assert_eq!(
+        d.metric("multivm_warm_starts_total{function=\"hello\"}"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("multivm_cold_starts_total{function=\"hello\",kind=\"boot\"}"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("multivm_requests_total{function=\"hello\",code=\"200\"}"),
+        2.0
+    );
+    assert!(d.metric("multivm_scheduler_overhead_seconds_count") >= 1.0);
+
+    // A function error is the function's answer; the VM stays.
+    let r = d.post("fail", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("requested failure"));
+    assert_eq!(r.header("x-function-error"), Some("true"));
+    assert_eq!(d.post("fail", "{}").header("x-start"), Some("warm"));
+
+    // Errors of the caller.
+    let r = d.post("nope", "{}");
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("nope"));
+    let r = d.post("hello", "{not json");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["request_id"].is_string());
+    assert_eq!(d.get("/function/hello").status, 405);
+    assert_eq!(d.get("/nowhere").status, 404);
+
+    // Introspection.
+    let fns = d.get("/functions").json();
+    let hello = fns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "hello")
+        .unwrap();
+    assert_eq!(hello["concurrency_limit"], 2);
+    assert_eq!(hello["vms"]["idle"], 1);
+    assert_eq!(hello["warm_starts"], 1);
+    let vms = d.vms();
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    assert!(vms
+        .iter()
+        .all(|v| v["state"] == "idle" && v["memory_mib"] == VM_MIB));
+    let log = d.get(&format!("/vms/{vm}/log"));
+    assert_eq!(log.status, 200);
+    assert!(
+        log.body.contains("testguest: app loaded: hello"),
+        "{}",
+        log.body
+    );
+    assert_eq!(d.get("/vms/999/log").status, 404);
+    assert_eq!(d.metric("multivm_memory_used_mib"), (2 * VM_MIB) as f64);
+
+    let (code, log) = d.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
+fn the_budget_holds_under_a_load_that_wants_four_times_more() {
+    let s = Scratch::new("mv-budget");
+    // Room for 4 VMs; 16 clients over two functions want 16.
+    let cfg = config(
+        &s,
+        &[
+            ("a", "hello", "concurrency_limit: 8\nmax_queue: 64"),
+            ("b", "echo", "concurrency_limit: 8\nmax_queue: 64"),
+        ],
+    );
+    let budget = 4 * VM_MIB;
+    let d = Arc::new(Daemon::start(&s, &cfg, budget, &[]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (d, stop) = (Arc::clone(&d), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut peak = (0.0f64, 0usize, 0usize);
+            while !stop.load(Ordering::SeqCst) {
+                peak.0 = peak.0.max(d.metric("multivm_memory_used_mib"));
+                let vms = d.vms();
+                peak.1 = peak.1.max(vms.len());
+                peak.2 = peak
+                    .2
+                    .max(vms.iter().filter(|v| v["function"] == "a").count());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let d = Arc::clone(&d);
+            std::thread::spawn(move || {
+                let f = if i % 2 == 0 { "a" } else { "b" };
+                let mut codes = Vec::new();
+                for n in 0..6 {
+                    let r = d.post(f, &format!(r#"{{"name": "c{i}-{n}"}}"#));
+                    if r.status == 200 && f == "a" {
+                        assert_eq!(r.json(), json!({"message": format!("hello, c{i}-{n}")}));
+                    }
+                    codes.push(r.status);
+                }
+                codes
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    let (peak_used, peak_vms, peak_a) = sampler.join().unwrap();
+    let ok = codes.iter().filter(|&&c| c == 200).count();
+    assert!(
+        codes.iter().all(|&c| c == 200 || c == 503),
+        "{codes:?}\n{}",
+        d.log()
+    );
+    assert!(
+        ok >= codes.len() / 2,
+        "{ok} of {} served: {codes:?}",
+        codes.len()
+    );
+    let high = d.metric("multivm_memory_high_water_mib");
+    assert!(
+        high <= budget as f64,
+        "high water {high} over budget {budget}"
+    );
+    assert!(
+        high >= (2 * VM_MIB) as f64,
+        "the load never used the budget: {high}"
+    );
+    assert!(peak_used <= budget as f64, "{peak_used}");
+    assert!(peak_vms as u64 <= budget / VM_MIB, "{peak_vms} VMs");
+    assert!(peak_a <= 8, "concurrency_limit exceeded: {peak_a}");
+    assert!(
+        d.metric("multivm_evictions_total{function=\"a\",reason=\"lru\"}")
+            + d.metric("multivm_evictions_total{function=\"b\",reason=\"lru\"}")
+            > 0.0
+    );
+    let d = Arc::try_unwrap(d).ok().expect("clients are done");
+    let (code, log) = d.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
+fn concurrency_limit_caps_the_vms_of_a_function() {
+    let s = Scratch::new("mv-limit");
+    let cfg = config(&s, &[("echo", "echo", "concurrency_limit: 2")]);
+    let d = Arc::new(Daemon::start(&s, &cfg, 10 * VM_MIB, &[]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (d, stop) = (Arc::clone(&d), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::SeqCst) {
+                peak = peak.max(d.vms().len());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let d = Arc::clone(&d);
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|n| {
+                        let r = d.post("echo", &format!(r#"{{"i": {i}, "n": {n}}}"#));
+                        assert_eq!(r.status, 200, "{}", r.body);
+                        assert_eq!(r.json(), json!({"i": i, "n": n}));
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let served: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(served, 18);
+    assert!(sampler.join().unwrap() <= 2);
+    assert!(d.metric("multivm_cold_starts_total{function=\"echo\",kind=\"boot\"}") <= 2.0);
+    assert_eq!(
+        d.metric("multivm_requests_total{function=\"echo\",code=\"200\"}"),
+        18.0
+    );
+}
+
+#[test]
+fn idle_vms_are_evicted_least_recently_used_first_and_after_idle_timeout() {
+    let s = Scratch::new("mv-lru");
+    let cfg = config(
+        &s,
+        &[
+            ("a", "hello", ""),
+            ("b", "hello", ""),
+            ("c", "hello", ""),
+            ("short", "hello", "idle_timeout: 300ms"),
+        ],
+    );
+    let d = Daemon::start(&s, &cfg, 2 * VM_MIB, &[]);
+    let functions = |d: &Daemon| -> Vec<String> {
+        let mut v: Vec<String> = d
+            .vms()
+            .iter()
+            .map(|v| v["function"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let start = |d: &Daemon, f: &str| {
+        let r = d.post(f, "{}");
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        r.header("x-start").unwrap().to_string()
+    };
+    assert_eq!(start(&d, "a"), "cold-boot");
+    assert_eq!(start(&d, "b"), "cold-boot");
+    assert_eq!(start(&d, "c"), "cold-boot");
+    assert_eq!(functions(&d), ["b", "c"], "a was least recently used");
+    assert_eq!(start(&d, "b"), "warm");
+    assert_eq!(start(&d, "a"), "cold-boot");
+    assert_eq!(functions(&d), ["a", "b"], "c was least recently used");
+    assert_eq!(
+        d.metric("multivm_evictions_total{function=\"a\",reason=\"lru\"}"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("multivm_evictions_total{function=\"c\",reason=\"lru\"}"),
+        1.0
+    );
+
+    // idle_timeout: `short` goes by itself; the others stay.
+    assert_eq!(start(&d, "short"), "cold-boot");
+    d.wait_for("short's idle timeout", Duration::from_secs(5), |d| {
+        !functions(d).contains(&"short".to_string())
+    });
+    assert_eq!(
+        d.metric("multivm_evictions_total{function=\"short\",reason=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(functions(&d).len(), 1);
+    assert!(d.metric("multivm_memory_high_water_mib") <= (2 * VM_MIB) as f64);
+}
+
+#[test]
+fn queueing_overload_and_timeouts() {
+    let s = Scratch::new("mv-queue");
+    let cfg = config(
+        &s,
+        &[
+            ("spin", "spin", "request_timeout: 3s"),
+            ("hello", "hello", "request_timeout: 1s\nmax_queue: 1"),
+        ],
+    );
+    // Room for one VM: while spin runs, hello must wait.
+    let d = Arc::new(Daemon::start(&s, &cfg, VM_MIB, &[]));
+    let spin = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (d.post("spin", "{}"), t.elapsed())
+        })
+    };
+    d.wait_for("spin to run", Duration::from_secs(20), |d| {
+        d.vms()
+            .iter()
+            .any(|v| v["function"] == "spin" && v["state"] == "busy")
+    });
+    let queued = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (d.post("hello", "{}"), t.elapsed())
+        })
+    };
+    d.wait_for("hello to queue", Duration::from_secs(5), |d| {
+        d.metric("multivm_queue_depth{function=\"hello\"}") == 1.0
+    });
+    let full = d.post("hello", "{}");
+    assert_eq!(full.status, 429, "{}", full.body);
+    assert_eq!(full.header("retry-after"), Some("1"));
+    assert!(full.json()["error"].as_str().unwrap().contains("waiting"));
+
+    let (r, took) = queued.join().unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    let (r, took) = spin.join().unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("timeout"));
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert_eq!(d.metric("multivm_timeouts_total{function=\"spin\"}"), 1.0);
+    d.wait_for("the spinning VM to go", Duration::from_secs(5), |d| {
+        d.vms().is_empty()
+    });
+
+    // The daemon keeps serving.
+    let r = d.post("hello", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        d.metric("multivm_queue_rejections_total{function=\"hello\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_killed_firerunner_gives_502_and_the_daemon_keeps_serving() {
+    let s = Scratch::new("mv-kill");
+    let cfg = config(
+        &s,
+        &[
+            ("spin", "spin", "request_timeout: 60s"),
+            ("hello", "hello", ""),
+        ],
+    );
+    let d = Arc::new(Daemon::start(&s, &cfg, 4 * VM_MIB, &[]));
+    let spin = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || d.post("spin", "{}"))
+    };
+    d.wait_for("spin to run", Duration::from_secs(20), |d| {
+        d.vms().iter().any(|v| v["state"] == "busy")
+    });
+    let pids = d.firerunners();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill(2) on a pid read from /proc; a stale pid at worst
+    // fails with ESRCH.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    let r = spin.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("firerunner"),
+        "{}",
+        r.body
+    );
+
+    // An idle VM that dies is noticed and removed without a request.
+    assert_eq!(d.post("hello", "{}").status, 200);
+    let pids = d.firerunners();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: as above.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    d.wait_for(
+        "the dead idle VM to be dropped",
+        Duration::from_secs(5),
+        |d| d.vms().is_empty(),
+    );
+    let r = d.post("hello", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-start"), Some("cold-boot"));
+    assert_eq!(d.metric("multivm_vm_crashes_total{function=\"spin\"}"), 1.0);
+    assert_eq!(
+        d.metric("multivm_vm_crashes_total{function=\"hello\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_failing_launch_is_a_clear_502_per_request() {
+    let s = Scratch::new("mv-launch");
+    std::fs::create_dir_all(s.path("snap/empty")).unwrap();
+    let cfg = config(&s, &[("restored", "hello", "")]).replace(
+        "    memory: 32\n",
+        &format!(
+            "    memory: 32\n    load_dir: {}\n",
+            s.path("snap/empty").display()
+        ),
+    );
+    let d = Daemon::start(&s, &cfg, 2 * VM_MIB, &[]);
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = d.post("restored", "{}");
+        assert_eq!(r.status, 502, "{}", r.body);
+        let msg = r.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("launching a VM of function restored failed"),
+            "{msg}"
+        );
+        assert!(msg.contains("firerunner exited"), "{msg}");
+        assert!(t.elapsed() < Duration::from_secs(15));
+    }
+    assert_eq!(
+        d.metric("multivm_launch_failures_total{function=\"restored\"}"),
+        2.0
+    );
+    assert_eq!(d.metric("multivm_memory_used_mib"), 0.0);
+}
+
+#[test]
+fn functions_with_load_dir_launch_by_snapshot_restore() {
+    let s = Scratch::new("mv-restore");
+    let snap = s.path("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    // A snapshot at testguest's first snapshot point (language snapshot).
+    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
+    let app = app_image(&s, "dump.img", &["fn=hello"]);
+    let mut dump = Command::new(common::firerunner());
+    dump.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .arg("--appfs")
+        .arg(&app)
+        .args(["--mem_size", &MEM.to_string(), "--dump_dir"])
+        .arg(&snap)
+        .arg("--console")
+        .arg(s.path("dump.log"));
+    let made = common::run_with_deadline(dump, Duration::from_secs(60));
+    if made.code() != Some(0) && made.stderr.contains("not supported yet") {
+        eprintln!(
+            "skipped: this firerunner cannot make snapshots yet: {}",
+            made.stderr
+        );
+        return;
+    }
+    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+    let cfg = config(&s, &[("restored", "hello", "")]).replace(
+        "    memory: 32\n",
+        &format!("    memory: 32\n    load_dir: {}\n", snap.display()),
+    );
+    let d = Daemon::start(&s, &cfg, 2 * VM_MIB, &[]);
+    let r = d.post("restored", r#"{"name": "clone"}"#);
+    assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
+    assert_eq!(r.json(), json!({"message": "hello, clone"}));
+    assert_eq!(r.header("x-start"), Some("cold-restore"));
+    assert_eq!(d.post("restored", "{}").header("x-start"), Some("warm"));
+    assert_eq!(
+        d.metric("multivm_cold_starts_total{function=\"restored\",kind=\"restore\"}"),
+        1.0
+    );
+    assert_eq!(d.vms()[0]["launch"], "restore");
+}
+
+#[test]
+fn sigterm_drains_and_leaves_no_processes_or_files() {
+    let s = Scratch::new("mv-term");
+    let cfg = config(
+        &s,
+        &[
+            ("warm", "hello", "min_idle: 2\nconcurrency_limit: 3"),
+            ("spin", "spin", "request_timeout: 60s"),
+        ],
+    );
+    let d = Arc::new(Daemon::start(
+        &s,
+        &cfg,
+        3 * VM_MIB,
+        &["--drain_timeout", "1"],
+    ));
+    d.wait_for("2 pre-warmed VMs", Duration::from_secs(20), |d| {
+        d.vms().iter().filter(|v| v["state"] == "idle").count() == 2
+    });
+    let r = d.post("warm", "{}");
+    assert_eq!(r.header("x-start"), Some("warm"), "{}", r.body);
+    let spin = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || d.post("spin", "{}"))
+    };
+    d.wait_for("spin to run", Duration::from_secs(20), |d| {
+        d.vms().iter().any(|v| v["state"] == "busy")
+    });
+    let pids = d.firerunners();
+    assert!((2..=3).contains(&pids.len()), "{pids:?}");
+    let runtime = d.runtime.clone();
+    assert!(std::fs::read_dir(&runtime).unwrap().count() > 0);
+    let pid = d.child.id();
+    let t = Instant::now();
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // The spinning request is failed after the 1 s drain.
+    let r = spin.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    let d = Arc::try_unwrap(d).ok().expect("the client is done");
+    let (code, log) = d.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    for p in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "firerunner {p} survived"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&runtime)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind in the runtime dir: {left:?}");
+}

@@ -1,0 +1,509 @@
+//! Full snapshots on real KVM with testguest: firerunner writes one at the
+//! guest's snapshot point (`--dump_dir`), a restore (`--load_dir`, lazy or
+//! `--copy_base`) answers exactly like a booted VM, the saved RIP is past
+//! the guest's `outb`, SMP snapshots restore, clones get their own seeds,
+//! every bad snapshot is refused before anything runs, and a writer killed
+//! half way leaves nothing that loads.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    app_image, firerunner, run_with_deadline, run_with_input, singlevm, testguest, Scratch,
+};
+use serde_json::{json, Value};
+use snapvm::snapshot::format;
+use snapvm::snapshot::hash::xxh64;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A rootfs with content worth identifying (testguest reads its first
+/// sector and size only).
+fn rootfs(s: &Scratch) -> PathBuf {
+    let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 31 % 251) as u8).collect();
+    s.file("rootfs.img", &data)
+}
+
+/// Boots testguest with `--dump_dir dir` and expects the snapshot.
+fn dump(s: &Scratch, dir: &Path, rootfs: &Path, app: &Path, extra: &[&str]) -> common::Outcome {
+    let mut cmd = Command::new(firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(rootfs)
+        .arg("--appfs")
+        .arg(app)
+        .arg("--dump_dir")
+        .arg(dir)
+        .arg("--console")
+        .arg(s.path("dump-console.log"))
+        .arg("--vsock_uds")
+        .arg(s.path("dump.vsock"))
+        .args(extra)
+        .env("RUST_LOG", "info");
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_eq!(out.code(), Some(0), "snapshot failed:\n{}", out.stderr);
+    assert!(dir.join("snapshot.json").is_file() && dir.join("memory").is_file());
+    out
+}
+
+fn lines(out: &common::Outcome) -> Vec<Value> {
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// singlevm over `input`; `load` restores instead of booting.
+fn serve(
+    s: &Scratch,
+    rootfs: &Path,
+    app: &Path,
+    load: Option<&Path>,
+    extra: &[&str],
+    input: &str,
+) -> common::Outcome {
+    let mut args = vec![
+        "--rootfs".to_string(),
+        rootfs.display().to_string(),
+        "--appfs".to_string(),
+        app.display().to_string(),
+    ];
+    if let Some(dir) = load {
+        args.push("--load_dir".into());
+        args.push(dir.display().to_string());
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    // As common::run_singlevm, with firerunner's log at info level.
+    let mut cmd = Command::new(singlevm());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .args(&args)
+        .env("TMPDIR", &s.0)
+        .env("RUST_LOG", "info")
+        .env_remove("XDG_RUNTIME_DIR");
+    let out = run_with_input(cmd, input.as_bytes().to_vec(), LIMIT);
+    assert_eq!(out.code(), Some(0), "singlevm failed:\n{}", out.stderr);
+    out
+}
+
+/// XXH64 and mtime of every file in a snapshot directory.
+fn fingerprint(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = entries
+        .map(|e| {
+            let p = e.unwrap().path();
+            let meta = std::fs::metadata(&p).unwrap();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                xxh64(&std::fs::read(&p).unwrap()),
+                meta.modified().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_restored_vm_answers_exactly_like_a_booted_one() {
+    let s = Scratch::new("snap-same");
+    let root = rootfs(&s);
+    let snap = s.path("snap");
+    let base_app = app_image(&s, "echo.img", &["fn=echo"]);
+    let out = dump(&s, &snap, &root, &base_app, &[]);
+    assert!(out.stderr.contains("snapshot written to"), "{}", out.stderr);
+    let before = fingerprint(&snap);
+    // Let host time pass: the restored kvmclock must follow it.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let cases: [(&str, &str); 4] = [
+        ("echo", "{\"a\":[1,2,{\"b\":\"ü\"}]}\n7\n\"x\"\n"),
+        ("hello", "{\"name\":\"snap\"}\n{}\n"),
+        ("touch", "{\"mib\":4}\n{\"mib\":1}\n"),
+        ("fail", "{}\n"),
+    ];
+    for (func, input) in cases {
+        let app = app_image(&s, &format!("{func}.img"), &[&format!("fn={func}")]);
+        let booted = serve(&s, &root, &app, None, &[], input);
+        for extra in [&[][..], &["--copy_base"][..]] {
+            let restored = serve(&s, &root, &app, Some(&snap), extra, input);
+            assert_eq!(
+                lines(&restored),
+                lines(&booted),
+                "{func} {extra:?}: restored and booted answers differ\n{}",
+                restored.stderr
+            );
+            // It restored (no boot), re-ran nothing before the snapshot
+            // point, and saw the second one only.
+            let err = &restored.stderr;
+            assert!(err.contains("restore phases (us)"), "{err}");
+            assert!(!err.contains("guest boot done"), "{err}");
+            let points = err
+                .lines()
+                .filter(|l| l.contains("] guest snapshot point") && l.contains("after start"))
+                .count();
+            assert_eq!(points, 1, "{err}");
+            let clock = err
+                .lines()
+                .find_map(|l| l.split("kvmclock advanced by ").nth(1))
+                .unwrap_or_else(|| panic!("no kvmclock line: {err}"));
+            let advanced_ms: u64 = clock.split(' ').next().unwrap().parse().unwrap();
+            let off_us: i64 = clock
+                .split("guest clock is ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(advanced_ms >= 1500, "{clock}");
+            assert!(off_us.abs() < 1_000_000, "{clock}");
+        }
+    }
+    assert_eq!(
+        fingerprint(&snap),
+        before,
+        "a restore modified the snapshot"
+    );
+}
+
+#[test]
+fn the_saved_rip_is_past_the_outb() {
+    let s = Scratch::new("snap-rip");
+    let root = rootfs(&s);
+    let app = app_image(&s, "hello.img", &["fn=hello"]);
+    let snap = s.path("snap");
+    dump(&s, &snap, &root, &app, &[]);
+    let state = format::read(&snap).unwrap();
+    let mem = std::fs::File::open(snap.join("memory")).unwrap();
+    let rip = state.vcpus[0].regs.rip;
+    let mut code = [0u8; 2];
+    // testguest identity-maps RAM, so the RIP is a physical address.
+    mem.read_exact_at(&mut code, rip - 1).unwrap();
+    // `out dx, al` (0xee) is the guest's outb to port 0x3f0: RIP is right
+    // after it, and the instruction there is not another out.
+    assert_eq!(code[0], 0xee, "byte before rip {rip:#x}: {code:x?}");
+    assert_ne!(code[1], 0xee);
+    assert_eq!(state.vcpus[0].regs.rax & 0xff, 124, "al holds the 124");
+    assert_eq!(state.vcpus[0].regs.rdx & 0xffff, 0x3f0, "dx holds the port");
+}
+
+#[test]
+fn two_and_four_vcpu_snapshots_restore_and_serve() {
+    for n in ["2", "4"] {
+        let s = Scratch::new("snap-smp");
+        let root = rootfs(&s);
+        let app = app_image(&s, "hello.img", &["fn=hello"]);
+        let snap = s.path("snap");
+        dump(&s, &snap, &root, &app, &["--vcpu_count", n]);
+        let state = format::read(&snap).unwrap();
+        assert_eq!(state.vcpus.len().to_string(), n);
+        let out = serve(
+            &s,
+            &root,
+            &app,
+            Some(&snap),
+            &["--vcpu_count", n],
+            "{\"name\":\"smp\"}\n{}\n",
+        );
+        assert_eq!(
+            lines(&out),
+            vec![
+                json!({"message": "hello, smp"}),
+                json!({"message": "hello, world"})
+            ],
+            "{n} vCPUs:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn clones_restored_at_once_answer_with_their_own_seeds() {
+    let s = Scratch::new("snap-clones");
+    let root = rootfs(&s);
+    let app = app_image(&s, "random.img", &["fn=random"]);
+    let snap = s.path("snap");
+    dump(&s, &snap, &root, &app, &[]);
+    let started_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            let s = Scratch::new(&format!("snap-clone{i}"));
+            let (root, app, snap) = (root.clone(), app.clone(), snap.clone());
+            std::thread::spawn(move || {
+                let id = (200 + i).to_string();
+                let out = serve(&s, &root, &app, Some(&snap), &["--id", &id], "{}\n{}\n");
+                lines(&out)
+            })
+        })
+        .collect();
+    let answers: Vec<Vec<Value>> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut randoms = Vec::new();
+    for a in &answers {
+        assert_eq!(a.len(), 2, "{a:?}");
+        for r in a {
+            randoms.push(r["random"].as_str().unwrap().to_string());
+            let rt = r["init_realtime_ns"].as_u64().unwrap();
+            assert!(rt >= started_ns && rt < started_ns + 60_000_000_000, "{r}");
+        }
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(
+        randoms.len(),
+        4,
+        "clones repeated random values: {answers:?}"
+    );
+}
+
+/// Runs a restore of `dir` that must be refused with one line naming `what`,
+/// before anything ran.
+fn refused(s: &Scratch, dir: &Path, root: &Path, app: &Path, extra: &[&str], what: &str) {
+    let console = s.path("refused-console.log");
+    let _ = std::fs::remove_file(&console);
+    let before = fingerprint(dir);
+    let mut cmd = Command::new(firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(root)
+        .arg("--appfs")
+        .arg(app)
+        .arg("--load_dir")
+        .arg(dir)
+        .arg("--console")
+        .arg(&console)
+        .arg("--vsock_uds")
+        .arg(s.path("refused.vsock"))
+        .args(extra);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{extra:?}: {}", out.stderr);
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{extra:?}: not one line: {err}");
+    assert!(
+        err.contains(what),
+        "{extra:?}: {err:?} does not mention {what:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Nothing ran: no console output.
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(console_text.is_empty(), "the guest ran: {console_text}");
+    assert_eq!(
+        fingerprint(dir),
+        before,
+        "a refused restore modified the snapshot"
+    );
+}
+
+/// A copy of `snap` at `name`, with its state file edited by `edit`.
+fn variant(
+    s: &Scratch,
+    snap: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<u8>, &Path),
+) -> PathBuf {
+    let dir = s.path(name);
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["snapshot.json", "memory"] {
+        std::fs::copy(snap.join(f), dir.join(f)).unwrap();
+    }
+    let mut state = std::fs::read(dir.join("snapshot.json")).unwrap();
+    edit(&mut state, &dir);
+    std::fs::write(dir.join("snapshot.json"), state).unwrap();
+    dir
+}
+
+#[test]
+fn bad_snapshots_are_refused_before_anything_runs() {
+    let s = Scratch::new("snap-refuse");
+    let root = rootfs(&s);
+    let app = app_image(&s, "echo.img", &["fn=echo"]);
+    let snap = s.path("snap");
+    dump(&s, &snap, &root, &app, &[]);
+
+    let corrupt = variant(&s, &snap, "corrupt", |b, _| {
+        // Flip one digit inside the state (the vCPU registers).
+        let at = b.windows(8).position(|w| w == b"\"regs\":[").unwrap() + 8;
+        b[at] = if b[at] == b'1' { b'2' } else { b'1' };
+    });
+    refused(&s, &corrupt, &root, &app, &[], "checksum does not match");
+    let truncated = variant(&s, &snap, "truncated", |b, _| b.truncate(b.len() / 2));
+    refused(&s, &truncated, &root, &app, &[], "truncated or corrupt");
+    let empty = variant(&s, &snap, "empty", |b, _| b.clear());
+    refused(&s, &empty, &root, &app, &[], "truncated or corrupt");
+    let short_mem = variant(&s, &snap, "short-memory", |_, dir| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .unwrap();
+        f.set_len(64 << 20).unwrap();
+    });
+    refused(&s, &short_mem, &root, &app, &[], "memory file");
+    let newer = variant(&s, &snap, "newer", |b, _| {
+        let text = String::from_utf8(b.clone()).unwrap();
+        *b = text
+            .replacen("\"version\":1,", "\"version\":2,", 1)
+            .into_bytes();
+    });
+    refused(&s, &newer, &root, &app, &[], "newer snapvm");
+    let devices = variant(&s, &snap, "devices", |b, _| {
+        let mut state = format::state_value(b).unwrap();
+        state["shape"]["devices"].as_array_mut().unwrap().pop();
+        *b = format::seal_value(format::VERSION, &state).unwrap();
+    });
+    refused(&s, &devices, &root, &app, &[], "its devices are");
+    refused(&s, &snap, &root, &app, &["--mem_size", "256"], "--mem_size");
+    refused(
+        &s,
+        &snap,
+        &root,
+        &app,
+        &["--vcpu_count", "2"],
+        "--vcpu_count",
+    );
+    let other_root = s.file("other.img", &vec![7u8; 64 << 10]);
+    refused(
+        &s,
+        &snap,
+        &other_root,
+        &app,
+        &[],
+        "not the image the snapshot was taken with",
+    );
+    let small_root = s.file("small.img", &[7u8; 4096]);
+    refused(&s, &snap, &small_root, &app, &[], "4096 bytes");
+    refused(&s, &s.path("missing"), &root, &app, &[], "snapshot.json");
+}
+
+#[test]
+fn a_writer_killed_half_way_leaves_nothing_that_loads() {
+    let s = Scratch::new("snap-kill");
+    let root = rootfs(&s);
+    let app = app_image(&s, "hello.img", &["fn=hello"]);
+    let snap = s.path("snap");
+    let mut child = Command::new(firerunner())
+        .arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&root)
+        .arg("--appfs")
+        .arg(&app)
+        .arg("--dump_dir")
+        .arg(&snap)
+        .arg("--console")
+        .arg(s.path("console.log"))
+        .arg("--vsock_uds")
+        .arg(s.path("v.sock"))
+        .env("RUST_LOG", "warn")
+        .env(snapvm::snapshot::create::STALL_ENV, "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the memory file is written and the writer stalls.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("stalling") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let stalled = rx.recv_timeout(Duration::from_secs(60));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    stalled.expect("the writer did not reach the stall point");
+
+    let tmp = PathBuf::from(format!("{}.tmp-{pid}", snap.display()));
+    assert!(!snap.exists(), "a half snapshot appeared at its final path");
+    assert!(tmp.join("memory").exists(), "the writer was not half way");
+    refused(&s, &snap, &root, &app, &[], "snapshot.json");
+    refused(&s, &tmp, &root, &app, &[], "snapshot.json");
+
+    // The next writer replaces the leftovers and its snapshot loads.
+    dump(&s, &snap, &root, &app, &[]);
+    assert!(
+        !tmp.exists(),
+        "the dead writer's directory was not cleaned up"
+    );
+    let out = serve(&s, &root, &app, Some(&snap), &[], "{}\n");
+    assert_eq!(lines(&out), vec![json!({"message": "hello, world"})]);
+}
+
+#[test]
+fn a_restored_vm_can_be_snapshotted_again() {
+    let s = Scratch::new("snap-again");
+    let root = rootfs(&s);
+    let app = app_image(&s, "touch.img", &["fn=touch", "mib=2"]);
+    let first = s.path("first");
+    dump(&s, &first, &root, &app, &[]);
+    // Restored lazily, the VM reaches its second snapshot point (after
+    // loading the app) and is written out in full — including the pages it
+    // never touched since the restore, which live only in `first`.
+    let second = s.path("second");
+    let started = Instant::now();
+    let mut cmd = Command::new(firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&root)
+        .arg("--appfs")
+        .arg(&app)
+        .arg("--load_dir")
+        .arg(&first)
+        .arg("--dump_dir")
+        .arg(&second)
+        .arg("--console")
+        .arg(s.path("console.log"))
+        .arg("--vsock_uds")
+        .arg(s.path("v.sock"))
+        .env("RUST_LOG", "info");
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(started.elapsed() < LIMIT);
+    let a = format::read(&first).unwrap();
+    let b = format::read(&second).unwrap();
+    let held = |st: &format::SnapshotState| -> u64 {
+        st.memory.layers[0].ranges.iter().map(|r| r.1).sum()
+    };
+    // Every page of the first is still there (the guest only adds a few).
+    assert!(held(&b) >= held(&a), "{} < {}", held(&b), held(&a));
+    assert!(
+        held(&b) - held(&a) < 1 << 20,
+        "{} vs {}",
+        held(&b),
+        held(&a)
+    );
+    let (fa, fb) = (
+        std::fs::File::open(first.join("memory")).unwrap(),
+        std::fs::File::open(second.join("memory")).unwrap(),
+    );
+    let mut differing = 0;
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for &(off, len) in &a.memory.layers[0].ranges {
+        for page in (off..off + len).step_by(4096) {
+            fa.read_exact_at(&mut pa, page).unwrap();
+            fb.read_exact_at(&mut pb, page).unwrap();
+            differing += usize::from(pa != pb);
+        }
+    }
+    assert!(
+        differing < 64,
+        "{differing} pages changed between the snapshot points"
+    );
+    // And the second snapshot serves.
+    let out = serve(&s, &root, &app, Some(&second), &[], "{}\n");
+    assert_eq!(lines(&out)[0]["touched_mib"], 2);
+}
