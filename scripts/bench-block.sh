@@ -13,7 +13,7 @@ python3 - "$runs" "$tg" <<'PY'
 import os, re, statistics, subprocess, sys, tempfile, time
 
 runs, tg = int(sys.argv[1]), sys.argv[2]
-fr = os.path.abspath("target/release/firerunner")
+fr = os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "firerunner")
 tmp = tempfile.mkdtemp(prefix="snapvm-bench-")
 disk = os.path.join(tmp, "disk.img")
 size = 64 << 20

@@ -17,7 +17,7 @@ python3 - "$runs" "$tg" "$mem" <<'PY'
 import datetime, os, select, signal, statistics, subprocess, sys, tempfile, time
 
 runs, tg, mem = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-fr = os.path.abspath("target/release/firerunner")
+fr = os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "firerunner")
 tmp = tempfile.mkdtemp(prefix="snapvm-bench-")
 rootfs = os.path.join(tmp, "rootfs.img")
 with open(rootfs, "wb") as f:

@@ -15,8 +15,8 @@ python3 - "$n" "$tg" <<'PY'
 import json, os, socket, statistics, struct, subprocess, sys, tempfile, threading, time
 
 n, tg = int(sys.argv[1]), sys.argv[2]
-sv = os.path.abspath("target/release/singlevm")
-fr = os.path.abspath("target/release/firerunner")
+sv = os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "singlevm")
+fr = os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "firerunner")
 tmp = tempfile.mkdtemp(prefix="snapvm-bench-")
 rootfs = os.path.join(tmp, "rootfs.img")
 open(rootfs, "wb").write(b"\0" * 4096)

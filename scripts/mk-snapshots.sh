@@ -15,7 +15,8 @@
 # Every step is cached by its inputs (kernel, images, binaries, request
 # file, memory size), so a second run is instant. Where the host's KVM
 # cannot run a Linux guest to userspace, step 1 never reaches its snapshot
-# point: the script says so and exits 1 after --timeout seconds.
+# point (the guest dies or hangs): the script says so and exits 1, within
+# --timeout seconds, leaving no VM behind.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -332,13 +333,17 @@ for fn in "${wanted[@]}"; do
         say "diff snapshot $fn: restoring $label, loading the app"
         run_vm "$fn" /dev/null /dev/null "${vm[@]}" --load_dir "$tree/$label" \
             --dump_dir "$snap" --force_exit --console "$console"
+        # A 125 (app failed to load) fails the step even if a snapshot of
+        # the failed state got written.
+        if grep -qE 'exit status: 4|app failed to load' "$scratch/$fn.err" ||
+            grep -q 'app load failed' "$console" 2>/dev/null; then
+            rm -rf -- "$snap"
+            say "the guest reported that $fn failed to load (control port 125); its console ($console) ends with:"
+            tail_of "$console" >&2
+            exit 1
+        fi
         if ((rc != 0)) || [[ ! -s $snap/snapshot.json ]]; then
-            if grep -q 'exit status: 4' "$scratch/$fn.err"; then
-                say "the guest reported that $fn failed to load (control port 125):"
-                tail_of "$console" >&2
-            else
-                explain "its diff snapshot point (control port 124)" "$console" "$scratch/$fn.err"
-            fi
+            explain "its diff snapshot point (control port 124)" "$console" "$scratch/$fn.err"
             exit 1
         fi
         echo "$key" >"$tree/keys/$fn"
@@ -354,11 +359,12 @@ for fn in "${wanted[@]}"; do
         continue
     fi
     rm -f -- "$tree/keys/$fn.ws"
+    touch "$scratch/$fn.ws.start" # a working set older than this is stale
     say "working set $fn: restoring $label + diff, answering $(grep -c . "$requests") request(s)"
     run_vm "$fn.ws" "$requests" "$responses" "${vm[@]}" --load_dir "$tree/$label,$snap" \
         --dump_ws "$snap" --boot_timeout "$limit" --request_timeout "$limit" \
         --console "$tree/logs/$fn.ws.console"
-    if ((rc != 0)) || [[ ! -s $snap/ws.json ]]; then
+    if ((rc != 0)) || [[ ! -s $snap/ws.json || ! $snap/ws.json -nt $scratch/$fn.ws.start ]]; then
         explain "the end of its requests (working set recorded)" "$tree/logs/$fn.ws.console" "$scratch/$fn.ws.err"
         exit 1
     fi

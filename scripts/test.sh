@@ -14,3 +14,5 @@ echo "== cargo test" >&2
 cargo test --release -- --test-threads=2
 echo "== rootfs images and guest agents" >&2
 scripts/rootfs-test.sh --images
+echo "== example functions and app images" >&2
+scripts/appfs-test.sh --images

@@ -119,6 +119,24 @@ fn guest_reset_and_triple_fault_end_with_documented_codes() {
 }
 
 #[test]
+fn the_default_vsock_socket_is_removed_at_exit() {
+    // Without --vsock_uds the listener goes to $TMPDIR; nothing stays there.
+    let s = Scratch::new("vsock-default");
+    let tmp = Scratch::new("vsock-default-tmp");
+    let rootfs = s.file("rootfs.img", &[0u8; 512]);
+    let mut cmd = Command::new(firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--kernel_args", "testguest.exit=reboot"])
+        .env("TMPDIR", &tmp.0);
+    let out = run_with_deadline(cmd, Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(tmp.entries(), Vec::<String>::new());
+}
+
+#[test]
 fn sigterm_stops_the_vm_with_code_143() {
     let s = Scratch::new("sigterm");
     let rootfs = s.file("rootfs.img", &[0u8; 512]);

@@ -507,3 +507,37 @@ fn a_restored_vm_can_be_snapshotted_again() {
     let out = serve(&s, &root, &app, Some(&second), &[], "{}\n");
     assert_eq!(lines(&out)[0]["touched_mib"], 2);
 }
+
+#[test]
+fn an_app_that_fails_to_load_is_never_snapshotted() {
+    let s = Scratch::new("snap-appfail");
+    let root = rootfs(&s);
+    let empty = app_image(&s, "empty.img", &[]);
+    let base = s.path("base");
+    dump(&s, &base, &root, &empty, &[]);
+    let app = app_image(&s, "nosuch.img", &["fn=nosuch"]);
+    let diff = s.path("diff");
+    // Restored with an app it cannot load, the guest writes 125 and then
+    // reaches its diff snapshot point (124): firerunner must end with the
+    // app-failure code and write nothing.
+    for _ in 0..5 {
+        let mut cmd = Command::new(firerunner());
+        cmd.arg("--kernel")
+            .arg(testguest())
+            .arg("--rootfs")
+            .arg(&root)
+            .arg("--appfs")
+            .arg(&app)
+            .arg("--load_dir")
+            .arg(&base)
+            .arg("--dump_dir")
+            .arg(&diff)
+            .arg("--console")
+            .arg(s.path("appfail-console.log"))
+            .arg("--vsock_uds")
+            .arg(s.path("appfail.vsock"));
+        let out = run_with_deadline(cmd, LIMIT);
+        assert_eq!(out.code(), Some(4), "{}", out.stderr);
+        assert!(!diff.exists(), "a snapshot was written for a failed app");
+    }
+}

@@ -159,6 +159,8 @@ struct GuestSignals {
     /// Where to ask for a snapshot (`--dump_dir` given).
     snapshot: Option<Sender<()>>,
     snapshot_requested: AtomicBool,
+    /// The guest reported 125: the VM is ending and is never snapshotted.
+    app_failed: AtomicBool,
 }
 
 impl SignalSink for GuestSignals {
@@ -175,6 +177,9 @@ impl SignalSink for GuestSignals {
             }
             GuestSignal::SnapshotPoint => {
                 match &self.snapshot {
+                    Some(_) if self.app_failed.load(Ordering::SeqCst) => log::warn!(
+                        "guest snapshot point {us} us after start: the app failed to load, no snapshot"
+                    ),
                     Some(tx) if !self.snapshot_requested.swap(true, Ordering::SeqCst) => {
                         log::info!("guest snapshot point {us} us after start: taking a snapshot");
                         // This runs on the vCPU thread that wrote 124: it
@@ -192,6 +197,7 @@ impl SignalSink for GuestSignals {
                 Event::SnapshotPoint { us }
             }
             GuestSignal::AppFailed => {
+                self.app_failed.store(true, Ordering::SeqCst);
                 let _ = self.exit.send(VmExit::AppFailed);
                 Event::AppFailed { us }
             }
@@ -350,6 +356,11 @@ pub fn run(
         recv(snap_rx) -> _ => take_snapshot(&machine, config, &wiring),
     };
     lock(&machine.serial).flush();
+    // The process exits without dropping the vsock device (its event loop
+    // still runs), so remove the listener socket it created here.
+    if let Err(e) = std::fs::remove_file(vsock_path(config)) {
+        log::debug!("cannot remove the vsock listener socket: {e}");
+    }
     // Keep the VM (and so its memory slots) alive until here.
     drop((machine, snap_tx));
     Ok(exit)
@@ -393,57 +404,72 @@ fn boot(config: &VmConfig, wiring: &Wiring) -> Result<Parts, BuildError> {
     let mem = memory::create(config.mem_mib)?;
     let vm = Vm::new()?;
     check_vcpu_limit(&vm, config)?;
-    vm.register_memory(&mem)?;
-    let kernel = kernel::load(&mem, &config.kernel)?;
+    // KVM_SET_USER_MEMORY_REGION costs milliseconds whatever the size:
+    // register the slots on a second thread while the rest is built (vCPUs
+    // only run once both are done).
+    let built = std::thread::scope(|s| {
+        let slots = s.spawn(|| vm.register_memory(&mem));
+        let rest = (|| -> Result<_, BuildError> {
+            let kernel = kernel::load(&mem, &config.kernel)?;
 
-    // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb, vsock.
-    let mut mmio = Bus::new();
-    let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
-    let event_loop = LoopPause::new(&mut event_manager)?;
-    let vsock = Vsock::new(config.cid, &vsock_path(config))?;
-    let (devices, _vsock) = attach_virtio(
-        &vm,
-        &mem,
-        &mut mmio,
-        &mut event_manager,
-        [rootfs, appfs],
-        vsock,
-    )?;
-    let device_args: Vec<String> = devices.iter().map(|d| d.cmdline_fragment()).collect();
+            // virtio devices on the MMIO bus, in the order of DESIGN.md: vda, vdb, vsock.
+            let mut mmio = Bus::new();
+            let mut event_manager = EventManager::new().map_err(BuildError::EventLoop)?;
+            let event_loop = LoopPause::new(&mut event_manager)?;
+            let vsock = Vsock::new(config.cid, &vsock_path(config))?;
+            let (devices, _vsock) = attach_virtio(
+                &vm,
+                &mem,
+                &mut mmio,
+                &mut event_manager,
+                [rootfs, appfs],
+                vsock,
+            )?;
+            let device_args: Vec<String> = devices.iter().map(|d| d.cmdline_fragment()).collect();
 
-    // Boot structures.
-    let cmdline = kernel::cmdline(&config.kernel_args, &device_args)?;
-    let (cmdline_addr, cmdline_size) = kernel::write_cmdline(&mem, &cmdline)?;
-    log::debug!("kernel command line: {:?}", cmdline.as_cstring().ok());
-    boot_params::write(&mem, kernel.setup_header, cmdline_addr, cmdline_size)?;
-    mptable::setup(&mem, vcpu_count)?;
-    regs::write_boot_tables(&mem)?;
+            // Boot structures.
+            let cmdline = kernel::cmdline(&config.kernel_args, &device_args)?;
+            let (cmdline_addr, cmdline_size) = kernel::write_cmdline(&mem, &cmdline)?;
+            log::debug!("kernel command line: {:?}", cmdline.as_cstring().ok());
+            boot_params::write(&mem, kernel.setup_header, cmdline_addr, cmdline_size)?;
+            mptable::setup(&mem, vcpu_count)?;
+            regs::write_boot_tables(&mem)?;
 
-    // Legacy devices on the port-I/O bus.
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq(&vm)?,
-        console_sink(&config.console)?,
-    )));
-    let pio = legacy_bus(serial.clone(), wiring)?;
+            // Legacy devices on the port-I/O bus.
+            let serial = Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq(&vm)?,
+                console_sink(&config.console)?,
+            )));
+            let pio = legacy_bus(serial.clone(), wiring)?;
 
-    let supported = vm
-        .kvm()
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
-    template.check_leaves(&supported)?;
-    let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-    let mut vcpus = Vec::new();
-    for id in 0..vcpu_count {
-        let vcpu = Vcpu::new(vm.fd(), id)?;
-        let shape = CpuidShape {
-            cpu_id: id,
-            cpu_count: vcpu_count,
-            tsc_deadline,
-        };
-        vcpu.configure(&supported, shape, kernel.entry)?;
-        vcpu.apply_cpu_template(&template, &supported, shape)?;
-        vcpus.push(vcpu);
-    }
+            let supported = vm
+                .kvm()
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(BuildError::Cpuid)?;
+            template.check_leaves(&supported)?;
+            let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+            let mut vcpus = Vec::new();
+            for id in 0..vcpu_count {
+                let vcpu = Vcpu::new(vm.fd(), id)?;
+                let shape = CpuidShape {
+                    cpu_id: id,
+                    cpu_count: vcpu_count,
+                    tsc_deadline,
+                };
+                vcpu.configure(&supported, shape, kernel.entry)?;
+                vcpu.apply_cpu_template(&template, &supported, shape)?;
+                vcpus.push(vcpu);
+            }
+
+            Ok((vcpus, devices, serial, pio, mmio, event_manager, event_loop))
+        })();
+        let slots = slots.join().map_err(|_| {
+            BuildError::Thread(std::io::Error::other("memory registration panicked"))
+        })?;
+        slots?;
+        rest
+    });
+    let (vcpus, devices, serial, pio, mmio, event_manager, event_loop) = built?;
 
     let start = wiring.start;
     Ok(Parts {
@@ -851,6 +877,7 @@ fn legacy_bus(serial: Arc<Mutex<SerialDevice>>, wiring: &Wiring) -> Result<Bus, 
                 control: wiring.control.clone(),
                 snapshot: wiring.snapshot.clone(),
                 snapshot_requested: AtomicBool::new(false),
+                app_failed: AtomicBool::new(false),
             },
         ))),
         u64::from(layout::CONTROL_PORT),

@@ -37,7 +37,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 use serde::{Deserialize, Serialize};
@@ -330,7 +330,18 @@ impl Block {
                 return fatal(&format!("cannot update the used ring flags: {e}"), broken);
             }
             let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            loop {
+                // `iter`, not `pop_descriptor_chain`: that one logs a corrupt
+                // index itself, and this says it once, with the remedy.
+                let chain = match queue.iter(&*mem) {
+                    Ok(mut chains) => match chains.next() {
+                        Some(chain) => chain,
+                        None => break,
+                    },
+                    Err(e) => {
+                        return fatal(&format!("the available ring is corrupt ({e})"), broken)
+                    }
+                };
                 popped += 1;
                 let head = chain.head_index();
                 if head >= queue.size() {
