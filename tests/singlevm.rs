@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{app_image, firerunner, run_singlevm, testguest, Scratch};
+use common::{app_image, children_named, firerunner, run_singlevm, testguest, Scratch};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -283,33 +283,6 @@ fn firerunner_dying_is_a_clear_error() {
         got[1]
     );
     assert_clean(&s);
-}
-
-/// PIDs of `parent`'s children whose command name is `name`.
-fn children_named(parent: u32, name: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let Some((head, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let comm = head.split_once(" (").map(|x| x.1).unwrap_or("");
-        let ppid: u32 = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        if ppid == parent && comm == name {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// No firerunner started from this test's scratch dir is still running.

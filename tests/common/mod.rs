@@ -212,3 +212,30 @@ pub fn run_singlevm(scratch: &Scratch, extra: &[&str], input: &str, limit: Durat
         .env_remove("XDG_RUNTIME_DIR");
     run_with_input(cmd, input.as_bytes().to_vec(), limit)
 }
+
+/// PIDs of `parent`'s children whose command name is `name`.
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let comm = head.split_once(" (").map(|x| x.1).unwrap_or("");
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == parent && comm == name {
+            out.push(pid);
+        }
+    }
+    out
+}
