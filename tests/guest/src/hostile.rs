@@ -34,6 +34,7 @@ pub fn run(case: &[u8], boot: &BootInfo, devs: &mut Devices, vs: Option<&mut Vso
     ctx.say(format_args!("start"));
     let known = match case {
         b"mmio-unknown" => with_blk(&ctx, devs, mmio_unknown),
+        b"blk-self-refill" => with_dev(&ctx, devs, |ctx, dev| self_refill(ctx, dev, vs)),
         b"mmio-state" => with_dev(&ctx, devs, mmio_state),
         b"vsock-bad-len" | b"vsock-bad-op" | b"vsock-bad-port" | b"vsock-bad-credit" | b"vsock-flood" => {
             match vs {
@@ -503,6 +504,49 @@ fn blk_lying_len(ctx: &Ctx, r: &mut RawBlk) {
     r.q.raw_desc(2, data, 0x2_0000, F_WRITE | F_NEXT, 3);
     r.q.raw_desc(3, st, 1, F_WRITE, 0);
     r.run(ctx, "lengths adding up past 4 GiB", 0, st);
+}
+
+/// Reads that land on our own available ring: with the test's rootfs,
+/// sector s re-publishes the request (idx = s + 2) and points its header
+/// (at +64) at sector s + 1, round a 65536-sector cycle, so the device
+/// keeps serving with no guest CPU. Meanwhile the event loop must still
+/// serve vsock, and a device reset must get through.
+fn self_refill(ctx: &Ctx, dev: Device, vs: Option<&mut Vsock>) -> Device {
+    let mut r = match RawBlk::new(dev) {
+        Ok(r) => r,
+        Err((dev, e)) => {
+            ctx.say(format_args!("raw driver: {}", e));
+            return dev;
+        }
+    };
+    let (_, avail, used) = r.q.ring_addrs();
+    let hdr = avail + 64;
+    // SAFETY: the avail ring's page is ours; 64..80 is past the ring.
+    unsafe {
+        core::ptr::write_unaligned(hdr as *mut u32, T_IN);
+        core::ptr::write_unaligned((hdr + 8) as *mut u64, 0);
+    }
+    let st = r.status_byte(0);
+    r.chain3(0, (hdr, 16), (avail, 512, F_WRITE), (st, 1));
+    r.q.raw_publish(0);
+    r.q.notify();
+    let used_idx = || {
+        // SAFETY: the used ring's idx field (second u16) of our own queue.
+        unsafe { core::ptr::read_volatile((used as *const u16).add(1)) }
+    };
+    wait_until(200, || false);
+    let a = used_idx();
+    wait_until(100, || false);
+    let b = used_idx();
+    ctx.say(format_args!("still serving: {}", (a != b) as u8));
+    if let Some(vs) = vs {
+        let mut v = RawVsock { ctx, vs, next_port: RAW_PORTS.start };
+        let h = v.hdr(0, 4444, vsock::OP_REQUEST, 0);
+        v.probe("vsock meanwhile", false, h, vsock::HDR_LEN, None);
+    }
+    r.dev.write(virtio::REG_STATUS, 0);
+    ctx.say(format_args!("reset: status {:#x}", r.dev.read(virtio::REG_STATUS)));
+    r.dev
 }
 
 fn blk_avail_jump(ctx: &Ctx, r: &mut RawBlk) {

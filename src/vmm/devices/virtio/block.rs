@@ -43,9 +43,12 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend};
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
+use event_manager::{EventOps, EventSet, Events};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::{
-    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, INT_CONFIG_CHANGE,
-    INT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, BACKEND_EVENT_BASE,
+    INT_CONFIG_CHANGE, INT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -60,6 +63,13 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Longest chain we look at; anything longer (possible only through
 /// indirect tables) is malformed.
 const MAX_DESCRIPTORS: usize = 1024;
+/// Chains served per run before the device yields the event loop and
+/// resumes through its own eventfd: a driver that keeps refilling the ring
+/// — or whose reads land on its own available ring and re-publish the
+/// request, with no guest CPU at all — cannot hold the event-loop thread.
+const MAX_CHAINS_PER_RUN: usize = 4 * QUEUE_SIZE as usize;
+/// Event data of the resume eventfd (the device's only backend fd).
+const RESUME_EVENT: u32 = BACKEND_EVENT_BASE as u32;
 /// Largest data length of one request: its used length (data + status)
 /// must fit the used ring's 32-bit length field.
 const MAX_DATA_LEN: u64 = u32::MAX as u64 - 1;
@@ -192,6 +202,10 @@ pub struct Block {
     queue_max_sizes: [u16; 1],
     active: Option<Active>,
     bounce: Vec<u8>,
+    /// Written when a run stopped at [`MAX_CHAINS_PER_RUN`]; the event loop
+    /// then runs the queue again. `None` until the event loop registered it
+    /// (runs are unbounded then).
+    resume: Option<EventFd>,
 }
 
 /// Outcome of one request: status byte and data bytes written into the
@@ -244,6 +258,7 @@ impl Block {
             queue_max_sizes: [QUEUE_SIZE],
             active: None,
             bounce: Vec::new(),
+            resume: None,
         }
     }
 
@@ -298,6 +313,7 @@ impl Block {
             bounce,
             serial,
             capacity,
+            resume,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -325,12 +341,19 @@ impl Block {
                 error!("virtio-blk: {e}");
             }
         };
-        loop {
+        let mut served = 0usize;
+        let mut yielded = false;
+        'runs: loop {
             if let Err(e) = queue.disable_notification(&*mem) {
                 return fatal(&format!("cannot update the used ring flags: {e}"), broken);
             }
             let mut popped = 0usize;
             loop {
+                if served == MAX_CHAINS_PER_RUN && resume.is_some() {
+                    // Notifications stay off: the resume event brings us back.
+                    yielded = true;
+                    break 'runs;
+                }
                 // `iter`, not `pop_descriptor_chain`: that one logs a corrupt
                 // index itself, and this says it once, with the remedy.
                 let chain = match queue.iter(&*mem) {
@@ -343,6 +366,7 @@ impl Block {
                     }
                 };
                 popped += 1;
+                served += 1;
                 let head = chain.head_index();
                 if head >= queue.size() {
                     warn!("virtio-blk: the driver made descriptor {head} available, beyond the queue size; skipped");
@@ -364,6 +388,11 @@ impl Block {
                 }
                 Ok(false) => break,
                 Err(e) => return fatal(&format!("cannot update the used ring flags: {e}"), broken),
+            }
+        }
+        if let Some(resume) = resume.as_ref().filter(|_| yielded) {
+            if let Err(e) = resume.write(1) {
+                error!("virtio-blk: cannot schedule the rest of the queue: {e}");
             }
         }
         if completed == 0 {
@@ -640,6 +669,26 @@ impl VirtioDevice for Block {
         if index != 0 {
             debug!("virtio-blk: notification of absent queue {index} ignored");
             return;
+        }
+        self.process_queue();
+    }
+
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        let registered = EventFd::new(EFD_NONBLOCK).and_then(|fd| {
+            ops.add(Events::with_data(&fd, RESUME_EVENT, EventSet::IN))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(fd)
+        });
+        match registered {
+            Ok(fd) => self.resume = Some(fd),
+            Err(e) => error!("virtio-blk: no resume eventfd ({e}); queue runs are unbounded"),
+        }
+    }
+
+    fn backend_event(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Some(fd) = &self.resume {
+            // Drain it: one run serves everything that was pending.
+            let _ = fd.read();
         }
         self.process_queue();
     }
@@ -1367,5 +1416,67 @@ mod tests {
             (513, OK)
         );
         assert!(region.bitmap().dirty_at(page));
+    }
+
+    /// A driver whose reads land on its own available ring — here each
+    /// sector re-publishes the request and points its header at the next
+    /// sector — keeps the device busy with no guest CPU at all. A run
+    /// stops after MAX_CHAINS_PER_RUN chains and resumes through the event
+    /// loop, so other devices get their turn.
+    #[test]
+    fn a_self_refilling_ring_yields_the_event_loop() {
+        const DESC: u64 = 0x1000;
+        const AVAIL: u64 = 0x2000;
+        const USED: u64 = 0x3000;
+        const N: u64 = 3 * MAX_CHAINS_PER_RUN as u64;
+        // Sector s, read over the available ring: idx = s + 2, every ring
+        // entry head 0, and at +64 the next header: IN of sector s + 1.
+        let mut img = vec![0u8; (N * 512) as usize];
+        for s in 0..N {
+            let b = &mut img[(s * 512) as usize..][..512];
+            b[2..4].copy_from_slice(&((s + 2) as u16).to_le_bytes());
+            b[72..80].copy_from_slice(&(s + 1).to_le_bytes());
+        }
+        let f = disk(&img);
+        let m = mem();
+        let mut blk = Block::new(f.as_path()).unwrap();
+        blk.resume = Some(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_size(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        let desc = |i: u64, addr: u64, len: u32, flags: u32, next: u16| {
+            let d = Descriptor::new(addr, len, flags as u16, next);
+            m.write_obj(RawDescriptor::from(d), GuestAddress(DESC + 16 * i))
+                .unwrap();
+        };
+        desc(0, AVAIL + 64, 16, VRING_DESC_F_NEXT, 1);
+        desc(1, AVAIL, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2);
+        desc(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        blk.activate(ActivateContext {
+            mem: m.clone(),
+            queues: vec![q],
+            interrupt: irq,
+            acked_features: blk.device_features(),
+        })
+        .unwrap();
+        let used = || m.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
+
+        blk.queue_notify(0);
+        assert_eq!(used(), MAX_CHAINS_PER_RUN as u16);
+        let mut runs = 1;
+        while blk.resume.as_ref().unwrap().read().is_ok() {
+            blk.process_queue();
+            runs += 1;
+            assert!(runs < 10, "the run never ends");
+        }
+        // Every sector, then one read past the end (IOERR, nothing re-published).
+        assert_eq!(used(), (N + 1) as u16);
+        assert_eq!(runs, 4);
+        assert!(!blk.active.as_ref().unwrap().broken);
     }
 }
