@@ -337,6 +337,15 @@ fn bad_snapshots_are_refused_before_anything_runs() {
         b[at] = if b[at] == b'1' { b'2' } else { b'1' };
     });
     refused(&s, &corrupt, &root, &app, &[], "checksum does not match");
+    let template = s.file("template.json", b"{}");
+    refused(
+        &s,
+        &snap,
+        &root,
+        &app,
+        &["--cpu_template", template.to_str().unwrap()],
+        "--cpu_template cannot be used with --load_dir",
+    );
     let truncated = variant(&s, &snap, "truncated", |b, _| b.truncate(b.len() / 2));
     refused(&s, &truncated, &root, &app, &[], "truncated or corrupt");
     let empty = variant(&s, &snap, "empty", |b, _| b.clear());

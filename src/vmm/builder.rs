@@ -76,6 +76,8 @@ pub struct VmConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("--cpu_template cannot be used with --load_dir: a snapshot keeps the CPUID it was taken with")]
+    TemplateAtRestore,
     #[error("--vcpu_count must be between 1 and {max}, got {got}")]
     VcpuCount { got: u64, max: usize },
     #[error("--mem_size {mib} MiB is more than this host's {host_mib} MiB of RAM")]
@@ -573,6 +575,9 @@ impl Phases {
 /// one reads and checks the state file; a refusal simply drops that VM.
 fn restore(config: &VmConfig, dir: &Path, wiring: &Wiring) -> Result<Parts, BuildError> {
     let mut phases = Phases::new(wiring.start);
+    if config.cpu_template.is_some() {
+        return Err(BuildError::TemplateAtRestore);
+    }
     format::check_present(dir)?;
     let mem_file = open_memory_file(config, dir)?;
     let copy = config.copy_base;
