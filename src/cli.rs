@@ -32,18 +32,20 @@ pub struct VmArgs {
     /// VM id, also the guest's vsock CID.
     #[arg(long, default_value_t = 100)]
     pub id: u64,
-    /// Restore from a snapshot directory instead of booting (BASE; the
-    /// BASE,DIFF form of diff snapshots is not supported yet). --mem_size,
-    /// --vcpu_count and --rootfs must match the snapshot's; --appfs and
-    /// --id may differ; --kernel and --kernel_args are not used.
+    /// Restore from a snapshot instead of booting: BASE, or BASE,DIFF[,DIFF]
+    /// (layers bottom first). --mem_size, --vcpu_count and --rootfs must
+    /// match the snapshot's; --appfs and --id may differ; --kernel and
+    /// --kernel_args are not used.
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<String>,
-    /// Diff snapshot layers to stack on --load_dir (comma list).
+    /// Diff snapshot layers to stack on --load_dir (comma list, bottom first).
     #[arg(long = "diff_dirs", alias = "diff-dirs")]
     pub diff_dirs: Option<String>,
-    /// Write a full snapshot to this directory at the guest's snapshot point
-    /// (control port 124), then exit 0. The parent directory must exist; an
-    /// existing snapshot there is replaced atomically.
+    /// Write a snapshot to this directory at the guest's snapshot point
+    /// (control port 124), then exit 0: a full snapshot of a booted VM, a
+    /// diff layer (only the pages written since the restore) of a restored
+    /// one. Missing parent directories are created; an existing snapshot
+    /// there is replaced atomically.
     #[arg(long = "dump_dir", alias = "dump-dir")]
     pub dump_dir: Option<PathBuf>,
     /// Record the working set of the first request (into DIR, or the top layer).
@@ -52,11 +54,11 @@ pub struct VmArgs {
     /// Load the recorded working set eagerly at restore.
     #[arg(long = "load_ws", alias = "load-ws")]
     pub load_ws: bool,
-    /// With --load_dir: copy the snapshot's memory into the VM up front
-    /// instead of mapping it lazily (page by page on first touch).
+    /// With --load_dir: copy the base snapshot's memory into the VM up
+    /// front instead of mapping it lazily (page by page on first touch).
     #[arg(long = "copy_base", alias = "copy-base")]
     pub copy_base: bool,
-    /// Copy the diff snapshot's memory eagerly instead of mapping it.
+    /// Copy the diff layers' memory up front instead of mapping it lazily.
     #[arg(long = "copy_diff", alias = "copy-diff")]
     pub copy_diff: bool,
     /// CPU template (JSON): CPUID bits to set/clear and MSR overrides for
@@ -66,24 +68,45 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// The first flag whose feature has not landed yet: refused, never ignored.
-    pub fn unsupported(&self) -> Option<&'static str> {
-        [
-            (
-                self.load_dir.as_deref().is_some_and(|d| d.contains(',')),
-                "--load_dir BASE,DIFF (diff snapshots)",
-            ),
-            (self.diff_dirs.is_some(), "--diff_dirs"),
+    /// The snapshot layers to restore, bottom first: --load_dir's comma
+    /// list, then --diff_dirs'. Empty to boot.
+    pub fn layers(&self) -> Vec<PathBuf> {
+        [&self.load_dir, &self.diff_dirs]
+            .into_iter()
+            .flatten()
+            .flat_map(|list| list.split(','))
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    /// Refuses flags that make no sense together, or whose feature has not
+    /// landed yet, with the message to print: refused, never ignored.
+    pub fn check(&self) -> Result<(), String> {
+        let layers = self.layers();
+        if self.diff_dirs.is_some() && self.load_dir.is_none() {
+            return Err("--diff_dirs needs --load_dir (the base snapshot)".into());
+        }
+        if layers.iter().any(|l| l.as_os_str().is_empty()) {
+            return Err("--load_dir/--diff_dirs: empty snapshot directory in the list".into());
+        }
+        if self.copy_base && layers.is_empty() {
+            return Err("--copy_base needs --load_dir".into());
+        }
+        if self.copy_diff && layers.len() < 2 {
+            return Err(
+                "--copy_diff needs a diff layer (--diff_dirs, or --load_dir BASE,DIFF)".into(),
+            );
+        }
+        if let Some((_, flag)) = [
             (self.dump_ws.is_some(), "--dump_ws"),
             (self.load_ws, "--load_ws"),
-            (self.copy_diff, "--copy_diff"),
-            (
-                self.copy_base && self.load_dir.is_none(),
-                "--copy_base without --load_dir",
-            ),
         ]
         .into_iter()
-        .find_map(|(set, name)| set.then_some(name))
+        .find(|(set, _)| *set)
+        {
+            return Err(format!("{flag} is not supported yet"));
+        }
+        Ok(())
     }
 
     /// The VM these flags describe.
@@ -101,9 +124,10 @@ impl VmArgs {
             cid: self.id,
             console,
             vsock_uds,
-            load_dir: self.load_dir.as_ref().map(PathBuf::from),
+            layers: self.layers(),
             dump_dir: self.dump_dir.clone(),
             copy_base: self.copy_base,
+            copy_diff: self.copy_diff,
             cpu_template: self.cpu_template.clone(),
         }
     }
@@ -189,20 +213,25 @@ mod tests {
         assert!(again.vm.copy_base);
         assert_eq!(again.vm.mem_size, 256);
         assert_eq!(
-            again.vm.unsupported(),
-            Some("--copy_base without --load_dir")
+            again.vm.check().unwrap_err(),
+            "--copy_base needs --load_dir"
         );
-        let t = T::parse_from(["x", "--kernel", "k", "--rootfs", "r", "--load_dir", "a,b"]);
-        assert_eq!(
-            t.vm.unsupported(),
-            Some("--load_dir BASE,DIFF (diff snapshots)")
-        );
-        let t = T::parse_from(["x", "--kernel", "k", "--rootfs", "r", "--load_dir", "a"]);
-        assert_eq!(t.vm.unsupported(), None);
-        assert_eq!(
-            t.vm.vm_config(None, None).load_dir,
-            Some(PathBuf::from("a"))
-        );
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--kernel", "k", "--rootfs", "r"];
+            argv.extend_from_slice(extra);
+            T::parse_from(argv).vm
+        };
+        let layers = |v: &VmArgs| v.vm_config(None, None).layers;
+        let t = parse(&["--load_dir", "a"]);
+        assert_eq!((t.check(), layers(&t)), (Ok(()), vec![PathBuf::from("a")]));
+        let both = [PathBuf::from("a"), PathBuf::from("b"), PathBuf::from("c")];
+        let t = parse(&["--load_dir", "a,b", "--diff_dirs", "c", "--copy_diff"]);
+        assert_eq!((t.check(), layers(&t)), (Ok(()), both.to_vec()));
+        let t = parse(&["--load_dir", "a", "--diff_dirs", "b,c"]);
+        assert_eq!(layers(&t), both.to_vec());
+        assert!(parse(&["--diff_dirs", "b"]).check().is_err());
+        assert!(parse(&["--load_dir", "a", "--copy_diff"]).check().is_err());
+        assert!(parse(&["--load_dir", "a,,b"]).check().is_err());
     }
 
     #[test]

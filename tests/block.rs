@@ -8,13 +8,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{run_testguest, Scratch};
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
+use common::{fnv1a, run_testguest, Scratch};
 
 /// Sector `n` of `path` as the device serves it: zero-padded past the end.
 fn sector(path: &Path, n: u64) -> [u8; 512] {

@@ -332,7 +332,12 @@ fn bad_input_is_refused_with_one_clear_line() {
             "--console",
             c,
         ],
-        "not supported yet",
+        "--diff_dirs needs --load_dir",
+    );
+    refused(
+        &s,
+        &["--kernel", tg, "--rootfs", r, "--copy_base", "--console", c],
+        "--copy_base needs --load_dir",
     );
 }
 

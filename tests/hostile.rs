@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{app_image, firerunner, testguest, Scratch};
+use common::{app_image, firerunner, fnv1a, testguest, Scratch};
 
 /// The host port testguest's vsock cases connect to.
 const HOSTILE_PORT: u32 = 1235;
@@ -29,12 +29,6 @@ const HOSTILE_PORT: u32 = 1235;
 const AGENT_PORT: u32 = 1234;
 /// How long a case may take from spawn to the agent's answer.
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
 
 /// 64 KiB of position-dependent bytes: the rootfs every case reads.
 fn rootfs_bytes() -> Vec<u8> {

@@ -58,8 +58,8 @@ fn main() -> ExitCode {
         }
         ExitCode::from(EXIT_CONFIG)
     };
-    if let Some(flag) = args.vm.unsupported() {
-        return fail(format!("{flag} is not supported yet"));
+    if let Err(msg) = args.vm.check() {
+        return fail(msg);
     }
     let config = args.vm.vm_config(args.console, args.vsock_uds);
     let exit = match builder::run(&config, start, control.clone()) {

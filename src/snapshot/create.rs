@@ -1,10 +1,16 @@
-//! Taking a full snapshot of a running VM.
+//! Taking a snapshot of a running VM: a full one of a booted VM, a diff
+//! layer of a restored one.
 //!
 //! Pause every vCPU (each completes its pending exit, so the vCPU that
 //! wrote 124 is saved past its `outb`), pause the device event loop, save
 //! the vCPUs, the VM-wide KVM state and every device, then write the
-//! snapshot directory crash-safely: memory first (only non-zero pages, the
-//! rest holes), fsynced; the state file last; then the rename.
+//! snapshot directory crash-safely: memory first, fsynced; the state file
+//! last; then the rename.
+//!
+//! A full snapshot's memory holds every non-zero page. A diff layer's
+//! holds exactly the pages written since the restore — the guest's writes
+//! from KVM's dirty log, the VMM's own (device DMA) from the guest memory
+//! bitmaps — and its memory table lists the stack below it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +31,11 @@ use crate::vmm::vm::VmError;
 
 /// How long a vCPU or the event loop may take to pause or answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Test hook: when set to a path, all of guest RAM is also written there
+/// (regions concatenated) at the snapshot point, so a test can check that
+/// the layers rebuild it byte for byte.
+pub const DUMP_RAM_ENV: &str = "SNAPVM_TEST_DUMP_RAM";
 
 /// Test hook: when set, the writer stops forever after the memory file is
 /// written and synced, before the state file — so a test can kill it there.
@@ -60,8 +71,8 @@ pub struct Written {
     pub elapsed: Duration,
 }
 
-/// Pauses `m` and writes its full snapshot to `target`. The VM stays
-/// paused (the caller exits).
+/// Pauses `m` and writes its snapshot to `target` (full, or a diff layer
+/// when `m` was restored). The VM stays paused (the caller exits).
 pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let t0 = Instant::now();
     m.vcpus.pause(PAUSE_TIMEOUT)?;
@@ -88,7 +99,25 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let dir = SnapshotDir::create(target)?;
     let total = memory::total_size(&m.mem);
     let mem_file = dir.create_sparse(MEMORY_FILE, total)?;
-    let stats = memory::dump(&m.mem, &mem_file, &m.base_ranges)?;
+    let select = if m.layers.is_empty() {
+        memory::Selection::Resident
+    } else {
+        let mut dirty = m.vm.take_dirty_log(&m.mem)?;
+        let count =
+            |maps: &[Vec<u64>]| -> u32 { maps.iter().flatten().map(|w| w.count_ones()).sum() };
+        let by_guest = count(&dirty);
+        memory::add_vmm_dirty(&m.mem, &mut dirty);
+        log::info!(
+            "diff: {by_guest} pages written by the guest, {} more by the VMM only",
+            count(&dirty) - by_guest
+        );
+        memory::Selection::Dirty(dirty)
+    };
+    if let Some(path) = std::env::var_os(DUMP_RAM_ENV) {
+        log::warn!("{DUMP_RAM_ENV} is set: writing all of guest RAM to {path:?}");
+        memory::dump_all(&m.mem, std::path::Path::new(&path))?;
+    }
+    let stats = memory::dump(&m.mem, &mem_file, &select)?;
     mem_file.sync_all().map_err(CreateError::Sync)?;
     drop(mem_file);
     let dumped = t0.elapsed();
@@ -120,12 +149,16 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
         rootfs,
         memory: MemoryTable {
             regions,
-            layers: vec![MemoryLayer {
-                dir: PathBuf::from("."),
-                file: MEMORY_FILE.to_string(),
-                parent: None,
-                ranges: stats.ranges.clone(),
-            }],
+            layers: m
+                .layers
+                .iter()
+                .cloned()
+                .chain([MemoryLayer {
+                    dir: PathBuf::from("."),
+                    state_checksum: None,
+                    ranges: stats.ranges.clone(),
+                }])
+                .collect(),
         },
         vcpus,
         vm,
@@ -137,8 +170,9 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let elapsed = t0.elapsed();
     let memory_bytes = stats.pages_written * memory::PAGE_SIZE as u64;
     log::info!(
-        "snapshot written to {} in {} us (pause {}, save state {}, rootfs identity {}, memory {} \
-         [{} pages scanned, {} written in {} ranges], state file + commit {})",
+        "{} snapshot written to {} in {} us (pause {}, save state {}, rootfs identity {}, memory {} \
+         [{} pages selected, {} written, {} ranges], state file + commit {})",
+        if m.layers.is_empty() { "full" } else { "diff" },
         path.display(),
         elapsed.as_micros(),
         paused.as_micros(),

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
-    #[error("--dump_dir {path}: its parent directory {parent} does not exist")]
-    NoParent { path: PathBuf, parent: PathBuf },
+    #[error("--dump_dir {path}: {ancestor} is not a directory")]
+    NoParent { path: PathBuf, ancestor: PathBuf },
     #[error("--dump_dir {0} exists and is not a directory")]
     NotADirectory(PathBuf),
     #[error("cannot write the snapshot {path}: {source}")]
@@ -38,20 +38,26 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DirError + '_ {
     }
 }
 
-/// Checks, before any work, that a snapshot can be written at `target`.
+/// Checks, before any work, that a snapshot can be written at `target`:
+/// it is a directory or absent, and its nearest existing ancestor is a
+/// writable directory (missing parents are created when the snapshot is
+/// written, as `--dump_dir S/diff/hello` in the SnapFaaS workflow needs).
 pub fn check_target(target: &Path) -> Result<(), DirError> {
-    let parent = parent_of(target);
-    if !parent.is_dir() {
-        return Err(DirError::NoParent {
-            path: target.to_owned(),
-            parent,
-        });
-    }
     if target.exists() && !target.is_dir() {
         return Err(DirError::NotADirectory(target.to_owned()));
     }
-    nix::unistd::access(&parent, nix::unistd::AccessFlags::W_OK).map_err(|e| DirError::Io {
-        path: parent.clone(),
+    let mut ancestor = parent_of(target);
+    while !ancestor.exists() {
+        ancestor = parent_of(&ancestor);
+    }
+    if !ancestor.is_dir() {
+        return Err(DirError::NoParent {
+            path: target.to_owned(),
+            ancestor,
+        });
+    }
+    nix::unistd::access(&ancestor, nix::unistd::AccessFlags::W_OK).map_err(|e| DirError::Io {
+        path: ancestor.clone(),
         source: e.into(),
     })?;
     Ok(())
@@ -118,6 +124,8 @@ impl SnapshotDir {
     /// Starts writing the snapshot that will appear at `target`.
     pub fn create(target: &Path) -> Result<Self, DirError> {
         check_target(target)?;
+        let parent = parent_of(target);
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
         remove_stale(target);
         let tmp = tmp_name(target, std::process::id());
         if tmp.exists() {
@@ -233,8 +241,13 @@ mod tests {
         assert!(!stale.exists());
         drop(d);
 
-        assert!(check_target(&base.as_path().join("no/such/dir")).is_err());
+        // Missing parents are fine, and made when the snapshot is written.
+        let deep = base.as_path().join("no/such/dir");
+        check_target(&deep).unwrap();
+        SnapshotDir::create(&deep).unwrap().commit().unwrap();
+        assert!(deep.is_dir());
         std::fs::write(base.as_path().join("file"), b"").unwrap();
         assert!(check_target(&base.as_path().join("file")).is_err());
+        assert!(check_target(&base.as_path().join("file/below")).is_err());
     }
 }

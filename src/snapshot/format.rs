@@ -26,8 +26,9 @@ use crate::vmm::vm::VmState;
 
 /// The `format` member of every snapvm state file.
 pub const FORMAT: &str = "snapvm-snapshot";
-/// The state file version this snapvm writes and reads.
-pub const VERSION: u32 = 1;
+/// The state file version this snapvm writes and reads (2: layered memory
+/// tables for diff snapshots).
+pub const VERSION: u32 = 2;
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "snapshot.json";
 /// Name of the memory file in a snapshot directory.
@@ -102,17 +103,24 @@ pub struct RegionEntry {
     pub file_offset: u64,
 }
 
-/// One memory layer: a memory file and the byte ranges it holds data for
-/// (`(file offset, length)`, page aligned, ascending); the rest of the
-/// file is holes. A full snapshot has one layer, this directory's own.
+/// One memory layer: a snapshot directory's `memory` file and the byte
+/// ranges it holds (`(RAM offset, length)`, page aligned, ascending). In
+/// a layer's memory file each page sits at its RAM offset; a page inside
+/// a range may still be a hole in the file (a page that was zeroed), so
+/// the ranges, not the file's holes, say which pages the layer holds.
+///
+/// A full snapshot has one layer, its own. A diff snapshot lists every
+/// layer of the stack it was taken on, bottom first, then its own: each
+/// layer's parent is the one before it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryLayer {
-    /// The layer's directory, relative to this snapshot directory (`.` is
-    /// this one).
+    /// The layer's directory when this state file was written (`.` is
+    /// this one). Informational: a restore takes the directories from
+    /// its command line and checks them against `state_checksum`.
     pub dir: PathBuf,
-    pub file: String,
-    /// The layer below this one, if any (diff snapshots).
-    pub parent: Option<PathBuf>,
+    /// The checksum of that layer's state file; `None` for this
+    /// directory's own layer.
+    pub state_checksum: Option<String>,
     pub ranges: Vec<(u64, u64)>,
 }
 
@@ -168,9 +176,9 @@ pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, FormatError> {
     Ok(wrap(VERSION, &body))
 }
 
-/// Decodes a state file's bytes (`path` names it in errors): format,
-/// version, checksum, then the state.
-pub fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotState, FormatError> {
+/// Checks a state file's format, version and checksum; returns the
+/// checksum and the state's JSON text.
+fn open_envelope<'a>(path: &Path, bytes: &'a [u8]) -> Result<(String, &'a str), FormatError> {
     let malformed = |reason: String| FormatError::Malformed {
         path: path.to_owned(),
         reason,
@@ -196,12 +204,23 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotState, FormatError> {
     }
     let env: Envelope = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
     let body = env.state.get();
-    if format!("{:016x}", xxh64(body.as_bytes())) != env.checksum {
+    let checksum = format!("{:016x}", xxh64(body.as_bytes()));
+    if checksum != env.checksum {
         return Err(FormatError::Checksum {
             path: path.to_owned(),
         });
     }
-    serde_json::from_str(body).map_err(|e| malformed(format!("state: {e}")))
+    Ok((checksum, body))
+}
+
+/// Decodes a state file's bytes (`path` names it in errors): format,
+/// version, checksum, then the state.
+pub fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotState, FormatError> {
+    let (_, body) = open_envelope(path, bytes)?;
+    serde_json::from_str(body).map_err(|e| FormatError::Malformed {
+        path: path.to_owned(),
+        reason: format!("state: {e}"),
+    })
 }
 
 /// Fails like [`read`] when `dir` holds no state file, without reading it.
@@ -212,14 +231,33 @@ pub fn check_present(dir: &Path) -> Result<(), FormatError> {
         .map_err(|source| FormatError::Read { path, source })
 }
 
-/// Reads and decodes `dir/snapshot.json`.
-pub fn read(dir: &Path) -> Result<SnapshotState, FormatError> {
+fn read_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>), FormatError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(|source| FormatError::Read {
         path: path.clone(),
         source,
     })?;
-    decode(&path, &bytes)
+    Ok((path, bytes))
+}
+
+/// Reads and decodes `dir/snapshot.json`; returns the state and the
+/// file's checksum (how a diff layer names this one as its parent).
+pub fn read(dir: &Path) -> Result<(SnapshotState, String), FormatError> {
+    let (path, bytes) = read_bytes(dir)?;
+    let (checksum, body) = open_envelope(&path, &bytes)?;
+    let state = serde_json::from_str(body).map_err(|e| FormatError::Malformed {
+        path: path.clone(),
+        reason: format!("state: {e}"),
+    })?;
+    Ok((state, checksum))
+}
+
+/// Checks `dir/snapshot.json` (format, version, checksum) without parsing
+/// its state, and returns its checksum: enough for a lower layer of a
+/// stack, whose state the restore does not use.
+pub fn checksum(dir: &Path) -> Result<String, FormatError> {
+    let (path, bytes) = read_bytes(dir)?;
+    open_envelope(&path, &bytes).map(|(c, _)| c)
 }
 
 /// The bytes of a state file holding `state` (any JSON value) with a

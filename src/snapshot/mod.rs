@@ -9,13 +9,11 @@
 //! saves and restores itself next to its own code (vCPU, VM, memory,
 //! devices).
 //!
-//! Diff snapshots (next) fit this format: the memory table lists layers
-//! bottom first, each a memory file with the ranges it holds and its
-//! parent; a diff layer will hold exactly the pages written since its
-//! parent was restored (KVM dirty log with `KVM_MEM_LOG_DIRTY_PAGES` on
-//! the restored slots, plus the VMM's own writes from the regions'
-//! `AtomicBitmap`), and restore will map each layer's ranges over the one
-//! below (`MAP_FIXED | MAP_PRIVATE`, adjacent ranges merged).
+//! A snapshot of a restored VM is a diff layer: its memory file holds only
+//! the pages written since the restore (`create`), its memory table lists
+//! the layers below it with their state checksums (`format`), and restore
+//! maps each layer's ranges over the one below (`vmm::builder`,
+//! `vmm::memory`).
 
 pub mod create;
 pub mod dir;

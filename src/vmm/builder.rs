@@ -36,7 +36,7 @@ use super::x86_64::cpu_template::{CpuTemplate, CpuTemplateError};
 use super::x86_64::{boot_params, cpuid::CpuidShape, mptable, regs};
 use super::{VmExit, MAX_VCPUS};
 use crate::control::{Channel, Command, Event};
-use crate::snapshot::format::{self, DeviceEntry, FormatError, SnapshotState};
+use crate::snapshot::format::{self, DeviceEntry, FormatError, MemoryLayer, SnapshotState};
 use crate::snapshot::quiesce::{LoopPause, QuiesceError};
 use crate::snapshot::{self, disk};
 
@@ -63,13 +63,17 @@ pub struct VmConfig {
     pub console: Option<PathBuf>,
     /// Base path of the vsock Unix sockets (see the vsock device).
     pub vsock_uds: Option<PathBuf>,
-    /// Restore this snapshot directory instead of booting the kernel.
-    pub load_dir: Option<PathBuf>,
-    /// At the guest's snapshot point, write a snapshot here and exit.
+    /// Restore this stack of snapshot layers (base first, then its diff
+    /// layers) instead of booting the kernel; empty to boot.
+    pub layers: Vec<PathBuf>,
+    /// At the guest's snapshot point, write a snapshot here and exit: a
+    /// full snapshot of a booted VM, a diff layer on top of a restored
+    /// one.
     pub dump_dir: Option<PathBuf>,
-    /// With `load_dir`: copy the snapshot's memory up front instead of
-    /// mapping it lazily.
+    /// Copy the base layer's memory up front instead of mapping it lazily.
     pub copy_base: bool,
+    /// Copy the diff layers' memory up front instead of mapping it lazily.
+    pub copy_diff: bool,
     /// CPU template (JSON) applied to every vCPU at boot.
     pub cpu_template: Option<PathBuf>,
 }
@@ -257,10 +261,10 @@ pub struct Machine {
     /// The rootfs identity for the snapshot, hashed while the guest runs
     /// (`--dump_dir` only).
     pub(crate) rootfs_identity: Option<disk::IdentityJob>,
-    /// Data ranges of the snapshot memory this VM maps lazily (empty for a
-    /// booted VM, or with `--copy_base`): pages a full dump must consider
-    /// even if this process never touched them.
-    pub(crate) base_ranges: Vec<(u64, u64)>,
+    /// The snapshot layers this VM was restored from, bottom first, with
+    /// their state checksums (empty for a booted VM). A snapshot of this
+    /// VM is a diff layer on top of them.
+    pub(crate) layers: Vec<MemoryLayer>,
 }
 
 /// A built VM whose threads have not started.
@@ -274,7 +278,7 @@ struct Parts {
     mmio: Bus,
     event_manager: EventManager,
     event_loop: LoopPause,
-    base_ranges: Vec<(u64, u64)>,
+    layers: Vec<MemoryLayer>,
     /// Runs on vCPU 0's thread just before its first `KVM_RUN`.
     on_first_run: Box<dyn FnOnce() + Send>,
 }
@@ -334,9 +338,9 @@ pub fn run(
         exit: exit_tx.clone(),
         snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
     };
-    let parts = match &config.load_dir {
+    let parts = match config.layers.last() {
         None => boot(config, &wiring)?,
-        Some(dir) => restore(config, dir, &wiring)?,
+        Some(top) => restore(config, top, &wiring)?,
     };
     let mut machine = start_machine(config, parts, &wiring, signals)?;
     if config.dump_dir.is_some() {
@@ -410,7 +414,7 @@ fn boot(config: &VmConfig, wiring: &Wiring) -> Result<Parts, BuildError> {
     // register the slots on a second thread while the rest is built (vCPUs
     // only run once both are done).
     let built = std::thread::scope(|s| {
-        let slots = s.spawn(|| vm.register_memory(&mem));
+        let slots = s.spawn(|| vm.register_memory(&mem, false));
         let rest = (|| -> Result<_, BuildError> {
             let kernel = kernel::load(&mem, &config.kernel)?;
 
@@ -484,7 +488,7 @@ fn boot(config: &VmConfig, wiring: &Wiring) -> Result<Parts, BuildError> {
         mmio,
         event_manager,
         event_loop,
-        base_ranges: Vec::new(),
+        layers: Vec::new(),
         on_first_run: Box::new(move || {
             log::info!(
                 "first KVM_RUN {} us after start",
@@ -565,57 +569,117 @@ impl Phases {
     }
 }
 
-/// The restore path: validates the snapshot in `dir` against `config`,
-/// then rebuilds the VM from it in the order KVM needs: VM with irqchip and
-/// PIT, memory, vCPU state, clock, devices. No vCPU exists before the
-/// snapshot passed every check, and nothing runs until [`start_machine`].
+/// Most mappings one diff layer may add to guest memory: each merged range
+/// of its pages is one mapping (a VMA, and a `mmap` call at restore), so a
+/// badly fragmented layer has its remaining ranges copied instead.
+const MAX_LAYER_MAPPINGS: usize = 4096;
+
+/// The diff layers' memory, handed to the memory thread once the state
+/// file has been checked: each layer's file and the ranges it holds.
+type DiffPlan = Vec<(File, Vec<(u64, u64)>)>;
+
+/// The restore path: validates the snapshot stack in `config.layers` (a
+/// base, then its diff layers; `top` is the last) against `config`, then rebuilds the VM from
+/// the top layer's state in the order KVM needs: VM with irqchip and PIT,
+/// memory, vCPU state, clock, devices. No vCPU exists before the snapshot
+/// passed every check, and nothing runs until [`start_machine`].
 ///
-/// Creating the VM and registering its memory cost milliseconds (mostly
-/// `KVM_SET_USER_MEMORY_REGION`), so they run on a helper thread while this
-/// one reads and checks the state file; a refusal simply drops that VM.
-fn restore(config: &VmConfig, dir: &Path, wiring: &Wiring) -> Result<Parts, BuildError> {
+/// Creating the VM and mapping and registering its memory cost
+/// milliseconds (mostly `KVM_SET_USER_MEMORY_REGION`), so they run on a
+/// helper thread while this one reads and checks the state files; the
+/// diff layers' ranges reach it once the top state file is read. A refusal
+/// simply drops that VM.
+fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, BuildError> {
     let mut phases = Phases::new(wiring.start);
     if config.cpu_template.is_some() {
         return Err(BuildError::TemplateAtRestore);
     }
-    format::check_present(dir)?;
-    let mem_file = open_memory_file(config, dir)?;
-    let copy = config.copy_base;
+    format::check_present(top)?;
+    let mut files = config
+        .layers
+        .iter()
+        .map(|dir| open_memory_file(config, dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base_file = files.remove(0);
+    let (copy_base, copy_diff) = (config.copy_base, config.copy_diff);
+    let log_dirty = config.dump_dir.is_some();
     let mem_mib = config.mem_mib;
+    let (plan_tx, plan_rx) = crossbeam_channel::bounded::<DiffPlan>(1);
     let memory_thread = std::thread::Builder::new()
         .name("restore-memory".into())
         .spawn(move || -> Result<_, BuildError> {
             let t = Instant::now();
             let vm = Vm::new()?;
             let t_vm = t.elapsed();
-            let mem = if copy {
-                let ranges = memory::data_ranges(&mem_file)?;
-                memory::copy_snapshot(&mem_file, mem_mib, &ranges)?
+            let mem = if copy_base {
+                let ranges = memory::data_ranges(&base_file)?;
+                memory::copy_snapshot(&base_file, mem_mib, &ranges)?
             } else {
-                memory::map_snapshot(&mem_file, mem_mib)?
+                memory::map_snapshot(&base_file, mem_mib)?
             };
             let t_mem = t.elapsed();
-            vm.register_memory(&mem)?;
-            Ok((vm, mem, [t_vm, t_mem - t_vm, t.elapsed() - t_mem]))
+            // Nothing to wait for if the main thread gave up (a refusal).
+            let Ok(diffs) = plan_rx.recv() else {
+                return Err(BuildError::Thread(std::io::Error::other(
+                    "the restore was abandoned",
+                )));
+            };
+            let t_plan = t.elapsed();
+            for (i, (file, ranges)) in diffs.iter().enumerate() {
+                if copy_diff {
+                    memory::copy_ranges(&mem, file, ranges)?;
+                    log::info!("diff layer {}: {} ranges copied", i + 1, ranges.len());
+                } else {
+                    let o = memory::overlay_ranges(&mem, file, ranges, MAX_LAYER_MAPPINGS)?;
+                    log::info!(
+                        "diff layer {}: {} ranges mapped ({} KiB), {} copied ({} KiB)",
+                        i + 1,
+                        o.mapped,
+                        o.mapped_bytes >> 10,
+                        o.copied,
+                        o.copied_bytes >> 10
+                    );
+                }
+            }
+            let t_layers = t.elapsed();
+            memory::reset_dirty(&mem);
+            vm.register_memory(&mem, log_dirty)?;
+            let timings = [
+                t_vm,
+                t_mem - t_vm,
+                t_plan - t_mem,
+                t_layers - t_plan,
+                t.elapsed() - t_layers,
+            ];
+            Ok((vm, mem, timings))
         })
         .map_err(BuildError::Thread)?;
 
-    let state = format::read(dir)?;
-    check_snapshot_shape(config, dir, &state)?;
-    let ranges = check_memory_layer(config, dir, &state)?;
+    let (state, checksum) = format::read(top)?;
+    check_snapshot_shape(config, top, &state)?;
+    let layers = check_layers(config, top, &state, checksum)?;
     disk::verify(&config.rootfs, &state.rootfs)?;
     let (rootfs, appfs) = open_disks(config)?;
     let vsock = Vsock::new(config.cid, &vsock_path(config))?;
     let console = console_sink(&config.console)?;
+    let plan = files
+        .into_iter()
+        .zip(&layers[1..])
+        .map(|(file, layer)| (file, layer.ranges.clone()))
+        .collect();
+    // The thread holds the receiver until it has the plan.
+    let _ = plan_tx.send(plan);
     phases.mark("open+validate");
 
-    let (vm, mem, [t_vm, t_map, t_slots]) = memory_thread
+    let (vm, mem, [t_vm, t_map, t_wait, t_layers, t_slots]) = memory_thread
         .join()
         .map_err(|_| BuildError::Thread(std::io::Error::other("the memory thread panicked")))??;
     phases.mark("memory wait");
     phases.alongside = vec![
         ("create VM", t_vm),
-        (if copy { "copy" } else { "mmap" }, t_map),
+        (if copy_base { "copy" } else { "mmap" }, t_map),
+        ("wait for layers", t_wait),
+        (if copy_diff { "copy diffs" } else { "map diffs" }, t_layers),
         ("memslots", t_slots),
     ];
     check_vcpu_limit(&vm, config)?;
@@ -668,7 +732,7 @@ fn restore(config: &VmConfig, dir: &Path, wiring: &Wiring) -> Result<Parts, Buil
         mmio,
         event_manager,
         event_loop,
-        base_ranges: if copy { Vec::new() } else { ranges },
+        layers,
         on_first_run: phases.into_logger(),
     })
 }
@@ -725,16 +789,90 @@ fn check_snapshot_shape(
             "its RAM regions {table:x?} are not this VM's {layout:x?}"
         )));
     }
-    match s.memory.layers.as_slice() {
-        [base] if base.parent.is_none() && base.dir == Path::new(".") => Ok(()),
-        _ => Err(mismatch(
-            "it is a diff snapshot (layered memory), which is not supported yet".into(),
-        )),
-    }
+    Ok(())
 }
 
-/// Opens the snapshot's memory file read-only and checks it covers guest
-/// RAM exactly (a shorter file would fault the guest on its tail).
+/// Checks the top layer's memory table against the layers given: one
+/// entry per layer, each lower one the very snapshot the table names (its
+/// state checksum), every range a page range of RAM. Returns the stack as
+/// a later diff of this VM records it (absolute directories, checksums).
+fn check_layers(
+    config: &VmConfig,
+    top: &Path,
+    s: &SnapshotState,
+    top_checksum: String,
+) -> Result<Vec<MemoryLayer>, BuildError> {
+    let given = &config.layers;
+    let fail = |reason: String| BuildError::Mismatch {
+        dir: top.display().to_string(),
+        reason,
+    };
+    let table = &s.memory.layers;
+    if table.len() != given.len() {
+        return Err(fail(if table.len() == 1 {
+            format!(
+                "it is a full snapshot, so it cannot be stacked on {} other layer(s)",
+                given.len() - 1
+            )
+        } else {
+            let below: Vec<String> = table[..table.len() - 1]
+                .iter()
+                .map(|l| l.dir.display().to_string())
+                .collect();
+            format!(
+                "it is a diff snapshot on top of {} layer(s) ({}), but {} were given: pass \
+                 them bottom first, --load_dir BASE --diff_dirs DIFF[,DIFF]",
+                below.len(),
+                below.join(", "),
+                given.len() - 1
+            )
+        }));
+    }
+    let page = memory::PAGE_SIZE as u64;
+    let ram = config.mem_mib << 20;
+    let mut stack = Vec::new();
+    for (i, (dir, layer)) in given.iter().zip(table).enumerate() {
+        let is_top = i + 1 == given.len();
+        let checksum = if is_top {
+            if layer.dir != Path::new(".") || layer.state_checksum.is_some() {
+                return Err(fail(
+                    "its memory table does not end with its own layer".into(),
+                ));
+            }
+            top_checksum.clone()
+        } else {
+            let found = format::checksum(dir)?;
+            if layer.state_checksum.as_deref() != Some(found.as_str()) {
+                return Err(fail(format!(
+                    "it was taken on top of {} (state checksum {}), but layer {} given is {} \
+                     (state checksum {found}): a layer whose parent is not the given one is refused",
+                    layer.dir.display(),
+                    layer.state_checksum.as_deref().unwrap_or("none"),
+                    i + 1,
+                    dir.display()
+                )));
+            }
+            found
+        };
+        for &(off, l) in &layer.ranges {
+            if off % page != 0 || l % page != 0 || off.checked_add(l).is_none_or(|e| e > ram) {
+                return Err(fail(format!(
+                    "layer {} has range {off:#x}+{l:#x}, which is not a page range of RAM",
+                    i + 1
+                )));
+            }
+        }
+        stack.push(MemoryLayer {
+            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
+            state_checksum: Some(checksum),
+            ranges: layer.ranges.clone(),
+        });
+    }
+    Ok(stack)
+}
+
+/// Opens a layer's memory file read-only and checks it covers guest RAM
+/// exactly (a shorter file would fault the guest on its tail).
 fn open_memory_file(config: &VmConfig, dir: &Path) -> Result<File, BuildError> {
     let path = dir.join(format::MEMORY_FILE);
     let fail = |reason: String| BuildError::MemoryFile {
@@ -751,38 +889,6 @@ fn open_memory_file(config: &VmConfig, dir: &Path) -> Result<File, BuildError> {
         )));
     }
     Ok(file)
-}
-
-/// Checks the memory table: one layer, this directory's `memory`, whose
-/// ranges are pages of RAM. Returns the ranges.
-fn check_memory_layer(
-    config: &VmConfig,
-    dir: &Path,
-    s: &SnapshotState,
-) -> Result<Vec<(u64, u64)>, BuildError> {
-    let layer = &s.memory.layers[0];
-    let fail = |reason: String| BuildError::MemoryFile {
-        dir: dir.display().to_string(),
-        path: dir.join(&layer.file).display().to_string(),
-        reason,
-    };
-    if layer.file != format::MEMORY_FILE {
-        return Err(fail(format!(
-            "the state file names memory file {:?}, expected {:?}",
-            layer.file,
-            format::MEMORY_FILE
-        )));
-    }
-    let page = memory::PAGE_SIZE as u64;
-    let ram = config.mem_mib << 20;
-    for &(off, l) in &layer.ranges {
-        if off % page != 0 || l % page != 0 || off.checked_add(l).is_none_or(|e| e > ram) {
-            return Err(fail(format!(
-                "its range {off:#x}+{l:#x} is not a page range of RAM"
-            )));
-        }
-    }
-    Ok(layer.ranges.clone())
 }
 
 fn check_vcpu_limit(vm: &Vm, config: &VmConfig) -> Result<(), BuildError> {
@@ -908,7 +1014,7 @@ fn start_machine(
         mmio,
         event_manager,
         event_loop,
-        base_ranges,
+        layers,
         on_first_run,
     } = parts;
     // vCPUs first: they are what a restore waits for. A queue notification
@@ -947,7 +1053,7 @@ fn start_machine(
         serial,
         event_loop,
         rootfs: config.rootfs.clone(),
-        base_ranges,
+        layers,
     })
 }
 

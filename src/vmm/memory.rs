@@ -106,41 +106,127 @@ pub fn map_snapshot(file: &File, mem_mib: u64) -> Result<GuestMemoryMmap, Memory
 }
 
 /// Eager restore (`--copy_base`): anonymous RAM with the file's data
-/// ranges (`(file offset, length)`, page aligned) read into it with
-/// `pread`, straight into guest memory. Holes stay untouched (zero).
+/// ranges read into it (see [`copy_ranges`]). Holes stay untouched (zero).
 pub fn copy_snapshot(
     file: &File,
     mem_mib: u64,
     ranges: &[(u64, u64)],
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let mem = create(mem_mib)?;
-    let layout = regions(mem_mib)?;
+    copy_ranges(&mem, file, ranges)?;
+    Ok(mem)
+}
+
+/// Calls `f(region, offset in region, file offset, length)` for the part
+/// of each of `ranges` (`(RAM offset, length)`) inside each region; fails
+/// if a range reaches outside RAM.
+fn for_each_part(
+    mem: &GuestMemoryMmap,
+    ranges: &[(u64, u64)],
+    mut f: impl FnMut(&GuestRegionMmap, u64, u64, u64) -> Result<(), MemoryError>,
+) -> Result<(), MemoryError> {
     for &(offset, len) in ranges {
         let outside = || MemoryError::RangeOutside { start: offset, len };
         let end = offset.checked_add(len).ok_or_else(outside)?;
-        // A range may span regions; copy the part inside each.
+        // A range may span regions; handle the part inside each.
         let mut covered = 0;
-        for ((_, size, roff), region) in layout.iter().zip(mem.iter()) {
-            let (lo, hi) = (offset.max(*roff), end.min(roff + size));
-            if lo >= hi {
-                continue;
+        let mut roff = 0;
+        for region in mem.iter() {
+            let size = region.len();
+            let (lo, hi) = (offset.max(roff), end.min(roff + size));
+            if lo < hi {
+                covered += hi - lo;
+                f(region, lo - roff, lo, hi - lo)?;
             }
-            covered += hi - lo;
-            let host = region
-                .get_host_address(MemoryRegionAddress(lo - roff))
-                .map_err(|e| MemoryError::Map(e.to_string()))?;
-            // SAFETY: `host..host + (hi - lo)` lies inside this region's
-            // live anonymous mapping (checked against the region bounds
-            // above), which nothing else references yet: the VM has not
-            // been given the memory and no vCPU or device exists.
-            let dst = unsafe { std::slice::from_raw_parts_mut(host, (hi - lo) as usize) };
-            file.read_exact_at(dst, lo).map_err(MemoryError::Read)?;
+            roff += size;
         }
         if covered != len {
             return Err(outside());
         }
     }
-    Ok(mem)
+    Ok(())
+}
+
+/// Reads `ranges` (`(RAM offset, length)`, page aligned) of `file` — a
+/// snapshot memory file, whose offsets are RAM offsets — into guest
+/// memory with `pread`, straight into place. Used before the VM runs.
+pub fn copy_ranges(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    ranges: &[(u64, u64)],
+) -> Result<(), MemoryError> {
+    for_each_part(mem, ranges, |region, at, file_offset, len| {
+        let host = region
+            .get_host_address(MemoryRegionAddress(at))
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        // SAFETY: `host..host + len` lies inside this region's live
+        // mapping (for_each_part clips to the region), which nothing else
+        // references yet: the VM has not been given the memory and no
+        // vCPU or device exists.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+        file.read_exact_at(dst, file_offset)
+            .map_err(MemoryError::Read)
+    })
+}
+
+/// Maps `ranges` (`(RAM offset, length)`, page aligned) of a diff layer's
+/// memory `file` over guest memory, copy-on-write (`MAP_FIXED |
+/// MAP_PRIVATE`): lazy like the base mapping, each page read on first
+/// touch. Each range costs a mapping (a VMA), so beyond the first
+/// `max_mappings` parts the rest are copied instead ([`copy_ranges`]).
+/// Used before the memory is registered with KVM.
+pub fn overlay_ranges(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    ranges: &[(u64, u64)],
+    max_mappings: usize,
+) -> Result<OverlayStats, MemoryError> {
+    let mut stats = OverlayStats::default();
+    for_each_part(mem, ranges, |region, at, file_offset, len| {
+        if stats.mapped >= max_mappings {
+            stats.copied += 1;
+            stats.copied_bytes += len;
+            return copy_ranges(mem, file, &[(file_offset, len)]);
+        }
+        let host = region
+            .get_host_address(MemoryRegionAddress(at))
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        // SAFETY: MAP_FIXED replaces pages `host..host + len`, which lie
+        // inside this region's own mapping (for_each_part clips to the
+        // region) and which nothing references yet: the memory is not
+        // registered with KVM and no vCPU or device exists. The new
+        // mapping is private, so the file is never written; it is
+        // unmapped with the region's mapping when `mem` is dropped.
+        let p = unsafe {
+            libc::mmap(
+                host.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map(format!(
+                "cannot map the layer range {file_offset:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        stats.mapped += 1;
+        stats.mapped_bytes += len;
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// What [`overlay_ranges`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OverlayStats {
+    pub mapped: usize,
+    pub mapped_bytes: u64,
+    pub copied: usize,
+    pub copied_bytes: u64,
 }
 
 /// The data ranges of a sparse file, `(offset, length)` rounded out to
@@ -179,16 +265,30 @@ pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
 /// What [`dump`] wrote.
 #[derive(Debug, Default, Clone)]
 pub struct DumpStats {
-    /// Pages looked at (resident or known to hold data).
+    /// Pages looked at (the selected ones).
     pub pages_scanned: u64,
     /// Pages written (non-zero).
     pub pages_written: u64,
-    /// Written ranges as (file offset, length), ascending, merged.
+    /// The ranges the layer holds as (RAM offset, length), ascending,
+    /// merged: what goes into the memory table.
     pub ranges: Vec<(u64, u64)>,
 }
 
+/// Which pages [`dump`] writes.
+pub enum Selection {
+    /// A full snapshot: every page the kernel reports resident (`mincore`:
+    /// a page neither the guest nor the VMM touched is not, and is zero).
+    /// The layer holds the non-zero ones; zero pages stay holes.
+    Resident,
+    /// A diff snapshot: the pages set in one dirty bitmap per region (bit
+    /// i of word i / 64 = page i, the KVM dirty-log layout). The layer
+    /// holds all of them, zero ones as holes in the file, because a page
+    /// zeroed since the parent must hide the parent's content.
+    Dirty(Vec<Vec<u64>>),
+}
+
 /// Which pages of a mapping are resident, one bool per page.
-fn resident(host: *mut u8, len: usize) -> Result<Vec<u8>, MemoryError> {
+fn resident(host: *mut u8, len: usize) -> Result<Vec<bool>, MemoryError> {
     let mut vec = vec![0u8; len.div_ceil(PAGE_SIZE)];
     // SAFETY: `host..host+len` is one live page-aligned mapping (a guest
     // region); mincore only writes `vec`, which has one byte per page.
@@ -196,47 +296,47 @@ fn resident(host: *mut u8, len: usize) -> Result<Vec<u8>, MemoryError> {
     if rc != 0 {
         return Err(MemoryError::Mincore(std::io::Error::last_os_error()));
     }
-    Ok(vec)
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
 }
 
-/// Writes every non-zero guest page into `file` (already sized to guest
-/// RAM, so everything not written stays a hole) at its offset in the
-/// concatenation of the regions.
-///
-/// Candidates are the pages the kernel reports resident (`mincore`: a page
-/// the guest or the VMM never touched is not) plus `known` — file-offset
-/// ranges that may hold data without being resident, such as the pages of
-/// a lazily mapped snapshot this VM was restored from. Each candidate is
-/// checked for all-zero and skipped if it is. Runs of adjacent pages go out
-/// in one `pwrite`.
+/// Appends `(at, len)` to ascending `ranges`, merging with the last one
+/// when adjacent.
+fn push_range(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
+    match ranges.last_mut() {
+        Some((o, l)) if *o + *l == at => *l += len,
+        _ => ranges.push((at, len)),
+    }
+}
+
+/// Writes the selected guest pages into `file` (already sized to guest
+/// RAM, so everything not written stays a hole) at their RAM offsets,
+/// non-zero pages only; runs of adjacent pages go out in one `pwrite`.
 ///
 /// The caller must have paused everything that writes guest memory (vCPUs
 /// and the device event loop).
 pub fn dump(
     mem: &GuestMemoryMmap,
     file: &File,
-    known: &[(u64, u64)],
+    select: &Selection,
 ) -> Result<DumpStats, MemoryError> {
     let mut stats = DumpStats::default();
     let mut file_offset = 0u64;
-    for region in mem.iter() {
+    for (index, region) in mem.iter().enumerate() {
         let len = region.len() as usize;
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        let mut candidate = resident(host, len)?;
-        let pages = candidate.len() as u64;
-        for &(off, l) in known {
-            let lo = off.max(file_offset);
-            let hi = (off + l).min(file_offset + len as u64);
-            if lo < hi {
-                let first = (lo - file_offset) / PAGE_SIZE as u64;
-                let last = (hi - file_offset).div_ceil(PAGE_SIZE as u64);
-                for c in &mut candidate[first as usize..last.min(pages) as usize] {
-                    *c |= 1;
-                }
+        let pages = len / PAGE_SIZE;
+        let selected: Vec<bool> = match select {
+            Selection::Resident => resident(host, len)?,
+            Selection::Dirty(maps) => {
+                let words = maps.get(index).map_or(&[][..], Vec::as_slice);
+                (0..pages)
+                    .map(|p| words.get(p / 64).is_some_and(|w| w >> (p % 64) & 1 != 0))
+                    .collect()
             }
-        }
+        };
+        let keep_zero = matches!(select, Selection::Dirty(_));
         // SAFETY: the region's mapping is live for as long as `mem`, and
         // the caller guarantees nothing writes guest memory while we read
         // it (vCPUs and devices are paused), so a shared slice is sound.
@@ -248,18 +348,21 @@ pub fn dump(
                 let at = file_offset + (first * PAGE_SIZE) as u64;
                 file.write_all_at(data, at).map_err(MemoryError::Write)?;
                 stats.pages_written += n as u64;
-                match stats.ranges.last_mut() {
-                    Some((o, l)) if *o + *l == at => *l += data.len() as u64,
-                    _ => stats.ranges.push((at, data.len() as u64)),
+                if !keep_zero {
+                    push_range(&mut stats.ranges, at, data.len() as u64);
                 }
             }
             Ok::<(), MemoryError>(())
         };
-        for (page, &c) in candidate.iter().enumerate() {
-            let nonzero = c & 1 != 0 && {
+        for (page, &sel) in selected.iter().enumerate() {
+            if sel {
                 stats.pages_scanned += 1;
-                !is_zero(&bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE])
-            };
+                if keep_zero {
+                    let at = file_offset + (page * PAGE_SIZE) as u64;
+                    push_range(&mut stats.ranges, at, PAGE_SIZE as u64);
+                }
+            }
+            let nonzero = sel && !is_zero(&bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]);
             match (&mut run, nonzero) {
                 (Some((first, n)), true) if *first + *n == page => *n += 1,
                 (_, true) => {
@@ -273,6 +376,52 @@ pub fn dump(
         file_offset += len as u64;
     }
     Ok(stats)
+}
+
+/// The VMM's own writes are tracked in each region's mapping's bitmap
+/// (vm-memory marks it on every write through the guest memory API).
+fn vmm_bitmap(region: &GuestRegionMmap) -> &AtomicBitmap {
+    vm_memory::MmapRegion::bitmap(region)
+}
+
+/// Clears the record of the VMM's own writes (where a diff's tracking
+/// starts).
+pub fn reset_dirty(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        vmm_bitmap(region).reset();
+    }
+}
+
+/// Adds the VMM's own writes since [`reset_dirty`] to `maps`, one dirty
+/// bitmap per region in the KVM dirty-log layout (which the vm-memory
+/// bitmap shares: bit i of word i / 64 is page i).
+pub fn add_vmm_dirty(mem: &GuestMemoryMmap, maps: &mut [Vec<u64>]) {
+    for (region, words) in mem.iter().zip(maps.iter_mut()) {
+        let ours = vmm_bitmap(region).get_and_reset();
+        if words.len() < ours.len() {
+            words.resize(ours.len(), 0);
+        }
+        for (w, o) in words.iter_mut().zip(ours) {
+            *w |= o;
+        }
+    }
+}
+
+/// Writes all of guest RAM, regions concatenated, to `path` (a test aid:
+/// what a diff stack must rebuild byte for byte).
+pub fn dump_all(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryError> {
+    let file = File::create(path).map_err(MemoryError::Write)?;
+    let mut at = 0u64;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        // SAFETY: as in `dump`: a live mapping, nothing writes it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
+        file.write_all_at(bytes, at).map_err(MemoryError::Write)?;
+        at += region.len();
+    }
+    file.sync_all().map_err(MemoryError::Write)
 }
 
 /// Whether a page is all zero (word at a time).
@@ -310,7 +459,7 @@ mod tests {
         let path = dir.as_path().join("memory");
         let file = File::create(&path).unwrap();
         file.set_len(4 << 20).unwrap();
-        let stats = dump(&mem, &file, &[]).unwrap();
+        let stats = dump(&mem, &file, &Selection::Resident).unwrap();
         assert_eq!(stats.pages_written, 3);
         assert_eq!(stats.ranges, vec![(0x1000, 0x2000), (0x30_0000, 0x1000)]);
         drop(file);
@@ -334,12 +483,6 @@ mod tests {
         file.read_exact_at(&mut b, 0x1000).unwrap();
         assert_eq!(b[0], 0xef);
 
-        // A lazily mapped VM dumps the pages of its base it never touched.
-        let lazy = map_snapshot(&file, 4).unwrap();
-        let out = File::create(dir.as_path().join("again")).unwrap();
-        out.set_len(4 << 20).unwrap();
-        let again = dump(&lazy, &out, &stats.ranges).unwrap();
-        assert_eq!(again.ranges, stats.ranges);
         // The file system knows where the data is (at most rounded out to
         // its block size).
         let data = data_ranges(&file).unwrap();
@@ -352,5 +495,72 @@ mod tests {
             );
         }
         assert!(copy_snapshot(&file, 4, &[(4 << 20, 4096)]).is_err());
+    }
+
+    #[test]
+    fn a_diff_layer_holds_the_dirty_pages_and_stacks_on_its_base() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let base_path = dir.as_path().join("base");
+        let base = create(4).unwrap();
+        for page in 0..6u64 {
+            base.write_obj(0x1000 + page, GuestAddress(page * 0x1000))
+                .unwrap();
+        }
+        let f = File::create(&base_path).unwrap();
+        f.set_len(4 << 20).unwrap();
+        dump(&base, &f, &Selection::Resident).unwrap();
+        drop(f);
+        let base_file = File::open(&base_path).unwrap();
+
+        // The restored VM rewrites page 1, zeroes page 2 and writes page
+        // 0x300 (a hole in the base); the VMM's own write lands on page 4.
+        let vm = map_snapshot(&base_file, 4).unwrap();
+        reset_dirty(&vm);
+        let mut kvm_log = vec![vec![0u64; (4 << 20) / PAGE_SIZE / 64]];
+        for (page, value) in [(1u64, 0xaau64), (2, 0), (0x300, 0xbb)] {
+            // SAFETY: a test: the page is inside the live 4 MiB mapping
+            // and nothing else uses it; a raw write stands for a guest
+            // write, which the VMM's bitmap does not see.
+            unsafe {
+                let host = vm.get_host_address(GuestAddress(page * 0x1000)).unwrap();
+                std::ptr::write_volatile(host.cast::<u64>(), value);
+            }
+            kvm_log[0][page as usize / 64] |= 1 << (page % 64);
+        }
+        vm.write_obj(0xccu64, GuestAddress(0x4000)).unwrap();
+        add_vmm_dirty(&vm, &mut kvm_log);
+
+        let diff_path = dir.as_path().join("diff");
+        let f = File::create(&diff_path).unwrap();
+        f.set_len(4 << 20).unwrap();
+        let stats = dump(&vm, &f, &Selection::Dirty(kvm_log)).unwrap();
+        drop(f);
+        // The zeroed page is held (a hole in the file), the others written.
+        assert_eq!(
+            stats.ranges,
+            vec![(0x1000, 0x2000), (0x4000, 0x1000), (0x30_0000, 0x1000)]
+        );
+        assert_eq!(stats.pages_written, 3);
+
+        let diff_file = File::open(&diff_path).unwrap();
+        for limit in [usize::MAX, 1] {
+            let m = map_snapshot(&base_file, 4).unwrap();
+            let o = overlay_ranges(&m, &diff_file, &stats.ranges, limit).unwrap();
+            assert_eq!(o.mapped + o.copied, 3);
+            assert_eq!(o.mapped, limit.min(3));
+            let read = |page: u64| m.read_obj::<u64>(GuestAddress(page * 0x1000)).unwrap();
+            assert_eq!(
+                [
+                    read(0),
+                    read(1),
+                    read(2),
+                    read(3),
+                    read(4),
+                    read(5),
+                    read(0x300)
+                ],
+                [0x1000, 0xaa, 0, 0x1003, 0xcc, 0x1005, 0xbb]
+            );
+        }
     }
 }

@@ -35,6 +35,8 @@ pub enum VmError {
     },
     #[error("cannot register guest memory with KVM: {0}")]
     RegisterMemory(kvm_ioctls::Error),
+    #[error("cannot read KVM's dirty page log: {0}")]
+    DirtyLog(kvm_ioctls::Error),
     #[error("cannot save the VM's {what}: {source}")]
     Save {
         what: &'static str,
@@ -220,14 +222,21 @@ impl Vm {
     }
 
     /// Gives every RAM region to KVM, one memory slot each.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// With `log_dirty`, KVM records every page the guest writes (the
+    /// dirty log, read with [`Vm::take_dirty_log`]) — how a diff snapshot
+    /// finds the pages that changed since the restore.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|_| VmError::RegisterMemory(kvm_ioctls::Error::new(libc::EFAULT)))?;
             let desc = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if log_dirty {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -238,6 +247,20 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(desc) }.map_err(VmError::RegisterMemory)?;
         }
         Ok(())
+    }
+
+    /// The pages the guest wrote since the memory was registered with
+    /// `log_dirty` (or since the last call): one bitmap per region, bit i
+    /// of word i / 64 = page i. Reading clears KVM's log.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(VmError::DirtyLog)
+            })
+            .collect()
     }
 }
 

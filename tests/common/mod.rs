@@ -239,3 +239,10 @@ pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
     }
     out
 }
+
+/// FNV-1a 64 of `bytes`, as testguest reports disk contents.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}

@@ -55,10 +55,13 @@ pub struct Agent<'a> {
     /// Timer interrupts seen when the retry timer was armed.
     retry_armed: Option<u32>,
     scratch: [u8; 4096],
+    /// Write the diff snapshot point (124) after answering each init frame
+    /// (manifest `diffpoint=after_init`).
+    diffpoint_after_init: bool,
 }
 
 impl<'a> Agent<'a> {
-    pub fn new(vs: Vsock, boot: &'a BootInfo, app: App, manifest: Manifest) -> Agent<'a> {
+    pub fn new(vs: Vsock, boot: &'a BootInfo, app: App, manifest: Manifest, diffpoint_after_init: bool) -> Agent<'a> {
         let mut rng = Rng::new();
         rng.mix(&[crate::io::rdtsc()]);
         Agent {
@@ -77,6 +80,7 @@ impl<'a> Agent<'a> {
             backoff_ms: 0,
             retry_armed: None,
             scratch: [0; 4096],
+            diffpoint_after_init,
         }
     }
 
@@ -265,7 +269,11 @@ impl<'a> Agent<'a> {
             let rt = json::field(init, "realtime_ns").and_then(json::as_u64).unwrap_or(0);
             self.realtime_ns = rt;
             self.rng.mix(&[seed[0], seed[1], seed[2], seed[3], rt]);
-            return self.respond_with(|w| w.raw(b"{\"ready\": true}"));
+            let n = self.respond_with(|w| w.raw(b"{\"ready\": true}"));
+            if self.diffpoint_after_init {
+                crate::io::control(crate::io::CONTROL_SNAPSHOT);
+            }
+            return n;
         }
         let func = match self.app {
             App::Loaded(f) => f,

@@ -2,10 +2,12 @@
 //! (header, data, status byte), completions by interrupt.
 
 use crate::util::Fnv;
-use crate::virtio::{wait_for, Buf, Device, VirtQueue};
+use crate::virtio::{wait_for, Buf, Device, VirtQueue, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS};
 use crate::mem;
 
 const F_RO: u64 = 1 << 5;
+/// InterruptStatus bit: the device configuration changed.
+const INT_CONFIG: u32 = 2;
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_GET_ID: u32 = 8;
@@ -74,8 +76,23 @@ impl Blk {
         self.done[slot] = false;
     }
 
+    /// Re-reads the capacity if the device raised a configuration change
+    /// (a restore behind another disk file than the snapshot saw); as a
+    /// Linux driver does on the config interrupt. Returns whether it did.
+    pub fn check_config_change(&mut self) -> bool {
+        let isr = self.dev.read(REG_INTERRUPT_STATUS);
+        if isr & INT_CONFIG == 0 {
+            return false;
+        }
+        self.dev.write(REG_INTERRUPT_ACK, INT_CONFIG);
+        self.capacity = self.dev.config_u64(0);
+        true
+    }
+
     fn reap(&mut self) {
-        self.dev.ack_interrupt();
+        if self.dev.ack_interrupt() & INT_CONFIG != 0 {
+            self.capacity = self.dev.config_u64(0);
+        }
         while let Some((head, _)) = self.q.pop_used() {
             let slot = usize::from(self.head_slot[usize::from(head)]);
             self.done[slot] = true;

@@ -133,3 +133,24 @@ pub fn readbench(devs: &mut Devices, which: &[u8]) {
         Err((sector, st)) => println!("testguest: readbench {} error status {} at sector {}", name_str(&name), st, sector),
     }
 }
+
+/// Manifest `preload=<KiB>`: reads the first KiB of the appfs (at most the
+/// whole disk) into a fresh buffer, as an app loading its files, and
+/// prints `testguest: preload <bytes> bytes`. The guest never touches the
+/// buffer itself: only the device writes those pages, so a diff snapshot
+/// holds them only if the VMM tracks its own writes.
+pub fn preload(appfs: &mut Blk, kib: u64) {
+    const CHUNK: usize = 64 << 10;
+    let bytes = (kib.saturating_mul(1024)).min(appfs.capacity * SECTOR as u64) as usize;
+    let buf = mem::alloc(bytes.max(1), 4096).as_mut_ptr();
+    for at in (0..bytes).step_by(CHUNK) {
+        let n = (bytes - at).min(CHUNK);
+        // SAFETY: at + n <= bytes, the length of the buffer.
+        let st = appfs.request(crate::blk::T_IN, (at / SECTOR) as u64, unsafe { buf.add(at) }, n, true);
+        if st != 0 {
+            println!("testguest: preload error status {} at byte {}", st, at);
+            return;
+        }
+    }
+    println!("testguest: preload {} bytes", bytes);
+}

@@ -77,6 +77,26 @@ pub fn run(f: Func, req: &[u8], frame_len: usize, env: &mut Env, out: &mut Write
     }
 }
 
+/// Work an app does when it loads, before the diff snapshot point.
+/// `touch` with a manifest `mib=N` fills its N MiB (one word per page, with
+/// other values than a request writes), as an app that builds its state at
+/// load: the diff snapshot then holds those pages and a request touches
+/// them again (its working set).
+pub fn prepare(f: Func, boot: &BootInfo, manifest: &Manifest) {
+    let Some(mib) = manifest.get(b"mib").and_then(crate::cmdline::parse_u64) else {
+        return;
+    };
+    let bytes = mib.saturating_mul(1 << 20);
+    if f != Func::Touch || bytes > (1 << 40) || boot.ram_range_holding(TOUCH_BASE, bytes.max(1)).is_none() {
+        return;
+    }
+    for p in 0..bytes / 4096 {
+        // SAFETY: as in `touch`: [TOUCH_BASE, TOUCH_BASE + bytes) is RAM
+        // (checked against e820 above) that nothing else uses.
+        unsafe { core::ptr::write_volatile((TOUCH_BASE + p * 4096) as *mut u64, !mix64(p)) };
+    }
+}
+
 /// Writes then reads back one 8-byte word per 4 KiB page of `mib` MiB at
 /// TOUCH_BASE. The values and so the checksum depend only on `mib`.
 fn touch(req: &[u8], env: &mut Env, out: &mut Writer) {

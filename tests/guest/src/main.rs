@@ -154,6 +154,13 @@ fn run_agent(boot: &BootInfo, mut devs: disks::Devices) -> ! {
         }
     };
     io::control(io::CONTROL_SNAPSHOT); // language snapshot point
+    // A restore usually brings another appfs than the snapshot saw: the
+    // device then raised a configuration change with the new capacity.
+    if let Some(appfs) = devs.disks[1].as_mut() {
+        if appfs.check_config_change() {
+            println!("testguest: vdb: config changed: sectors {}", appfs.capacity);
+        }
+    }
     let (manifest, have_appfs) = match devs.disks[1].as_mut() {
         Some(appfs) if appfs.capacity > 0 => {
             let sector: &mut [u8; blk::SECTOR] = mem::alloc(blk::SECTOR, 512).try_into().expect("sector buffer");
@@ -167,18 +174,29 @@ fn run_agent(boot: &BootInfo, mut devs: disks::Devices) -> ! {
         }
         _ => (manifest::Manifest::empty(), false),
     };
+    if let (Some(kib), Some(appfs)) = (manifest.get(b"preload").and_then(cmdline::parse_u64), devs.disks[1].as_mut()) {
+        disks::preload(appfs, kib);
+    }
     let app = agent::load(&manifest, have_appfs);
     agent::report_load(&app, &manifest);
     if let agent::App::Failed(_) = app {
         io::control(io::CONTROL_APP_FAILED);
     }
-    io::control(io::CONTROL_SNAPSHOT); // diff snapshot point
+    if let agent::App::Loaded(f) = app {
+        functions::prepare(f, boot, &manifest);
+    }
+    // `diffpoint=after_init` (tests): the diff snapshot point comes after
+    // each init frame instead, so the diff also holds vsock traffic.
+    let late_diffpoint = manifest.get(b"diffpoint") == Some(&b"after_init"[..]);
+    if !late_diffpoint {
+        io::control(io::CONTROL_SNAPSHOT); // diff snapshot point
+    }
     let mut vs = vs;
     if let Some(case) = manifest.get(b"hostile") {
         hostile::run(case, boot, &mut devs, vs.as_mut());
     }
     match vs {
-        Some(vs) => agent::Agent::new(vs, boot, app, manifest).run(),
+        Some(vs) => agent::Agent::new(vs, boot, app, manifest, late_diffpoint).run(),
         None => idle(),
     }
 }
