@@ -48,10 +48,14 @@ pub struct VmArgs {
     /// there is replaced atomically.
     #[arg(long = "dump_dir", alias = "dump-dir")]
     pub dump_dir: Option<PathBuf>,
-    /// Record the working set of the first request (into DIR, or the top layer).
+    /// With --load_dir: record the guest pages touched from the restore
+    /// until the controller says the first request is done, in first-touch
+    /// order, and write them as `ws` + `ws.json` into DIR (default: the top
+    /// snapshot layer). Needs a controller (singlevm, multivm).
     #[arg(long = "dump_ws", alias = "dump-ws", num_args = 0..=1, default_missing_value = "")]
     pub dump_ws: Option<String>,
-    /// Load the recorded working set eagerly at restore.
+    /// With --load_dir: load the working set recorded in the top layer
+    /// eagerly at restore and serve every other page on first touch.
     #[arg(long = "load_ws", alias = "load-ws")]
     pub load_ws: bool,
     /// With --load_dir: copy the base snapshot's memory into the VM up
@@ -97,14 +101,28 @@ impl VmArgs {
                 "--copy_diff needs a diff layer (--diff_dirs, or --load_dir BASE,DIFF)".into(),
             );
         }
-        if let Some((_, flag)) = [
-            (self.dump_ws.is_some(), "--dump_ws"),
-            (self.load_ws, "--load_ws"),
-        ]
-        .into_iter()
-        .find(|(set, _)| *set)
-        {
-            return Err(format!("{flag} is not supported yet"));
+        if (self.dump_ws.is_some() || self.load_ws) && layers.is_empty() {
+            return Err("--dump_ws and --load_ws need --load_dir (a snapshot to restore)".into());
+        }
+        let ws_flag = if self.load_ws {
+            "--load_ws"
+        } else {
+            "--dump_ws"
+        };
+        if self.dump_ws.is_some() && self.load_ws {
+            return Err(
+                "--dump_ws and --load_ws cannot be combined: record the working set, then load it"
+                    .into(),
+            );
+        }
+        if (self.dump_ws.is_some() || self.load_ws) && (self.copy_base || self.copy_diff) {
+            return Err(format!(
+                "{ws_flag} cannot be combined with --copy_base/--copy_diff: it gives the VM anonymous \
+                 memory served page by page from the layers"
+            ));
+        }
+        if self.dump_ws.is_some() && self.dump_dir.is_some() {
+            return Err("--dump_ws cannot be combined with --dump_dir".into());
         }
         Ok(())
     }
@@ -124,6 +142,11 @@ impl VmArgs {
             cid: self.id,
             console,
             vsock_uds,
+            dump_ws: self.dump_ws.as_ref().and_then(|dir| match dir.as_str() {
+                "" => self.layers().pop(),
+                dir => Some(PathBuf::from(dir)),
+            }),
+            load_ws: self.load_ws,
             layers: self.layers(),
             dump_dir: self.dump_dir.clone(),
             copy_base: self.copy_base,
@@ -232,6 +255,23 @@ mod tests {
         assert!(parse(&["--diff_dirs", "b"]).check().is_err());
         assert!(parse(&["--load_dir", "a", "--copy_diff"]).check().is_err());
         assert!(parse(&["--load_dir", "a,,b"]).check().is_err());
+        let ws = |extra: &[&str]| parse(extra).vm_config(None, None).dump_ws;
+        assert_eq!(
+            ws(&["--load_dir", "a,b", "--dump_ws"]),
+            Some(PathBuf::from("b"))
+        );
+        assert_eq!(
+            ws(&["--load_dir", "a", "--dump_ws", "d"]),
+            Some(PathBuf::from("d"))
+        );
+        assert!(parse(&["--dump_ws"]).check().is_err());
+        assert!(parse(&["--load_dir", "a", "--load_ws", "--copy_base"])
+            .check()
+            .is_err());
+        assert!(parse(&["--load_dir", "a", "--load_ws", "--dump_ws"])
+            .check()
+            .is_err());
+        assert_eq!(parse(&["--load_dir", "a,b", "--load_ws"]).check(), Ok(()));
     }
 
     #[test]

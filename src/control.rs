@@ -37,6 +37,19 @@ pub enum Event {
         memory_bytes: u64,
         create_us: u64,
     },
+    /// The working set (`--dump_ws`) was written after the controller's
+    /// `ws_done`: `pages` recorded, `data_bytes` in `ws` (zero pages take
+    /// none), `faults` served while recording.
+    WsWritten {
+        us: u64,
+        dir: String,
+        pages: u64,
+        data_bytes: u64,
+        faults: u64,
+    },
+    /// `ws_done` could not be honoured (no recording, or the write failed);
+    /// the VM keeps running.
+    WsFailed { us: u64, reason: String },
     /// The VM ended; `code` is firerunner's exit code.
     Exit { code: i32, reason: String },
 }
@@ -47,6 +60,9 @@ pub enum Event {
 pub enum Command {
     /// Stop the VM and exit 0.
     Shutdown,
+    /// The first request is done (`--dump_ws`): stop recording and write
+    /// the working set; answered with `ws_written` or `ws_failed`.
+    WsDone,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -268,11 +268,15 @@ impl Vm {
         }
     }
 
+    /// Sends `cmd` to firerunner over the control channel.
+    pub fn command(&self, cmd: &control::Command) -> std::io::Result<()> {
+        (&self.control).write_all(control::encode_command(cmd).as_bytes())
+    }
+
     /// Asks the VM to stop, waits a grace period, then kills it.
     pub fn shutdown(&mut self) -> Option<ExitStatus> {
         if self.try_status().is_none() {
-            let _ = (&self.control)
-                .write_all(control::encode_command(&control::Command::Shutdown).as_bytes());
+            let _ = self.command(&control::Command::Shutdown);
             let deadline = Instant::now() + SHUTDOWN_GRACE;
             while self.try_status().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));

@@ -8,6 +8,11 @@
 //! so is every later line, with "vm is gone", since no VM is left to serve
 //! it. The exit status is 0 when the VM served until end of input, 1
 //! otherwise.
+//!
+//! With `--dump_ws`, once the first request is answered singlevm sends
+//! firerunner `ws_done` and waits until the working set is written (or
+//! refused) before reading the next line; if none was written the exit
+//! status is 1.
 
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
@@ -41,26 +46,66 @@ pub struct Options {
     pub request_timeout: Option<Duration>,
     /// Wait for firerunner to exit instead of for the guest (snapshot runs).
     pub force_exit: bool,
+    /// `--dump_ws`: after the first request, have the working set written.
+    pub dump_ws: bool,
 }
 
 /// Logs firerunner's phase timings received so far.
+fn log_event(e: Event) {
+    match e {
+        Event::Ready { us } => log::info!("firerunner ready in: {us} us"),
+        Event::BootDone { us } => log::info!("guest boot done at: {us} us"),
+        Event::SnapshotPoint { us } => log::info!("guest snapshot point at: {us} us"),
+        Event::Timestamp { us } => log::info!("guest timestamp at: {us} us"),
+        Event::AppFailed { us } => log::warn!("guest app failed to load at: {us} us"),
+        Event::SnapshotWritten { dir, create_us, .. } => {
+            log::info!("snapshot written to {dir} in: {create_us} us")
+        }
+        Event::WsWritten {
+            dir, pages, faults, ..
+        } => log::info!("working set written to {dir}: {pages} pages, {faults} faults"),
+        Event::WsFailed { reason, .. } => log::error!("working set not written: {reason}"),
+        Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
+    }
+}
+
 fn log_phases(vm: &Vm) {
     for e in vm.events().try_iter() {
-        match e {
-            Event::Ready { us } => log::info!("firerunner ready in: {us} us"),
-            Event::BootDone { us } => log::info!("guest boot done at: {us} us"),
-            Event::SnapshotPoint { us } => log::info!("guest snapshot point at: {us} us"),
-            Event::Timestamp { us } => log::info!("guest timestamp at: {us} us"),
-            Event::AppFailed { us } => log::warn!("guest app failed to load at: {us} us"),
-            Event::SnapshotWritten { dir, create_us, .. } => {
-                log::info!("snapshot written to {dir} in: {create_us} us")
+        log_event(e);
+    }
+}
+
+/// How long firerunner may take to write a working set.
+const WS_WRITE_LIMIT: Duration = Duration::from_secs(60);
+
+/// `--dump_ws`: the first request is done; has firerunner write the
+/// working set and waits for the outcome. Returns whether it was written.
+fn finish_working_set(vm: &Vm) -> bool {
+    if let Err(e) = vm.command(&crate::control::Command::WsDone) {
+        log::error!("cannot ask firerunner to write the working set: {e}");
+        return false;
+    }
+    let deadline = Instant::now() + WS_WRITE_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match vm.events().recv_timeout(left) {
+            Ok(e @ Event::WsWritten { .. }) => {
+                log_event(e);
+                return true;
             }
-            Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
+            Ok(e @ (Event::WsFailed { .. } | Event::Exit { .. })) => {
+                log_event(e);
+                return false;
+            }
+            Ok(other) => log_event(other),
+            Err(_) => {
+                log::error!("firerunner did not write the working set within {WS_WRITE_LIMIT:?}");
+                return false;
+            }
         }
     }
 }
 
-/// The live connection, or why there is none.
 enum Agent {
     Serving(UnixStream),
     Gone(String),
@@ -99,6 +144,8 @@ pub fn run(
     log::info!("VM ready in: {} us", vm.spawned_at.elapsed().as_micros());
 
     let mut agent = Agent::Serving(stream);
+    // `--dump_ws`: Some(written?) once the first request is done.
+    let mut ws_written = None;
     for line in input.split(b'\n') {
         let line = match line {
             Ok(l) => l,
@@ -110,9 +157,20 @@ pub fn run(
         let answer = answer(&mut vm, &mut agent, &line, opts.request_timeout);
         writeln!(output, "{answer}").map_err(SingleVmError::Stdout)?;
         output.flush().map_err(SingleVmError::Stdout)?;
+        if opts.dump_ws && ws_written.is_none() && matches!(agent, Agent::Serving(_)) {
+            ws_written = Some(finish_working_set(&vm));
+        }
+    }
+    if opts.dump_ws && ws_written != Some(true) {
+        log::error!("--dump_ws: no working set was written (it needs one served request)");
     }
     log_phases(&vm);
+    let ws_failed = opts.dump_ws && ws_written != Some(true);
     Ok(match agent {
+        Agent::Serving(_) if ws_failed => {
+            vm.shutdown();
+            1
+        }
         Agent::Serving(_) => match vm.shutdown() {
             Some(s) if s.success() => 0,
             Some(s) => {

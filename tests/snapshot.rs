@@ -825,3 +825,144 @@ fn an_app_that_fails_to_load_is_never_snapshotted() {
         assert!(!diff.exists(), "a snapshot was written for a failed app");
     }
 }
+
+/// Page faults firerunner (`pid`) has taken so far: minflt + majflt.
+fn faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, minflt 10, majflt 12.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    rest[7].parse::<u64>().unwrap() + rest[9].parse::<u64>().unwrap()
+}
+
+/// Restores with `args` (layers and modes), plays the controller — init
+/// frame, then `request` — and returns the response and the page faults
+/// firerunner took while serving it.
+fn first_request_faults(
+    s: &Scratch,
+    root: &Path,
+    app: &Path,
+    args: &[&str],
+    request: &Value,
+) -> (Value, u64) {
+    let uds = s.path("ws.vsock");
+    let _ = std::fs::remove_file(s.path("ws.vsock_1234"));
+    let listener = std::os::unix::net::UnixListener::bind(s.path("ws.vsock_1234")).unwrap();
+    let mut cmd = Command::new(firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(root)
+        .arg("--appfs")
+        .arg(app)
+        .args(args)
+        .arg("--console")
+        .arg(s.path("ws-console.log"))
+        .arg("--vsock_uds")
+        .arg(&uds)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(LIMIT)).unwrap();
+    let init = snapvm::protocol::init_frame(&[9; 32], 1);
+    snapvm::protocol::write_frame(&mut conn, init.to_string().as_bytes()).unwrap();
+    assert_eq!(
+        snapvm::protocol::read_json(&mut conn).unwrap(),
+        json!({"ready": true})
+    );
+    let before = faults(child.id());
+    snapvm::protocol::write_frame(&mut conn, request.to_string().as_bytes()).unwrap();
+    let response = snapvm::protocol::read_json(&mut conn).unwrap();
+    let taken = faults(child.id()) - before;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (response, taken)
+}
+
+#[test]
+fn a_recorded_working_set_loads_eagerly_and_serves_like_lazy_and_boot() {
+    let s = Scratch::new("ws");
+    let root = rootfs(&s);
+    let empty = s.file("empty.img", b"");
+    let (base, diff) = (s.path("base"), s.path("diff"));
+    dump(&s, &base, &root, &empty, &[]);
+    let app = app_image(&s, "touch.img", &["fn=touch", "mib=16"]);
+    let b = base.display().to_string();
+    dump(&s, &diff, &root, &app, &["--load_dir", &b]);
+    let d = diff.display().to_string();
+
+    // Record: serve one request with --dump_ws (into the top layer).
+    let out = serve(
+        &s,
+        &root,
+        &app,
+        Some(&base),
+        &["--diff_dirs", &d, "--dump_ws"],
+        "{}\n",
+    );
+    assert_eq!(lines(&out)[0]["touched_mib"], 16, "{}", out.stderr);
+    let identity = format::checksum(&diff).unwrap();
+    let set = snapvm::snapshot::ws::read(&diff, 128 << 20, &identity).unwrap();
+    let bytes = set.pages() * 4096;
+    assert!(
+        (16 << 20..=18 << 20).contains(&bytes),
+        "working set of {bytes} bytes"
+    );
+    // Every range is inside RAM (`read` checks it) and 32 MiB.. is in it.
+    let touched = set
+        .ranges()
+        .iter()
+        .filter(|r| r.ram_offset >= 32 << 20 && r.ram_offset < 48 << 20)
+        .map(|r| r.len)
+        .sum::<u64>();
+    assert_eq!(touched, 16 << 20);
+
+    // The same answers from a boot, a lazy restore and a --load_ws one.
+    let requests = "{}\n{\"mib\": 4}\n{}\n";
+    let booted = serve(&s, &root, &app, None, &[], requests);
+    for extra in [&["--diff_dirs", &d][..], &["--diff_dirs", &d, "--load_ws"]] {
+        let restored = serve(&s, &root, &app, Some(&base), extra, requests);
+        assert_eq!(lines(&restored), lines(&booted), "{extra:?}");
+    }
+
+    // Faults during the first request: --load_ws takes at most a tenth.
+    let layers = format!("{b},{d}");
+    let (lazy_resp, lazy) =
+        first_request_faults(&s, &root, &app, &["--load_dir", &layers], &json!({}));
+    let (ws_resp, ws) = first_request_faults(
+        &s,
+        &root,
+        &app,
+        &["--load_dir", &layers, "--load_ws"],
+        &json!({}),
+    );
+    assert_eq!(ws_resp, lazy_resp);
+    assert!(lazy >= 4096, "lazy restore took only {lazy} faults");
+    assert!(ws * 10 <= lazy, "--load_ws took {ws} faults, lazy {lazy}");
+
+    // A working set recorded on another stack is refused; so is recording
+    // without a controller to say when the request is done.
+    let other = s.path("other");
+    dump(&s, &other, &root, &app, &["--load_dir", &b]);
+    for f in ["ws", "ws.json"] {
+        std::fs::copy(diff.join(f), other.join(f)).unwrap();
+    }
+    let o = other.display().to_string();
+    refused(
+        &s,
+        &base,
+        &root,
+        &app,
+        &["--diff_dirs", &o, "--load_ws"],
+        "belongs to another snapshot",
+    );
+    refused(
+        &s,
+        &base,
+        &root,
+        &app,
+        &["--diff_dirs", &d, "--dump_ws"],
+        "needs a controller",
+    );
+}

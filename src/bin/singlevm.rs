@@ -71,6 +71,7 @@ fn main() -> ExitCode {
         boot_timeout,
         request_timeout,
         force_exit: args.force_exit,
+        dump_ws: args.vm.dump_ws.is_some(),
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();

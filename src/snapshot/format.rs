@@ -1,24 +1,15 @@
 //! `snapshot.json`: the versioned, checksummed state file of a snapshot
-//! layer.
-//!
-//! The file is one JSON object whose members come in this order:
+//! layer, in the envelope of [`super::envelope`]:
 //!
 //! ```text
-//! {"format":"snapvm-snapshot","version":1,"checksum":"<16 hex>","state":{...}}
+//! {"format":"snapvm-snapshot","version":2,"checksum":"<16 hex>","state":{...}}
 //! ```
-//!
-//! `checksum` is the XXH64 of the exact bytes of the `state` value as they
-//! appear in the file, so any change to the state — a flipped bit, a
-//! truncation — is caught before the state is believed. `version` is
-//! checked first: a file from a newer snapvm is refused as such even if
-//! its state has a shape this version cannot parse.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
-use super::hash::xxh64;
+use super::envelope::{self, Kind, Refusal};
 use crate::vmm::devices::serial::SerialPersist;
 use crate::vmm::devices::virtio::mmio::TransportState;
 use crate::vmm::vcpu::VcpuState;
@@ -148,69 +139,30 @@ pub struct SnapshotState {
     pub serial: SerialPersist,
 }
 
-#[derive(Deserialize)]
-struct Header {
-    format: String,
-    version: u32,
-}
-
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    checksum: &'a str,
-    #[serde(borrow)]
-    state: &'a RawValue,
-}
-
-/// The file around an encoded state.
-fn wrap(version: u32, body: &str) -> Vec<u8> {
-    let checksum = xxh64(body.as_bytes());
-    format!(
-        "{{\"format\":\"{FORMAT}\",\"version\":{version},\"checksum\":\"{checksum:016x}\",\"state\":{body}}}\n"
-    )
-    .into_bytes()
-}
+/// `snapshot.json` as an envelope.
+const KIND: Kind = Kind {
+    format: FORMAT,
+    version: VERSION,
+    member: "state",
+};
 
 /// Encodes a state file.
 pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, FormatError> {
     let body = serde_json::to_string(state).map_err(FormatError::Encode)?;
-    Ok(wrap(VERSION, &body))
+    Ok(envelope::seal(&KIND, VERSION, &body))
 }
 
 /// Checks a state file's format, version and checksum; returns the
 /// checksum and the state's JSON text.
 fn open_envelope<'a>(path: &Path, bytes: &'a [u8]) -> Result<(String, &'a str), FormatError> {
-    let malformed = |reason: String| FormatError::Malformed {
-        path: path.to_owned(),
-        reason,
-    };
-    let header: Header = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
-    if header.format != FORMAT {
-        return Err(FormatError::NotSnapshot {
-            path: path.to_owned(),
-            found: header.format,
-        });
-    }
-    if header.version > VERSION {
-        return Err(FormatError::Newer {
-            path: path.to_owned(),
-            found: header.version,
-        });
-    }
-    if header.version < VERSION {
-        return Err(FormatError::Older {
-            path: path.to_owned(),
-            found: header.version,
-        });
-    }
-    let env: Envelope = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
-    let body = env.state.get();
-    let checksum = format!("{:016x}", xxh64(body.as_bytes()));
-    if checksum != env.checksum {
-        return Err(FormatError::Checksum {
-            path: path.to_owned(),
-        });
-    }
-    Ok((checksum, body))
+    let path = path.to_owned();
+    envelope::open(&KIND, bytes).map_err(|r| match r {
+        Refusal::Malformed(reason) => FormatError::Malformed { path, reason },
+        Refusal::OtherFormat(found) => FormatError::NotSnapshot { path, found },
+        Refusal::Newer(found) => FormatError::Newer { path, found },
+        Refusal::Older(found) => FormatError::Older { path, found },
+        Refusal::Checksum => FormatError::Checksum { path },
+    })
 }
 
 /// Decodes a state file's bytes (`path` names it in errors): format,
@@ -264,7 +216,7 @@ pub fn checksum(dir: &Path) -> Result<String, FormatError> {
 /// correct checksum. For tests and tools that edit a state file.
 pub fn seal_value(version: u32, state: &serde_json::Value) -> Result<Vec<u8>, FormatError> {
     let body = serde_json::to_string(state).map_err(FormatError::Encode)?;
-    Ok(wrap(version, &body))
+    Ok(envelope::seal(&KIND, version, &body))
 }
 
 /// The `state` value of a state file, unchecked (for tests and tools).

@@ -18,6 +18,8 @@
 pub mod create;
 pub mod dir;
 pub mod disk;
+pub mod envelope;
 pub mod format;
 pub mod hash;
 pub mod quiesce;
+pub mod ws;

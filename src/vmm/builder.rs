@@ -38,7 +38,7 @@ use super::{VmExit, MAX_VCPUS};
 use crate::control::{Channel, Command, Event};
 use crate::snapshot::format::{self, DeviceEntry, FormatError, MemoryLayer, SnapshotState};
 use crate::snapshot::quiesce::{LoopPause, QuiesceError};
-use crate::snapshot::{self, disk};
+use crate::snapshot::{self, disk, ws};
 
 /// Kernel command line used when the user gives none.
 pub const DEFAULT_KERNEL_ARGS: &str =
@@ -74,6 +74,11 @@ pub struct VmConfig {
     pub copy_base: bool,
     /// Copy the diff layers' memory up front instead of mapping it lazily.
     pub copy_diff: bool,
+    /// Record the working set of the first request into this directory
+    /// (see `snapshot::ws`); the controller says when the request is done.
+    pub dump_ws: Option<PathBuf>,
+    /// Load the top layer's working set eagerly at restore.
+    pub load_ws: bool,
     /// CPU template (JSON) applied to every vCPU at boot.
     pub cpu_template: Option<PathBuf>,
 }
@@ -128,6 +133,12 @@ pub enum BuildError {
     EventLoop(event_manager::Error),
     #[error(transparent)]
     Quiesce(#[from] QuiesceError),
+    #[error(transparent)]
+    Ws(#[from] ws::WsError),
+    #[error(
+        "--dump_ws needs a controller (singlevm, multivm) to say when the first request is done"
+    )]
+    WsWithoutController,
     #[error("cannot start a VMM thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot block termination signals: {0}")]
@@ -245,6 +256,8 @@ struct Wiring {
     control: Option<Arc<Channel>>,
     exit: Sender<VmExit>,
     snapshot: Option<Sender<()>>,
+    /// Where the control thread passes the controller's `ws_done`.
+    ws_done: Sender<()>,
 }
 
 /// A running VM: everything that drives it and everything a snapshot saves.
@@ -265,6 +278,9 @@ pub struct Machine {
     /// their state checksums (empty for a booted VM). A snapshot of this
     /// VM is a diff layer on top of them.
     pub(crate) layers: Vec<MemoryLayer>,
+    /// The working-set fault handler and what it serves (`--dump_ws`,
+    /// `--load_ws`); kept for the life of the VM.
+    ws: Option<WsRuntime>,
 }
 
 /// A built VM whose threads have not started.
@@ -279,6 +295,7 @@ struct Parts {
     event_manager: EventManager,
     event_loop: LoopPause,
     layers: Vec<MemoryLayer>,
+    ws: Option<WsRuntime>,
     /// Runs on vCPU 0's thread just before its first `KVM_RUN`.
     on_first_run: Box<dyn FnOnce() + Send>,
 }
@@ -329,14 +346,19 @@ pub fn run(
     if let Some(dir) = &config.dump_dir {
         snapshot::dir::check_target(dir)?;
     }
+    if config.dump_ws.is_some() && control.is_none() {
+        return Err(BuildError::WsWithoutController);
+    }
 
     let (exit_tx, exit_rx) = unbounded();
     let (snap_tx, snap_rx) = unbounded();
+    let (ws_tx, ws_rx) = unbounded();
     let wiring = Wiring {
         start,
         control: control.clone(),
         exit: exit_tx.clone(),
         snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
+        ws_done: ws_tx,
     };
     let parts = match config.layers.last() {
         None => boot(config, &wiring)?,
@@ -355,11 +377,18 @@ pub fn run(
         });
     }
 
+    if let Some(w) = &machine.ws {
+        watch_fault_handler(&w.handler, wiring.exit.clone())?;
+    }
+
     // The first reason to stop wins; the process exit ends the other threads.
     // (`snap_tx` lives until here, so the snapshot channel never closes.)
-    let exit = select! {
-        recv(exit_rx) -> e => e.unwrap_or(VmExit::Fatal("all VM threads ended".into())),
-        recv(snap_rx) -> _ => take_snapshot(&machine, config, &wiring),
+    let exit = loop {
+        select! {
+            recv(exit_rx) -> e => break e.unwrap_or(VmExit::Fatal("all VM threads ended".into())),
+            recv(snap_rx) -> _ => break take_snapshot(&machine, config, &wiring),
+            recv(ws_rx) -> _ => write_working_set(&mut machine, &wiring),
+        }
     };
     lock(&machine.serial).flush();
     // The process exits without dropping the vsock device (its event loop
@@ -370,6 +399,81 @@ pub fn run(
     // Keep the VM (and so its memory slots) alive until here.
     drop((machine, snap_tx));
     Ok(exit)
+}
+
+/// The controller said the first request is done: stop recording and
+/// write the working set where `--dump_ws` asked. The VM keeps running.
+fn write_working_set(machine: &mut Machine, wiring: &Wiring) {
+    let us = || wiring.start.elapsed().as_micros() as u64;
+    let event = match machine.ws.as_mut() {
+        Some(w) => match w.record_into.take() {
+            Some(dir) => {
+                let pages = w.handler.stop_recording();
+                let faults = w.handler.stats().faults;
+                let ram = machine.mem_mib << 20;
+                match ws::write(&dir, &pages, w.stack.as_ref(), ram, &w.identity) {
+                    Ok(set) => {
+                        log::info!(
+                            "working set written to {}: {} pages, {} KiB of data, {faults} faults served",
+                            dir.display(),
+                            set.pages(),
+                            set.data_bytes() >> 10
+                        );
+                        Event::WsWritten {
+                            us: us(),
+                            dir: dir.display().to_string(),
+                            pages: set.pages(),
+                            data_bytes: set.data_bytes(),
+                            faults,
+                        }
+                    }
+                    Err(e) => Event::WsFailed {
+                        us: us(),
+                        reason: e.to_string(),
+                    },
+                }
+            }
+            None => Event::WsFailed {
+                us: us(),
+                reason: "no working set is being recorded (already written, or --load_ws)".into(),
+            },
+        },
+        None => Event::WsFailed {
+            us: us(),
+            reason: "no working set is being recorded (no --dump_ws)".into(),
+        },
+    };
+    if let Event::WsFailed { reason, .. } = &event {
+        log::error!("working set not written: {reason}");
+    }
+    if let Some(c) = &wiring.control {
+        c.send(&event);
+    }
+}
+
+/// Ends the VM if the working-set fault handler dies: a guest page it does
+/// not serve would block its vCPU forever.
+fn watch_fault_handler(handler: &ws::FaultHandler, exit: Sender<VmExit>) -> Result<(), BuildError> {
+    let failure = handler
+        .failure()
+        .try_clone_to_owned()
+        .map_err(BuildError::Thread)?;
+    std::thread::Builder::new()
+        .name("ws-watch".into())
+        .spawn(move || {
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&failure),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            while let Err(nix::errno::Errno::EINTR) =
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE)
+            {}
+            let _ = exit.send(VmExit::Fatal(
+                "the working-set fault handler failed (see the log)".into(),
+            ));
+        })
+        .map(drop)
+        .map_err(BuildError::Thread)
 }
 
 /// Writes the snapshot `--dump_dir` asks for; the VM ends either way.
@@ -489,6 +593,7 @@ fn boot(config: &VmConfig, wiring: &Wiring) -> Result<Parts, BuildError> {
         event_manager,
         event_loop,
         layers: Vec::new(),
+        ws: None,
         on_first_run: Box::new(move || {
             log::info!(
                 "first KVM_RUN {} us after start",
@@ -574,9 +679,113 @@ impl Phases {
 /// badly fragmented layer has its remaining ranges copied instead.
 const MAX_LAYER_MAPPINGS: usize = 4096;
 
-/// The diff layers' memory, handed to the memory thread once the state
-/// file has been checked: each layer's file and the ranges it holds.
-type DiffPlan = Vec<(File, Vec<(u64, u64)>)>;
+/// What the memory thread needs from the checked state file.
+struct RestorePlan {
+    /// The base layer's ranges (its memory table entry).
+    base_ranges: Vec<(u64, u64)>,
+    /// Each diff layer's memory file and the ranges it holds.
+    diffs: Vec<(File, Vec<(u64, u64)>)>,
+    /// The top layer's state checksum: what a working set belongs to.
+    identity: String,
+}
+
+/// A restored VM's working-set machinery (`--dump_ws`, `--load_ws`): its
+/// memory is anonymous and every page not yet placed is served on first
+/// touch from the layers by the fault handler, which must outlive the
+/// vCPUs and devices.
+pub(crate) struct WsRuntime {
+    handler: ws::FaultHandler,
+    stack: Arc<ws::LayerStack>,
+    identity: String,
+    /// Where `--dump_ws` writes the recording; `None` once written, and
+    /// when loading.
+    record_into: Option<PathBuf>,
+}
+
+/// Builds a restored VM's guest memory on the restore-memory thread: the
+/// base mapped (or copied), then — once the state file is checked — the
+/// diff layers over it; or, for the working-set modes, anonymous memory
+/// behind the fault handler. Registers it with KVM last. Returns the
+/// memory, the working-set machinery and the phase timings.
+fn restore_memory(
+    config: &VmConfig,
+    vm: &Vm,
+    base_file: File,
+    plan_rx: crossbeam_channel::Receiver<RestorePlan>,
+) -> Result<(GuestMemoryMmap, Option<WsRuntime>, [Duration; 4]), BuildError> {
+    let t = Instant::now();
+    let uffd = config.dump_ws.is_some() || config.load_ws;
+    let mem = if uffd {
+        memory::create(config.mem_mib)?
+    } else if config.copy_base {
+        let ranges = memory::data_ranges(&base_file)?;
+        memory::copy_snapshot(&base_file, config.mem_mib, &ranges)?
+    } else {
+        memory::map_snapshot(&base_file, config.mem_mib)?
+    };
+    let t_mem = t.elapsed();
+    // Nothing to wait for if the main thread gave up (a refusal).
+    let plan = plan_rx
+        .recv()
+        .map_err(|_| BuildError::Thread(std::io::Error::other("the restore was abandoned")))?;
+    let t_plan = t.elapsed();
+    let ws = if uffd {
+        let mut layers = vec![(base_file, plan.base_ranges)];
+        layers.extend(plan.diffs);
+        let stack = Arc::new(ws::LayerStack::new(layers));
+        let handler = match &config.dump_ws {
+            Some(_) => ws::FaultHandler::record(&mem, stack.clone())?,
+            None => {
+                let top = config
+                    .layers
+                    .last()
+                    .map_or(Path::new("."), PathBuf::as_path);
+                let set = ws::read(top, config.mem_mib << 20, &plan.identity)?;
+                log::info!(
+                    "working set: {} pages ({} KiB of data) loaded from {}",
+                    set.pages(),
+                    set.data_bytes() >> 10,
+                    top.display()
+                );
+                ws::load_anonymous(&mem, set, stack.clone(), ws::AnonLoad::UffdCopy)?
+            }
+        };
+        Some(WsRuntime {
+            handler,
+            stack,
+            identity: plan.identity,
+            record_into: config.dump_ws.clone(),
+        })
+    } else {
+        for (i, (file, ranges)) in plan.diffs.iter().enumerate() {
+            if config.copy_diff {
+                memory::copy_ranges(&mem, file, ranges)?;
+                log::info!("diff layer {}: {} ranges copied", i + 1, ranges.len());
+            } else {
+                let o = memory::overlay_ranges(&mem, file, ranges, MAX_LAYER_MAPPINGS)?;
+                log::info!(
+                    "diff layer {}: {} ranges mapped ({} KiB), {} copied ({} KiB)",
+                    i + 1,
+                    o.mapped,
+                    o.mapped_bytes >> 10,
+                    o.copied,
+                    o.copied_bytes >> 10
+                );
+            }
+        }
+        None
+    };
+    let t_layers = t.elapsed();
+    memory::reset_dirty(&mem);
+    vm.register_memory(&mem, config.dump_dir.is_some())?;
+    let timings = [
+        t_mem,
+        t_plan - t_mem,
+        t_layers - t_plan,
+        t.elapsed() - t_layers,
+    ];
+    Ok((mem, ws, timings))
+}
 
 /// The restore path: validates the snapshot stack in `config.layers` (a
 /// base, then its diff layers; `top` is the last) against `config`, then rebuilds the VM from
@@ -601,57 +810,16 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
         .map(|dir| open_memory_file(config, dir))
         .collect::<Result<Vec<_>, _>>()?;
     let base_file = files.remove(0);
-    let (copy_base, copy_diff) = (config.copy_base, config.copy_diff);
-    let log_dirty = config.dump_dir.is_some();
-    let mem_mib = config.mem_mib;
-    let (plan_tx, plan_rx) = crossbeam_channel::bounded::<DiffPlan>(1);
+    let (plan_tx, plan_rx) = crossbeam_channel::bounded::<RestorePlan>(1);
+    let thread_config = config.clone();
     let memory_thread = std::thread::Builder::new()
         .name("restore-memory".into())
         .spawn(move || -> Result<_, BuildError> {
             let t = Instant::now();
             let vm = Vm::new()?;
             let t_vm = t.elapsed();
-            let mem = if copy_base {
-                let ranges = memory::data_ranges(&base_file)?;
-                memory::copy_snapshot(&base_file, mem_mib, &ranges)?
-            } else {
-                memory::map_snapshot(&base_file, mem_mib)?
-            };
-            let t_mem = t.elapsed();
-            // Nothing to wait for if the main thread gave up (a refusal).
-            let Ok(diffs) = plan_rx.recv() else {
-                return Err(BuildError::Thread(std::io::Error::other(
-                    "the restore was abandoned",
-                )));
-            };
-            let t_plan = t.elapsed();
-            for (i, (file, ranges)) in diffs.iter().enumerate() {
-                if copy_diff {
-                    memory::copy_ranges(&mem, file, ranges)?;
-                    log::info!("diff layer {}: {} ranges copied", i + 1, ranges.len());
-                } else {
-                    let o = memory::overlay_ranges(&mem, file, ranges, MAX_LAYER_MAPPINGS)?;
-                    log::info!(
-                        "diff layer {}: {} ranges mapped ({} KiB), {} copied ({} KiB)",
-                        i + 1,
-                        o.mapped,
-                        o.mapped_bytes >> 10,
-                        o.copied,
-                        o.copied_bytes >> 10
-                    );
-                }
-            }
-            let t_layers = t.elapsed();
-            memory::reset_dirty(&mem);
-            vm.register_memory(&mem, log_dirty)?;
-            let timings = [
-                t_vm,
-                t_mem - t_vm,
-                t_plan - t_mem,
-                t_layers - t_plan,
-                t.elapsed() - t_layers,
-            ];
-            Ok((vm, mem, timings))
+            let (mem, ws, timings) = restore_memory(&thread_config, &vm, base_file, plan_rx)?;
+            Ok((vm, mem, ws, t_vm, timings))
         })
         .map_err(BuildError::Thread)?;
 
@@ -662,24 +830,47 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
     let (rootfs, appfs) = open_disks(config)?;
     let vsock = Vsock::new(config.cid, &vsock_path(config))?;
     let console = console_sink(&config.console)?;
-    let plan = files
-        .into_iter()
-        .zip(&layers[1..])
-        .map(|(file, layer)| (file, layer.ranges.clone()))
-        .collect();
+    let plan = RestorePlan {
+        base_ranges: layers[0].ranges.clone(),
+        diffs: files
+            .into_iter()
+            .zip(&layers[1..])
+            .map(|(file, layer)| (file, layer.ranges.clone()))
+            .collect(),
+        identity: layers
+            .last()
+            .and_then(|l| l.state_checksum.clone())
+            .unwrap_or_default(),
+    };
     // The thread holds the receiver until it has the plan.
     let _ = plan_tx.send(plan);
     phases.mark("open+validate");
 
-    let (vm, mem, [t_vm, t_map, t_wait, t_layers, t_slots]) = memory_thread
+    let (vm, mem, ws, t_vm, [t_map, t_wait, t_layers, t_slots]) = memory_thread
         .join()
         .map_err(|_| BuildError::Thread(std::io::Error::other("the memory thread panicked")))??;
     phases.mark("memory wait");
+    let (copy_base, copy_diff) = (config.copy_base, config.copy_diff);
     phases.alongside = vec![
         ("create VM", t_vm),
-        (if copy_base { "copy" } else { "mmap" }, t_map),
+        (
+            match (&ws, copy_base) {
+                (Some(_), _) => "anonymous",
+                (None, true) => "copy",
+                (None, false) => "mmap",
+            },
+            t_map,
+        ),
         ("wait for layers", t_wait),
-        (if copy_diff { "copy diffs" } else { "map diffs" }, t_layers),
+        (
+            match (&ws, copy_diff) {
+                (Some(_), _) if config.load_ws => "load ws",
+                (Some(_), _) => "start recorder",
+                (None, true) => "copy diffs",
+                (None, false) => "map diffs",
+            },
+            t_layers,
+        ),
         ("memslots", t_slots),
     ];
     check_vcpu_limit(&vm, config)?;
@@ -733,6 +924,7 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
         event_manager,
         event_loop,
         layers,
+        ws,
         on_first_run: phases.into_logger(),
     })
 }
@@ -1015,6 +1207,7 @@ fn start_machine(
         event_manager,
         event_loop,
         layers,
+        ws,
         on_first_run,
     } = parts;
     // vCPUs first: they are what a restore waits for. A queue notification
@@ -1040,7 +1233,7 @@ fn start_machine(
     }
     spawn_event_loop(event_manager, wiring.exit.clone())?;
     if let Some(c) = &wiring.control {
-        spawn_control_thread(c.clone(), wiring.exit.clone())?;
+        spawn_control_thread(c.clone(), wiring.exit.clone(), wiring.ws_done.clone())?;
     }
     spawn_signal_thread(signals, wiring.exit.clone())?;
     Ok(Machine {
@@ -1054,6 +1247,7 @@ fn start_machine(
         event_loop,
         rootfs: config.rootfs.clone(),
         layers,
+        ws,
     })
 }
 
@@ -1070,13 +1264,20 @@ fn spawn_event_loop(mut em: EventManager, exit: Sender<VmExit>) -> Result<(), Bu
         .map_err(BuildError::Thread)
 }
 
-fn spawn_control_thread(control: Arc<Channel>, exit: Sender<VmExit>) -> Result<(), BuildError> {
+fn spawn_control_thread(
+    control: Arc<Channel>,
+    exit: Sender<VmExit>,
+    ws_done: Sender<()>,
+) -> Result<(), BuildError> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             let served = control.serve(|cmd| match cmd {
                 Command::Shutdown => {
                     let _ = exit.send(VmExit::Shutdown);
+                }
+                Command::WsDone => {
+                    let _ = ws_done.send(());
                 }
             });
             match served {
