@@ -10,8 +10,11 @@
  *
  * Layout of the work:
  *   _start         BSP entry (Linux 64-bit boot protocol, RSI = boot_params)
+ *   tg_pvh_start   BSP entry for PVH loaders (QEMU): 32-bit, paging off,
+ *                  EBX = hvm_start_info; builds a boot_params, then _start
  *   tg_ap16_*      AP trampoline, copied to 0x1000 by the CPL3 body (16-bit)
  *   tg_ap32        AP protected-mode step (in place in the image)
+ *   tg_long32      protected mode -> long mode (APs and the PVH entry)
  *   tg_ap64        AP long-mode entry
  *   tg_enter_cpl3  common: CR0/CR4, IDT, TSS, iretq into the Rust body
  *   tg_isr_*       256 interrupt stubs and the common handler: services
@@ -42,6 +45,15 @@
     .set CR0_CLEAR, 0x6000000c      /* CD | NW | TS | EM */
     .set CR0_SET, 0x22              /* MP | NE */
     .set USER_RFLAGS, 0x3002        /* IOPL=3, IF=0 */
+    .set I8042_STATUS, 0x64
+    .set BOOT_PARAMS, 0x7000        /* where the Linux entry finds it too */
+    .set BP_EXT_CMD_LINE_PTR, 0x0c8 /* boot_params fields bootinfo.rs reads */
+    .set BP_E820_ENTRIES, 0x1e8
+    .set BP_CMD_LINE_PTR, 0x228
+    .set BP_E820_TABLE, 0x2d0
+    .set E820_MAX, 128              /* entries that fit in boot_params */
+    .set PVH_MAGIC, 0x336ec578      /* hvm_start_info.magic */
+    .set XEN_ELFNOTE_PHYS32_ENTRY, 18
 
 /* ------------------------------------------------------------------ */
     .section .text.cpl0, "ax", @progbits
@@ -71,6 +83,20 @@ _start:
     lea tg_rust_bsp_main(%rip), %rax
     xor %ecx, %ecx                   /* cpu index 0 */
     jmp tg_enter_cpl3
+
+/* The PVH entry, now in long mode: continue as the Linux entry would. */
+tg_pvh64:
+    mov $BOOT_PARAMS, %esi
+    jmp _start
+
+/*
+ * Where tg_long32 lands: EBP holds the 64-bit continuation. The upper
+ * halves of the registers are undefined after the switch from 32-bit code,
+ * so zero-extend before jumping.
+ */
+tg_long64:
+    mov %ebp, %ebp
+    jmp *%rbp
 
 /*
  * rax = CPL3 entry point, rdi = its argument, rdx = top of its stack,
@@ -243,8 +269,11 @@ tg_isr_common:
     call tg_puthex
     mov $10, %eax
     call tg_putc
+    in $I8042_STATUS, %al            /* no i8042 (QEMU microvm) reads 0xff: */
+    cmp $0xff, %al                   /* then a triple fault ends the machine */
+    je .Lsvc_triplefault
     mov $0xfe, %al
-    out %al, $0x64
+    out %al, $I8042_STATUS
     jmp .Lsvc_halt
 
 /* al = byte. Clobbers eax, edx, r8d. */
@@ -336,10 +365,70 @@ tg_ap16_gdtr:
     .long tg_gdt
 tg_ap16_end:
 
-/* ------------------- AP trampoline, 32-bit part ------------------- */
+/* ------------------------ 32-bit code ----------------------------- */
     .section .text.cpl0_32, "ax", @progbits
     .code32
+
+/*
+ * PVH entry (x86/HVM direct boot ABI, announced by the ELF note below):
+ * protected mode, paging off, flat CS/DS/ES, IF = 0, EBX = physical
+ * address of struct hvm_start_info:
+ *    0 magic, 4 version, 24 cmdline_paddr (u64),
+ *   40 memmap_paddr (u64), 48 memmap_entries  (version >= 1)
+ * memmap entries are 24 bytes (u64 addr, u64 size, u32 type, u32 pad),
+ * type 1 = RAM, like e820's 20-byte entries. Only the boot_params fields
+ * bootinfo.rs reads are written: the page may hold the loader's leftovers.
+ * Without a start info or a memory map (version 0) the body sees no RAM.
+ */
+    .globl tg_pvh_start
+tg_pvh_start:
+    cli
+    cld
+    mov $BOOT_PARAMS, %edi
+    xor %eax, %eax
+    mov %eax, BP_CMD_LINE_PTR(%edi)
+    mov %eax, BP_EXT_CMD_LINE_PTR(%edi)
+    movb %al, BP_E820_ENTRIES(%edi)
+    cmpl $PVH_MAGIC, (%ebx)
+    jne 3f
+    mov 24(%ebx), %eax
+    mov %eax, BP_CMD_LINE_PTR(%edi)
+    mov 28(%ebx), %eax
+    mov %eax, BP_EXT_CMD_LINE_PTR(%edi)
+    cmpl $1, 4(%ebx)
+    jb 3f
+    cmpl $0, 44(%ebx)                /* a map above 4 GiB: unreachable here */
+    jne 3f
+    mov 40(%ebx), %esi
+    mov 48(%ebx), %ecx
+    cmp $E820_MAX, %ecx
+    jbe 1f
+    mov $E820_MAX, %ecx
+1:  movb %cl, BP_E820_ENTRIES(%edi)
+    add $BP_E820_TABLE, %edi
+    test %ecx, %ecx
+    jz 3f
+2:  movsl                            /* addr, size, type: 20 bytes */
+    movsl
+    movsl
+    movsl
+    movsl
+    add $4, %esi                     /* skip the padding word */
+    dec %ecx
+    jnz 2b
+3:  lgdt tg_gdtr                     /* 32-bit lgdt: the base is below 4 GiB */
+    mov $tg_pvh64, %ebp
+    jmp tg_long32
+
+/* AP protected-mode step (from the trampoline, our GDT loaded). */
 tg_ap32:
+    mov $tg_ap64, %ebp
+
+/*
+ * Protected mode with our GDT loaded -> long mode on our page tables, on
+ * to the 64-bit code at EBP (via tg_long64).
+ */
+tg_long32:
     mov $KDATA, %eax
     mov %ax, %ds
     mov %ax, %es
@@ -356,8 +445,22 @@ tg_ap32:
     and $~CR0_CLEAR, %eax
     or $(0x80000001 | CR0_SET), %eax /* PG | PE */
     mov %eax, %cr0
-    ljmp $KCODE, $tg_ap64
+    ljmp $KCODE, $tg_long64
     .code64
+
+/*
+ * The PVH ELF note (Xen's XEN_ELFNOTE_PHYS32_ENTRY): its presence tells a
+ * PVH loader to enter at tg_pvh_start. 4-byte alignment (QEMU pads the
+ * name to the segment's alignment); an 8-byte descriptor, as Linux's,
+ * because QEMU reads the entry as a 64-bit value.
+ */
+    .section .note.pvh, "a", @note
+    .balign 4
+    .long 4                          /* namesz */
+    .long 8                          /* descsz */
+    .long XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .quad tg_pvh_start
 
 /* ------------------------------ data ------------------------------ */
     .section .data.cpl0, "aw", @progbits

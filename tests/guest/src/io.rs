@@ -46,8 +46,16 @@ pub fn control(code: u8) {
     outb(CONTROL_PORT, code);
 }
 
-/// Resets the machine through the i8042 (firerunner exits 0).
+const I8042_STATUS: u16 = 0x64;
+const I8042_CMD_RESET: u8 = 0xfe;
+
+/// Resets the machine through the i8042 (firerunner exits 0). A machine
+/// without one (QEMU's microvm: the status port reads 0xff, as an absent
+/// port does) is ended with a triple fault instead (QEMU `-no-reboot` exits).
 pub fn reset() -> ! {
-    outb(0x64, 0xfe);
+    if inb(I8042_STATUS) == 0xff {
+        crate::cpl0::triple_fault()
+    }
+    outb(I8042_STATUS, I8042_CMD_RESET);
     crate::cpl0::halt()
 }

@@ -57,16 +57,14 @@ pub fn read() -> Option<MpInfo> {
     if len < 44 || !checksum_ok(table, len) {
         return None;
     }
-    let count = usize::from(u16_at(table + 34));
     let mut info = MpInfo { cpus: [Cpu::default(); MAX_CPUS], ncpus: 0, total: 0 };
     let mut others = [0u8; 256];
     let mut nothers = 0;
     let mut bsp = None;
+    // Walk the entries by the table's length, as Linux does, not by its
+    // entry count: some firmware (QEMU microvm's qboot) leaves that 0.
     let mut p = table + 44;
-    for _ in 0..count {
-        if p >= table + len {
-            break;
-        }
+    while p < table + len {
         match byte(p) {
             0 => {
                 let id = byte(p + 1);
