@@ -3,7 +3,13 @@
 # our kind. Idempotent: packages already present are not touched.
 set -euo pipefail
 
+# Usage: scripts/setup.sh [--bench]
 packages=(binutils util-linux python3)
+if [[ ${1:-} == --bench ]]; then
+    # scripts/bench.sh compares with QEMU microvm and plots with Debian's
+    # python3 (/usr/bin/python3).
+    packages+=(qemu-system-x86 python3-matplotlib)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -11,7 +17,9 @@ done
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    # No recommends: they would add QEMU's GUI, firmware for other machines
+    # and Tk, none of which a headless host uses.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 if [[ ! -e /dev/kvm ]]; then
     echo "setup: /dev/kvm is missing: snapvm needs a host with KVM" >&2
