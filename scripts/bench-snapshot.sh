@@ -29,6 +29,9 @@ tg=$(scripts/build-testguest.sh 2>/dev/null | tail -1)
 python3 - "$runs" "$tg" "$sizes" "$target/release" "${DIFF_MIB:-0 16 64}" "${DIFF_SIZES:-128}" <<'PY'
 import json, os, re, signal, socket, statistics, struct, subprocess, sys, tempfile, time, shutil
 
+sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+from bench import read_frame, send_frame  # the guest protocol's framing
+
 runs, tg, sizes, bindir = int(sys.argv[1]), sys.argv[2], [int(x) for x in sys.argv[3].split()], sys.argv[4]
 diff_mibs, diff_sizes = [int(x) for x in sys.argv[5].split()], [int(x) for x in sys.argv[6].split()]
 fr = os.path.abspath(os.path.join(bindir, "firerunner"))
@@ -104,22 +107,6 @@ def floor_latency(mem):
     phases = {"spawn→main": int(m.group(1)), "create VM": int(m.group(2)), "memslots": int(m.group(3)), "→first KVM_RUN": int(m.group(4))}
     return int(m.group(5)) / 1000, phases
 
-def frame(sock, obj):
-    body = json.dumps(obj).encode()
-    sock.sendall(struct.pack(">I", len(body)) + body)
-
-def read_frame(sock):
-    def exact(n):
-        b = b""
-        while len(b) < n:
-            c = sock.recv(n - len(b))
-            if not c:
-                raise SystemExit("guest closed the connection")
-            b += c
-        return b
-    (n,) = struct.unpack(">I", exact(4))
-    return json.loads(exact(n))
-
 def first_response(mem, i, extra):
     uds = os.path.join(tmp, f"r{i}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -135,9 +122,9 @@ def first_response(mem, i, extra):
     env = dict(os.environ, RUST_LOG="warn", SNAPVM_SPAWN_MONO_NS=str(t0))
     p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     conn, _ = listener.accept()
-    frame(conn, {"init": {"seed": os.urandom(32).hex(), "realtime_ns": time.time_ns()}})
+    send_frame(conn, {"init": {"seed": os.urandom(32).hex(), "realtime_ns": time.time_ns()}})
     assert read_frame(conn) == {"ready": True}
-    frame(conn, {"name": "bench"})
+    send_frame(conn, {"name": "bench"})
     resp = read_frame(conn)
     t = (time.monotonic_ns() - t0) / 1e6
     assert resp == {"message": "hello, bench"}, resp

@@ -458,6 +458,14 @@ fn a_writer_killed_half_way_leaves_nothing_that_loads() {
     assert_eq!(lines(&out), vec![json!({"message": "hello, world"})]);
 }
 
+/// The language snapshot of the SnapFaaS workflow: booted with an empty
+/// appfs, taken at the first snapshot point, into `name`.
+fn language_snapshot(s: &Scratch, root: &Path, name: &str) -> PathBuf {
+    let dir = s.path(name);
+    dump(s, &dir, root, &s.file("empty.img", b""), &[]);
+    dir
+}
+
 /// The sum of a layer's range lengths: the bytes of RAM it holds.
 fn held(layer: &format::MemoryLayer) -> u64 {
     layer.ranges.iter().map(|r| r.1).sum()
@@ -540,9 +548,7 @@ fn a_diff_layer_plus_its_base_rebuild_ram_byte_for_byte() {
     let s = Scratch::new("diff-complete");
     let root = rootfs(&s);
     // The language snapshot: booted with an empty appfs.
-    let empty = s.file("empty.img", b"");
-    let base = s.path("base");
-    dump(&s, &base, &root, &empty, &[]);
+    let base = language_snapshot(&s, &root, "base");
     // Restored with the app: the guest reads its appfs (block DMA), writes
     // 4 MiB at load, and takes an init frame over vsock before its 124.
     // (`preload`: the guest reads 256 KiB of its appfs into pages only the
@@ -707,9 +713,7 @@ fn the_snapfaas_workflow_serves_like_a_boot() {
 fn touch_16_mib_gives_a_16_mib_diff_that_serves_like_a_boot() {
     let s = Scratch::new("diff-touch");
     let root = rootfs(&s);
-    let empty = s.file("empty.img", b"");
-    let base = s.path("base");
-    dump(&s, &base, &root, &empty, &[]);
+    let base = language_snapshot(&s, &root, "base");
     let app = app_image(&s, "touch.img", &["fn=touch", "mib=16"]);
     let diff = s.path("diff");
     let out = dump(
@@ -740,11 +744,9 @@ fn touch_16_mib_gives_a_16_mib_diff_that_serves_like_a_boot() {
 fn a_layer_stacked_on_the_wrong_base_is_refused() {
     let s = Scratch::new("diff-refuse");
     let root = rootfs(&s);
-    let empty = s.file("empty.img", b"");
-    let (base, other) = (s.path("base"), s.path("other"));
-    dump(&s, &base, &root, &empty, &[]);
+    let base = language_snapshot(&s, &root, "base");
     // Same guest, same disks, taken a moment later: another snapshot.
-    dump(&s, &other, &root, &empty, &[]);
+    let other = language_snapshot(&s, &root, "other");
     let app = app_image(&s, "echo.img", &["fn=echo"]);
     let diff = s.path("diff");
     dump(
@@ -837,7 +839,9 @@ fn faults(pid: u32) -> u64 {
 
 /// Restores with `args` (layers and modes), plays the controller — init
 /// frame, then `request` — and returns the response and the page faults
-/// firerunner took while serving it.
+/// firerunner took while serving it. With `--load_ws` the request waits
+/// until firerunner logs that the working set is in place (its prefetch
+/// races the vCPU; this measures the request, not that race).
 fn first_request_faults(
     s: &Scratch,
     root: &Path,
@@ -860,9 +864,19 @@ fn first_request_faults(
         .arg(s.path("ws-console.log"))
         .arg("--vsock_uds")
         .arg(&uds)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
+    let (prefetched_tx, prefetched) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("working set prefetched") {
+                let _ = prefetched_tx.send(());
+            }
+        }
+    });
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(LIMIT)).unwrap();
     let init = snapvm::protocol::init_frame(&[9; 32], 1);
@@ -871,6 +885,11 @@ fn first_request_faults(
         snapvm::protocol::read_json(&mut conn).unwrap(),
         json!({"ready": true})
     );
+    if args.contains(&"--load_ws") {
+        prefetched
+            .recv_timeout(LIMIT)
+            .expect("firerunner never logged the working set prefetched");
+    }
     let before = faults(child.id());
     snapvm::protocol::write_frame(&mut conn, request.to_string().as_bytes()).unwrap();
     let response = snapvm::protocol::read_json(&mut conn).unwrap();
@@ -884,9 +903,8 @@ fn first_request_faults(
 fn a_recorded_working_set_loads_eagerly_and_serves_like_lazy_and_boot() {
     let s = Scratch::new("ws");
     let root = rootfs(&s);
-    let empty = s.file("empty.img", b"");
-    let (base, diff) = (s.path("base"), s.path("diff"));
-    dump(&s, &base, &root, &empty, &[]);
+    let base = language_snapshot(&s, &root, "base");
+    let diff = s.path("diff");
     let app = app_image(&s, "touch.img", &["fn=touch", "mib=16"]);
     let b = base.display().to_string();
     dump(&s, &diff, &root, &app, &["--load_dir", &b]);

@@ -19,7 +19,9 @@
 //! written crash-safely, `ws.json` last, by [`write()`]; [`read()`] checks
 //! them.
 //!
-//! Loading, two mechanisms (`examples/ws_load.rs` measures them):
+//! Loading, two mechanisms (`examples/ws_load.rs` measures them; a
+//! `--load_ws` restore uses [`AnonLoad::Prefetch`], fastest to the first
+//! response in `scripts/bench.sh`'s ladder):
 //! - [`load_anonymous`]: anonymous memory; the working set is read from
 //!   `ws` with large sequential reads and placed before the VM runs, or by
 //!   a prefetch thread racing it; every other page is served on first touch
@@ -1151,10 +1153,17 @@ pub fn load_anonymous(
             let thread = std::thread::Builder::new()
                 .name("ws-prefetch".into())
                 .spawn(move || {
+                    let t = std::time::Instant::now();
                     // A failed prefetch costs only speed: the fault handler
                     // serves whatever it did not place.
-                    if let Err(e) = place_all(&shared, &ws, &stop) {
-                        log::warn!("working-set prefetch stopped: {e}");
+                    match place_all(&shared, &ws, &stop) {
+                        Ok(()) => log::info!(
+                            "working set prefetched: {} pages in {} us, {} faults served meanwhile",
+                            ws.pages(),
+                            t.elapsed().as_micros(),
+                            shared.faults.load(Ordering::Relaxed)
+                        ),
+                        Err(e) => log::warn!("working-set prefetch stopped: {e}"),
                     }
                 })
                 .map_err(|e| WsError::Spawn("working-set prefetch", e))?;

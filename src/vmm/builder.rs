@@ -747,7 +747,7 @@ fn restore_memory(
                     set.data_bytes() >> 10,
                     top.display()
                 );
-                ws::load_anonymous(&mem, set, stack.clone(), ws::AnonLoad::UffdCopy)?
+                ws::load_anonymous(&mem, set, stack.clone(), ws::AnonLoad::Prefetch)?
             }
         };
         Some(WsRuntime {
