@@ -105,10 +105,15 @@ pub fn identify(path: &Path) -> Result<DiskIdentity, DiskError> {
 
 /// An identity computed in the background (while the guest boots towards
 /// its snapshot point), so hashing the rootfs is not part of the snapshot's
-/// create time.
+/// create time; or, for a restored VM, the one its restore verified.
 pub struct IdentityJob {
     path: std::path::PathBuf,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<Result<DiskIdentity, DiskError>>>>,
+    pending: std::sync::Mutex<Option<Pending>>,
+}
+
+enum Pending {
+    Hashing(std::thread::JoinHandle<Result<DiskIdentity, DiskError>>),
+    Known(DiskIdentity),
 }
 
 impl IdentityJob {
@@ -120,18 +125,35 @@ impl IdentityJob {
             .spawn(move || identify(&p))?;
         Ok(Self {
             path: path.to_owned(),
-            thread: std::sync::Mutex::new(Some(thread)),
+            pending: std::sync::Mutex::new(Some(Pending::Hashing(thread))),
         })
+    }
+
+    /// An identity already established (by [`verify`] at restore).
+    pub fn known(id: DiskIdentity) -> Self {
+        Self {
+            path: id.path.clone(),
+            pending: std::sync::Mutex::new(Some(Pending::Known(id))),
+        }
     }
 
     /// The identity, once: waits for the hash, and hashes again if the
     /// file changed (size, mtime, inode) since it was taken.
     pub fn finish(&self) -> Result<DiskIdentity, DiskError> {
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let id = match handle.map(|h| h.join()) {
-            Some(Ok(result)) => result?,
-            // Already taken, or the thread died: hash here.
-            _ => return identify(&self.path),
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let id = match pending {
+            Some(Pending::Known(id)) => id,
+            Some(Pending::Hashing(h)) => match h.join() {
+                Ok(result) => result?,
+                // The thread died: hash here.
+                Err(_) => return identify(&self.path),
+            },
+            // Already taken: hash here.
+            None => return identify(&self.path),
         };
         let meta = std::fs::metadata(&self.path).map_err(|source| DiskError::Read {
             path: self.path.display().to_string(),
@@ -145,8 +167,9 @@ impl IdentityJob {
     }
 }
 
-/// Checks that the image at `path` is the one `id` describes.
-pub fn verify(path: &Path, id: &DiskIdentity) -> Result<(), DiskError> {
+/// Checks that the image at `path` is the one `id` describes; returns its
+/// identity as it is now (this path and file, the same content).
+pub fn verify(path: &Path, id: &DiskIdentity) -> Result<DiskIdentity, DiskError> {
     let err = |source| DiskError::Read {
         path: path.display().to_string(),
         source,
@@ -173,8 +196,14 @@ pub fn verify(path: &Path, id: &DiskIdentity) -> Result<(), DiskError> {
     if format!("{:016x}", sample_hash(&file, id.size).map_err(err)?) != id.sample_hash {
         return Err(mismatch("its content differs".into()));
     }
-    if mtime_ns(&meta) == id.mtime_ns && file_id(&meta) == id.file_id {
-        return Ok(());
+    let now = DiskIdentity {
+        path: path.to_owned(),
+        mtime_ns: mtime_ns(&meta),
+        file_id: file_id(&meta),
+        ..id.clone()
+    };
+    if now.mtime_ns == id.mtime_ns && now.file_id == id.file_id {
+        return Ok(now);
     }
     let t = Instant::now();
     let content = format!("{:016x}", xxh64_reader(&file).map_err(err)?);
@@ -186,7 +215,7 @@ pub fn verify(path: &Path, id: &DiskIdentity) -> Result<(), DiskError> {
     if content != id.content_hash {
         return Err(mismatch("its content differs".into()));
     }
-    Ok(())
+    Ok(now)
 }
 
 #[cfg(test)]

@@ -360,15 +360,21 @@ pub fn run(
         snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
         ws_done: ws_tx,
     };
-    let parts = match config.layers.last() {
-        None => boot(config, &wiring)?,
-        Some(top) => restore(config, top, &wiring)?,
+    let (parts, rootfs_identity) = match config.layers.last() {
+        None => (boot(config, &wiring)?, None),
+        Some(top) => {
+            let (parts, id) = restore(config, top, &wiring)?;
+            (parts, Some(id))
+        }
     };
     let mut machine = start_machine(config, parts, &wiring, signals)?;
     if config.dump_dir.is_some() {
-        // Hash the rootfs while the guest runs towards its snapshot point.
-        machine.rootfs_identity =
-            Some(disk::IdentityJob::start(&config.rootfs).map_err(BuildError::Thread)?);
+        machine.rootfs_identity = Some(match rootfs_identity {
+            // A restored VM's rootfs was verified against the snapshot.
+            Some(id) => disk::IdentityJob::known(id),
+            // Hash it while the guest runs towards its snapshot point.
+            None => disk::IdentityJob::start(&config.rootfs).map_err(BuildError::Thread)?,
+        });
     }
 
     if let Some(c) = &control {
@@ -798,7 +804,11 @@ fn restore_memory(
 /// helper thread while this one reads and checks the state files; the
 /// diff layers' ranges reach it once the top state file is read. A refusal
 /// simply drops that VM.
-fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, BuildError> {
+fn restore(
+    config: &VmConfig,
+    top: &Path,
+    wiring: &Wiring,
+) -> Result<(Parts, format::DiskIdentity), BuildError> {
     let mut phases = Phases::new(wiring.start);
     if config.cpu_template.is_some() {
         return Err(BuildError::TemplateAtRestore);
@@ -826,7 +836,7 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
     let (state, checksum) = format::read(top)?;
     check_snapshot_shape(config, top, &state)?;
     let layers = check_layers(config, top, &state, checksum)?;
-    disk::verify(&config.rootfs, &state.rootfs)?;
+    let rootfs_identity = disk::verify(&config.rootfs, &state.rootfs)?;
     let (rootfs, appfs) = open_disks(config)?;
     let vsock = Vsock::new(config.cid, &vsock_path(config))?;
     let console = console_sink(&config.console)?;
@@ -913,7 +923,7 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
         clock.error_ns / 1000
     );
 
-    Ok(Parts {
+    let parts = Parts {
         vm,
         mem,
         vcpus,
@@ -926,7 +936,8 @@ fn restore(config: &VmConfig, top: &Path, wiring: &Wiring) -> Result<Parts, Buil
         layers,
         ws,
         on_first_run: phases.into_logger(),
-    })
+    };
+    Ok((parts, rootfs_identity))
 }
 
 /// Refuses a snapshot whose VM shape differs from the command line's.
