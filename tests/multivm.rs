@@ -725,46 +725,76 @@ fn a_failing_launch_is_a_clear_502_per_request() {
 #[test]
 fn functions_with_load_dir_launch_by_snapshot_restore() {
     let s = Scratch::new("mv-restore");
-    let snap = s.path("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    // A snapshot at testguest's first snapshot point (language snapshot).
+    let (snap, diff) = (s.path("snap"), s.path("diff"));
     let rootfs = s.file("rootfs.img", &[0u8; 4096]);
     let app = app_image(&s, "dump.img", &["fn=hello"]);
-    let mut dump = Command::new(common::firerunner());
-    dump.arg("--kernel")
+    let firerunner = |extra: &[&str]| {
+        let mut cmd = Command::new(common::firerunner());
+        cmd.arg("--kernel")
+            .arg(testguest())
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .arg("--appfs")
+            .arg(&app)
+            .args(["--mem_size", &MEM.to_string()])
+            .args(extra)
+            .arg("--console")
+            .arg(s.path("dump.log"));
+        let made = common::run_with_deadline(cmd, Duration::from_secs(60));
+        assert_eq!(made.code(), Some(0), "{extra:?}: {}", made.stderr);
+    };
+    // A snapshot at testguest's first snapshot point (language snapshot),
+    // a diff layer of the app on it, and the working set of one request.
+    let (b, d) = (snap.display().to_string(), diff.display().to_string());
+    firerunner(&["--dump_dir", &b]);
+    firerunner(&["--load_dir", &b, "--dump_dir", &d]);
+    let layers = format!("{b},{d}");
+    let mut record = Command::new(common::singlevm());
+    record
+        .arg("--kernel")
         .arg(testguest())
         .arg("--rootfs")
         .arg(&rootfs)
         .arg("--appfs")
         .arg(&app)
-        .args(["--mem_size", &MEM.to_string(), "--dump_dir"])
-        .arg(&snap)
-        .arg("--console")
-        .arg(s.path("dump.log"));
-    let made = common::run_with_deadline(dump, Duration::from_secs(60));
-    if made.code() != Some(0) && made.stderr.contains("not supported yet") {
-        eprintln!(
-            "skipped: this firerunner cannot make snapshots yet: {}",
-            made.stderr
+        .args([
+            "--mem_size",
+            &MEM.to_string(),
+            "--load_dir",
+            &layers,
+            "--dump_ws",
+        ])
+        .env("TMPDIR", &s.0);
+    let recorded = common::run_with_input(record, b"{}\n".to_vec(), Duration::from_secs(60));
+    assert_eq!(recorded.code(), Some(0), "{}", recorded.stderr);
+    assert!(diff.join("ws.json").is_file());
+
+    let cfg = config(&s, &[("restored", "hello", ""), ("layered", "hello", "")])
+        .replacen(
+            "    memory: 32\n",
+            &format!("    memory: 32\n    load_dir: {b}\n"),
+            1,
+        )
+        .replace(
+            "layered.img\n    memory: 32\n",
+            &format!("layered.img\n    memory: 32\n    load_dir: {layers}\n    load_ws: true\n"),
         );
-        return;
+    assert!(cfg.contains("load_ws: true"), "{cfg}");
+    let d = Daemon::start(&s, &cfg, 3 * VM_MIB, &[]);
+    for f in ["restored", "layered"] {
+        let r = d.post(f, r#"{"name": "clone"}"#);
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        assert_eq!(r.json(), json!({"message": "hello, clone"}));
+        assert_eq!(r.header("x-start"), Some("cold-restore"));
+        assert_eq!(d.post(f, "{}").header("x-start"), Some("warm"));
+        assert_eq!(
+            d.metric(&format!(
+                "multivm_cold_starts_total{{function=\"{f}\",kind=\"restore\"}}"
+            )),
+            1.0
+        );
     }
-    assert_eq!(made.code(), Some(0), "{}", made.stderr);
-    let cfg = config(&s, &[("restored", "hello", "")]).replace(
-        "    memory: 32\n",
-        &format!("    memory: 32\n    load_dir: {}\n", snap.display()),
-    );
-    let d = Daemon::start(&s, &cfg, 2 * VM_MIB, &[]);
-    let r = d.post("restored", r#"{"name": "clone"}"#);
-    assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
-    assert_eq!(r.json(), json!({"message": "hello, clone"}));
-    assert_eq!(r.header("x-start"), Some("cold-restore"));
-    assert_eq!(d.post("restored", "{}").header("x-start"), Some("warm"));
-    assert_eq!(
-        d.metric("multivm_cold_starts_total{function=\"restored\",kind=\"restore\"}"),
-        1.0
-    );
-    assert_eq!(d.vms()[0]["launch"], "restore");
+    assert!(d.vms().iter().all(|v| v["launch"] == "restore"));
 }
 
 #[test]
