@@ -55,7 +55,8 @@ pub struct VmArgs {
     #[arg(long = "dump_ws", alias = "dump-ws", num_args = 0..=1, default_missing_value = "")]
     pub dump_ws: Option<String>,
     /// With --load_dir: load the working set recorded in the top layer
-    /// eagerly at restore and serve every other page on first touch.
+    /// eagerly at restore and serve every other page on first touch (with
+    /// --copy_diff/--copy_base, those layers are copied in first).
     #[arg(long = "load_ws", alias = "load-ws")]
     pub load_ws: bool,
     /// With --load_dir: copy the base snapshot's memory into the VM up
@@ -104,22 +105,25 @@ impl VmArgs {
         if (self.dump_ws.is_some() || self.load_ws) && layers.is_empty() {
             return Err("--dump_ws and --load_ws need --load_dir (a snapshot to restore)".into());
         }
-        let ws_flag = if self.load_ws {
-            "--load_ws"
-        } else {
-            "--dump_ws"
-        };
         if self.dump_ws.is_some() && self.load_ws {
             return Err(
                 "--dump_ws and --load_ws cannot be combined: record the working set, then load it"
                     .into(),
             );
         }
-        if (self.dump_ws.is_some() || self.load_ws) && (self.copy_base || self.copy_diff) {
-            return Err(format!(
-                "{ws_flag} cannot be combined with --copy_base/--copy_diff: it gives the VM anonymous \
-                 memory served page by page from the layers"
-            ));
+        if self.dump_ws.is_some() && (self.copy_base || self.copy_diff) {
+            return Err(
+                "--dump_ws cannot be combined with --copy_base/--copy_diff: it records the pages \
+                 the request faults in, and copied pages never fault"
+                    .into(),
+            );
+        }
+        if self.load_ws && self.copy_base && layers.len() > 1 && !self.copy_diff {
+            return Err(
+                "--load_ws with --copy_base needs --copy_diff too: a copied base page would hide \
+                 the diff layer's version of it"
+                    .into(),
+            );
         }
         if self.dump_ws.is_some() && self.dump_dir.is_some() {
             return Err("--dump_ws cannot be combined with --dump_dir".into());
@@ -265,9 +269,24 @@ mod tests {
             Some(PathBuf::from("d"))
         );
         assert!(parse(&["--dump_ws"]).check().is_err());
-        assert!(parse(&["--load_dir", "a", "--load_ws", "--copy_base"])
+        assert!(parse(&["--load_dir", "a", "--dump_ws", "--copy_base"])
             .check()
             .is_err());
+        assert!(parse(&["--load_dir", "a,b", "--load_ws", "--copy_base"])
+            .check()
+            .is_err());
+        let both = [
+            "--load_dir",
+            "a,b",
+            "--load_ws",
+            "--copy_base",
+            "--copy_diff",
+        ];
+        assert_eq!(parse(&both).check(), Ok(()));
+        assert_eq!(
+            parse(&["--load_dir", "a", "--load_ws", "--copy_base"]).check(),
+            Ok(())
+        );
         assert!(parse(&["--load_dir", "a", "--load_ws", "--dump_ws"])
             .check()
             .is_err());

@@ -939,7 +939,12 @@ fn a_recorded_working_set_loads_eagerly_and_serves_like_lazy_and_boot() {
     // The same answers from a boot, a lazy restore and a --load_ws one.
     let requests = "{}\n{\"mib\": 4}\n{}\n";
     let booted = serve(&s, &root, &app, None, &[], requests);
-    for extra in [&["--diff_dirs", &d][..], &["--diff_dirs", &d, "--load_ws"]] {
+    for extra in [
+        &["--diff_dirs", &d][..],
+        &["--diff_dirs", &d, "--load_ws"],
+        &["--diff_dirs", &d, "--load_ws", "--copy_diff"],
+        &["--diff_dirs", &d, "--load_ws", "--copy_diff", "--copy_base"],
+    ] {
         let restored = serve(&s, &root, &app, Some(&base), extra, requests);
         assert_eq!(lines(&restored), lines(&booted), "{extra:?}");
     }

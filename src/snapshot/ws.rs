@@ -1114,9 +1114,10 @@ pub enum AnonLoad {
 }
 
 /// `--load_ws` on anonymous memory: places the working set `ws` in `mem` —
-/// fresh anonymous guest RAM that nothing has touched or been given yet
-/// (no VM, no device) — and returns the handler that serves every other
-/// page from `source` on first touch.
+/// anonymous guest RAM not given to a VM or device yet — and returns the
+/// handler that serves every other page from `source` on first touch.
+/// Pages already present (layers the caller copied in first) are left as
+/// they are.
 pub fn load_anonymous(
     mem: &GuestMemoryMmap,
     ws: WorkingSet,

@@ -736,6 +736,17 @@ fn restore_memory(
         .map_err(|_| BuildError::Thread(std::io::Error::other("the restore was abandoned")))?;
     let t_plan = t.elapsed();
     let ws = if uffd {
+        // --load_ws with copies: those layers go in first, bottom up, so a
+        // diff page lands over its base page; the fault handler only ever
+        // sees pages that are still missing.
+        if config.copy_base {
+            memory::copy_ranges(&mem, &base_file, &plan.base_ranges)?;
+        }
+        if config.copy_diff {
+            for (file, ranges) in &plan.diffs {
+                memory::copy_ranges(&mem, file, ranges)?;
+            }
+        }
         let mut layers = vec![(base_file, plan.base_ranges)];
         layers.extend(plan.diffs);
         let stack = Arc::new(ws::LayerStack::new(layers));
