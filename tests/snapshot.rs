@@ -31,8 +31,9 @@ fn rootfs(s: &Scratch) -> PathBuf {
     s.file("rootfs.img", &data)
 }
 
-/// Boots testguest with `--dump_dir dir` and expects the snapshot.
-fn dump(s: &Scratch, dir: &Path, rootfs: &Path, app: &Path, extra: &[&str]) -> common::Outcome {
+/// firerunner on testguest with these disks, its console in
+/// `scratch/<name>-console.log` and its vsock at `scratch/<name>.vsock`.
+fn firerunner_on(s: &Scratch, rootfs: &Path, app: &Path, name: &str) -> Command {
     let mut cmd = Command::new(firerunner());
     cmd.arg("--kernel")
         .arg(testguest())
@@ -40,12 +41,18 @@ fn dump(s: &Scratch, dir: &Path, rootfs: &Path, app: &Path, extra: &[&str]) -> c
         .arg(rootfs)
         .arg("--appfs")
         .arg(app)
-        .arg("--dump_dir")
-        .arg(dir)
         .arg("--console")
-        .arg(s.path("dump-console.log"))
+        .arg(s.path(&format!("{name}-console.log")))
         .arg("--vsock_uds")
-        .arg(s.path("dump.vsock"))
+        .arg(s.path(&format!("{name}.vsock")));
+    cmd
+}
+
+/// Boots testguest with `--dump_dir dir` and expects the snapshot.
+fn dump(s: &Scratch, dir: &Path, rootfs: &Path, app: &Path, extra: &[&str]) -> common::Outcome {
+    let mut cmd = firerunner_on(s, rootfs, app, "dump");
+    cmd.arg("--dump_dir")
+        .arg(dir)
         .args(extra)
         .env("RUST_LOG", "info");
     let out = run_with_deadline(cmd, LIMIT);
@@ -81,16 +88,30 @@ fn serve(
         args.push(dir.display().to_string());
     }
     args.extend(extra.iter().map(|a| a.to_string()));
-    // As common::run_singlevm, with firerunner's log at info level.
+    run_singlevm(s, &args, input)
+}
+
+/// singlevm on testguest with `args` over `input`, expecting success (as
+/// common::run_singlevm, with firerunner's log at info level).
+fn run_singlevm(
+    s: &Scratch,
+    args: &[impl AsRef<std::ffi::OsStr> + std::fmt::Debug],
+    input: &str,
+) -> common::Outcome {
     let mut cmd = Command::new(singlevm());
     cmd.arg("--kernel")
         .arg(testguest())
-        .args(&args)
+        .args(args)
         .env("TMPDIR", &s.0)
         .env("RUST_LOG", "info")
         .env_remove("XDG_RUNTIME_DIR");
     let out = run_with_input(cmd, input.as_bytes().to_vec(), LIMIT);
-    assert_eq!(out.code(), Some(0), "singlevm failed:\n{}", out.stderr);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "singlevm {args:?} failed:\n{}",
+        out.stderr
+    );
     out
 }
 
@@ -274,20 +295,8 @@ fn refused(s: &Scratch, dir: &Path, root: &Path, app: &Path, extra: &[&str], wha
     let console = s.path("refused-console.log");
     let _ = std::fs::remove_file(&console);
     let before = fingerprint(dir);
-    let mut cmd = Command::new(firerunner());
-    cmd.arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(root)
-        .arg("--appfs")
-        .arg(app)
-        .arg("--load_dir")
-        .arg(dir)
-        .arg("--console")
-        .arg(&console)
-        .arg("--vsock_uds")
-        .arg(s.path("refused.vsock"))
-        .args(extra);
+    let mut cmd = firerunner_on(s, root, app, "refused");
+    cmd.arg("--load_dir").arg(dir).args(extra);
     let out = run_with_deadline(cmd, Duration::from_secs(30));
     assert_eq!(out.code(), Some(1), "{extra:?}: {}", out.stderr);
     let err = out.stderr.trim();
@@ -407,19 +416,9 @@ fn a_writer_killed_half_way_leaves_nothing_that_loads() {
     let root = rootfs(&s);
     let app = app_image(&s, "hello.img", &["fn=hello"]);
     let snap = s.path("snap");
-    let mut child = Command::new(firerunner())
-        .arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(&root)
-        .arg("--appfs")
-        .arg(&app)
+    let mut child = firerunner_on(&s, &root, &app, "stalled")
         .arg("--dump_dir")
         .arg(&snap)
-        .arg("--console")
-        .arg(s.path("console.log"))
-        .arg("--vsock_uds")
-        .arg(s.path("v.sock"))
         .env("RUST_LOG", "warn")
         .env(snapvm::snapshot::create::STALL_ENV, "1")
         .stdout(Stdio::null())
@@ -483,7 +482,6 @@ fn dump_diff_after_vsock(
     root: &Path,
     app: &Path,
 ) {
-    let uds = s.path("diff.vsock");
     let listener = std::os::unix::net::UnixListener::bind(s.path("diff.vsock_1234")).unwrap();
     let host = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().unwrap();
@@ -498,21 +496,11 @@ fn dump_diff_after_vsock(
         }
         got
     });
-    let mut cmd = Command::new(firerunner());
-    cmd.arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(root)
-        .arg("--appfs")
-        .arg(app)
-        .arg("--load_dir")
+    let mut cmd = firerunner_on(s, root, app, "diff");
+    cmd.arg("--load_dir")
         .arg(layers)
         .arg("--dump_dir")
         .arg(diff)
-        .arg("--console")
-        .arg(s.path("diff-console.log"))
-        .arg("--vsock_uds")
-        .arg(&uds)
         .env(snapvm::snapshot::create::DUMP_RAM_ENV, ram)
         .env("RUST_LOG", "info");
     let out = run_with_deadline(cmd, LIMIT);
@@ -633,19 +621,9 @@ fn the_snapfaas_workflow_serves_like_a_boot() {
     std::fs::create_dir(&snaps).unwrap();
     let (base, diff) = (snaps.join("base"), snaps.join("diff/hello"));
     let hello = app_image(&s, "hello.img", &["fn=hello"]);
+    let r = root.display().to_string();
     let run = |args: &[&str], input: &str| {
-        let mut cmd = Command::new(singlevm());
-        cmd.arg("--kernel")
-            .arg(testguest())
-            .arg("--rootfs")
-            .arg(&root)
-            .args(args)
-            .env("TMPDIR", &s.0)
-            .env("RUST_LOG", "info")
-            .env_remove("XDG_RUNTIME_DIR");
-        let out = run_with_input(cmd, input.as_bytes().to_vec(), LIMIT);
-        assert_eq!(out.code(), Some(0), "{args:?}:\n{}", out.stderr);
-        out
+        run_singlevm(&s, &[&["--rootfs", r.as_str()][..], args].concat(), input)
     };
     let (b, d) = (base.display().to_string(), diff.display().to_string());
     let h = hello.display().to_string();
@@ -807,21 +785,11 @@ fn an_app_that_fails_to_load_is_never_snapshotted() {
     // reaches its diff snapshot point (124): firerunner must end with the
     // app-failure code and write nothing.
     for _ in 0..5 {
-        let mut cmd = Command::new(firerunner());
-        cmd.arg("--kernel")
-            .arg(testguest())
-            .arg("--rootfs")
-            .arg(&root)
-            .arg("--appfs")
-            .arg(&app)
-            .arg("--load_dir")
+        let mut cmd = firerunner_on(&s, &root, &app, "appfail");
+        cmd.arg("--load_dir")
             .arg(&base)
             .arg("--dump_dir")
-            .arg(&diff)
-            .arg("--console")
-            .arg(s.path("appfail-console.log"))
-            .arg("--vsock_uds")
-            .arg(s.path("appfail.vsock"));
+            .arg(&diff);
         let out = run_with_deadline(cmd, LIMIT);
         assert_eq!(out.code(), Some(4), "{}", out.stderr);
         assert!(!diff.exists(), "a snapshot was written for a failed app");
@@ -849,21 +817,10 @@ fn first_request_faults(
     args: &[&str],
     request: &Value,
 ) -> (Value, u64) {
-    let uds = s.path("ws.vsock");
     let _ = std::fs::remove_file(s.path("ws.vsock_1234"));
     let listener = std::os::unix::net::UnixListener::bind(s.path("ws.vsock_1234")).unwrap();
-    let mut cmd = Command::new(firerunner());
-    cmd.arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(root)
-        .arg("--appfs")
-        .arg(app)
-        .args(args)
-        .arg("--console")
-        .arg(s.path("ws-console.log"))
-        .arg("--vsock_uds")
-        .arg(&uds)
+    let mut cmd = firerunner_on(s, root, app, "ws");
+    cmd.args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
