@@ -946,3 +946,55 @@ fn a_recorded_working_set_loads_eagerly_and_serves_like_lazy_and_boot() {
         "needs a controller",
     );
 }
+
+#[test]
+fn app_state_survives_a_snapshot_taken_between_requests() {
+    let s = Scratch::new("snap-count");
+    let root = rootfs(&s);
+    let app = app_image(&s, "count.img", &["fn=count", "snapshot_after=3"]);
+    let five = "{}\n".repeat(5);
+    // A VM that is never snapshotted (no --dump_dir: its 124s are ignored).
+    let reference = lines(&serve(&s, &root, &app, None, &[], &five));
+    let counts: Vec<u64> = reference
+        .iter()
+        .filter_map(|r| r["count"].as_u64())
+        .collect();
+    assert_eq!(counts, [1, 2, 3, 4, 5]);
+
+    // Restored from the language snapshot with the app, the VM's next
+    // snapshot point comes after its third answer; the rest of the input
+    // then finds the VM gone (singlevm exits 1).
+    let base = language_snapshot(&s, &root, "base");
+    let diff = s.path("diff");
+    let mut cmd = Command::new(singlevm());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&root)
+        .arg("--appfs")
+        .arg(&app)
+        .arg("--load_dir")
+        .arg(&base)
+        .arg("--dump_dir")
+        .arg(&diff)
+        .env("TMPDIR", &s.0)
+        .env_remove("XDG_RUNTIME_DIR");
+    let out = run_with_input(cmd, five.into_bytes(), LIMIT);
+    let answered = lines(&out);
+    assert_eq!(answered[..3], reference[..3], "{}", out.stderr);
+    assert!(answered[3]["error"].is_string(), "{answered:?}");
+    assert!(diff.join("snapshot.json").is_file(), "{}", out.stderr);
+
+    // Restored, it goes on where it stopped: the 4th and 5th answers, with
+    // the memory the 3rd request left.
+    let d = diff.display().to_string();
+    let restored = serve(
+        &s,
+        &root,
+        &app,
+        Some(&base),
+        &["--diff_dirs", &d],
+        "{}\n{}\n",
+    );
+    assert_eq!(lines(&restored), reference[3..]);
+}

@@ -58,12 +58,18 @@ pub struct Agent<'a> {
     /// Write the diff snapshot point (124) after answering each init frame
     /// (manifest `diffpoint=after_init`).
     diffpoint_after_init: bool,
+    /// Requests answered since boot, and the manifest's `snapshot_after=N`:
+    /// once the Nth answer has left the VM, write 124 before reading on.
+    answered: u64,
+    snapshot_after: Option<u64>,
+    snapshot_pending: bool,
 }
 
 impl<'a> Agent<'a> {
     pub fn new(vs: Vsock, boot: &'a BootInfo, app: App, manifest: Manifest, diffpoint_after_init: bool) -> Agent<'a> {
         let mut rng = Rng::new();
         rng.mix(&[crate::io::rdtsc()]);
+        let snapshot_after = manifest.get(b"snapshot_after").and_then(crate::cmdline::parse_u64);
         Agent {
             vs,
             boot,
@@ -80,7 +86,10 @@ impl<'a> Agent<'a> {
             backoff_ms: 0,
             retry_armed: None,
             scratch: [0; 4096],
+            snapshot_after,
             diffpoint_after_init,
+            answered: 0,
+            snapshot_pending: false,
         }
     }
 
@@ -147,6 +156,14 @@ impl<'a> Agent<'a> {
             self.vs.shutdown(0);
             return false;
         }
+        if self.snapshot_pending && matches!(self.frame, Frame::Len { have: 0, .. }) {
+            if !self.vs.tx_idle() {
+                return false;
+            }
+            self.snapshot_pending = false;
+            crate::io::control(crate::io::CONTROL_SNAPSHOT);
+            return true;
+        }
         self.step_frames()
     }
 
@@ -171,6 +188,8 @@ impl<'a> Agent<'a> {
         let mut progress = false;
         loop {
             match self.frame {
+                // Read nothing more until the snapshot point is written.
+                Frame::Len { have: 0, .. } if self.snapshot_pending => return progress,
                 Frame::Len { mut have, mut hdr } => {
                     let n = self.vs.read(0, &mut hdr[have..]);
                     if n == 0 {
@@ -285,6 +304,8 @@ impl<'a> Agent<'a> {
                 })
             }
         };
+        self.answered += 1;
+        self.snapshot_pending = self.snapshot_after == Some(self.answered);
         let mut env = Env { boot: self.boot, manifest: &self.manifest, rng: &mut self.rng, init_realtime_ns: self.realtime_ns };
         let (hdr, body) = self.resp.split_at_mut(4);
         let mut w = Writer::new(body);

@@ -1,6 +1,7 @@
 //! The built-in functions an appfs manifest can name (`fn=<name>`).
 
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::json::{self, Writer};
@@ -17,6 +18,7 @@ pub enum Func {
     Spin,
     Random,
     Discard,
+    Count,
 }
 
 impl Func {
@@ -29,6 +31,7 @@ impl Func {
             b"spin" => Func::Spin,
             b"random" => Func::Random,
             b"discard" => Func::Discard,
+            b"count" => Func::Count,
             _ => return None,
         })
     }
@@ -74,7 +77,35 @@ pub fn run(f: Func, req: &[u8], frame_len: usize, env: &mut Env, out: &mut Write
         Func::Discard => {
             let _ = write!(out, "{{\"bytes\": {}}}", frame_len);
         }
+        Func::Count => count(out),
     }
+}
+
+/// `count`'s state, in guest memory like any app's: the requests served
+/// and a 64 KiB area rewritten by each.
+static COUNT: AtomicU64 = AtomicU64::new(0);
+static COUNT_AREA: AtomicUsize = AtomicUsize::new(0);
+const COUNT_AREA_BYTES: usize = 64 << 10;
+
+/// Answers `{"count": n, "memory": "<FNV-1a of the area as the previous
+/// request left it>"}`, then fills the area with values derived from n:
+/// the answers depend only on how many requests came before.
+fn count(out: &mut Writer) {
+    let mut area = COUNT_AREA.load(Ordering::Relaxed) as *mut u8;
+    if area.is_null() {
+        area = crate::mem::alloc_zeroed(COUNT_AREA_BYTES, 4096).as_mut_ptr();
+        COUNT_AREA.store(area as usize, Ordering::Relaxed);
+    }
+    // SAFETY: the area is COUNT_AREA_BYTES of heap that only this function
+    // uses, and requests are served one at a time.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(area, COUNT_AREA_BYTES) };
+    let mut before = Fnv::new();
+    before.update(bytes);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+    for (i, word) in bytes.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&mix64(n ^ ((i as u64) << 32)).to_le_bytes());
+    }
+    let _ = write!(out, "{{\"count\": {}, \"memory\": \"{:016x}\"}}", n, before.0);
 }
 
 /// Work an app does when it loads, before the diff snapshot point.

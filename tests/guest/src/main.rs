@@ -186,9 +186,10 @@ fn run_agent(boot: &BootInfo, mut devs: disks::Devices) -> ! {
         functions::prepare(f, boot, &manifest);
     }
     // `diffpoint=after_init` (tests): the diff snapshot point comes after
-    // each init frame instead, so the diff also holds vsock traffic.
+    // each init frame instead, so the diff also holds vsock traffic; with
+    // `snapshot_after=N` it comes after the Nth answer.
     let late_diffpoint = manifest.get(b"diffpoint") == Some(&b"after_init"[..]);
-    if !late_diffpoint {
+    if !late_diffpoint && manifest.get(b"snapshot_after").is_none() {
         io::control(io::CONTROL_SNAPSHOT); // diff snapshot point
     }
     let mut vs = vs;

@@ -475,6 +475,12 @@ impl Vsock {
         }
     }
 
+    /// Whether everything queued for sending has been sent and the device
+    /// has given every transmit buffer back.
+    pub fn tx_idle(&self) -> bool {
+        self.tx_nfree == TX_SLOTS && self.nrsts == 0 && self.conns.iter().all(|c| c.tx.len == 0)
+    }
+
     /// Takes used buffers and handles incoming packets and events.
     pub fn poll(&mut self) -> bool {
         let mut progress = self.dev.ack_interrupt() != 0;
