@@ -319,10 +319,10 @@ fn requests_reuse_warm_vms_and_the_api_answers() {
         "the idle VM is reused"
     );
     assert_ne!(r.header("x-request-id"), Some(rid.as_str()));
-    assert!(
-        d.log().contains(&format!("[{rid}]")),
-        "request id in the logs"
-    );
+    // The daemon logs a request after answering it: wait for the line.
+    d.wait_for("the request id in the log", Duration::from_secs(10), |d| {
+        d.log().contains(&format!("[{rid}]"))
+    });
     assert_eq!(
         d.metric("multivm_warm_starts_total{function=\"hello\"}"),
         1.0
