@@ -8,6 +8,9 @@ use clap::Args;
 
 use crate::vmm::builder::{VmConfig, DEFAULT_KERNEL_ARGS};
 
+/// The guest CID (`--id`) when none is given.
+pub const DEFAULT_CID: u64 = 100;
+
 #[derive(Args, Clone, Debug)]
 pub struct VmArgs {
     /// Guest kernel: ELF vmlinux or bzImage. Required (as in SnapFaaS) but
@@ -30,7 +33,7 @@ pub struct VmArgs {
     #[arg(long = "vcpu_count", alias = "vcpu-count", default_value_t = 1)]
     pub vcpu_count: u64,
     /// VM id, also the guest's vsock CID.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = DEFAULT_CID)]
     pub id: u64,
     /// Restore from a snapshot instead of booting: BASE, or BASE,DIFF[,DIFF]
     /// (layers bottom first). --mem_size, --vcpu_count and --rootfs must

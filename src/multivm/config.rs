@@ -46,6 +46,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::cli::{VmArgs, DEFAULT_CID};
 use crate::vmm::MAX_VCPUS;
 
 /// MiB accounted per VM for firerunner itself (VMM heap, thread stacks,
@@ -231,37 +232,28 @@ impl Function {
         }
     }
 
-    /// The firerunner flags of one VM of this function (the VmArgs flags
-    /// of src/cli.rs; the launcher adds the vsock, console and control ones).
+    /// The firerunner flags of one VM of this function, spelt by the
+    /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
+    /// control ones).
     pub fn firerunner_args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = Vec::new();
-        let mut flag = |name: &str, value: OsString| {
-            a.push(format!("--{name}").into());
-            a.push(value);
-        };
-        flag("kernel", self.kernel.clone().into());
-        if let Some(k) = &self.cmdline {
-            flag("kernel_args", k.into());
+        VmArgs {
+            kernel: self.kernel.clone(),
+            kernel_args: self.cmdline.clone(),
+            rootfs: self.rootfs.clone(),
+            appfs: self.appfs.clone(),
+            mem_size: self.memory_mib,
+            vcpu_count: self.vcpus,
+            id: DEFAULT_CID,
+            load_dir: self.load_dir.clone(),
+            diff_dirs: None,
+            dump_dir: None,
+            dump_ws: None,
+            load_ws: self.load_ws,
+            copy_base: self.copy_base,
+            copy_diff: self.copy_diff,
+            cpu_template: None,
         }
-        flag("rootfs", self.rootfs.clone().into());
-        if let Some(p) = &self.appfs {
-            flag("appfs", p.clone().into());
-        }
-        flag("mem_size", self.memory_mib.to_string().into());
-        flag("vcpu_count", self.vcpus.to_string().into());
-        if let Some(d) = &self.load_dir {
-            flag("load_dir", d.into());
-        }
-        for (set, name) in [
-            (self.copy_base, "--copy_base"),
-            (self.copy_diff, "--copy_diff"),
-            (self.load_ws, "--load_ws"),
-        ] {
-            if set {
-                a.push(name.into());
-            }
-        }
-        a
+        .to_firerunner_args()
     }
 }
 
