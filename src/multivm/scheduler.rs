@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use serde_json::{json, Value};
 
-use super::config::{Config, LaunchKind};
+use super::config::{Config, Function, LaunchKind};
 use super::metrics::{Gauges, Metrics};
 use super::vm::{FunctionVm, VmError, VmId};
 
@@ -161,6 +161,19 @@ struct FnState {
     queued: usize,
     prewarming: usize,
     prewarm_retry: Option<(Instant, Duration)>,
+}
+
+impl FnState {
+    /// When the oldest idle VM beyond the function's `min_idle` reaches its
+    /// idle timeout (none if all idle VMs are kept).
+    fn next_idle_expiry(&self, f: &Function) -> Option<Instant> {
+        let evictable = self.idle.len().saturating_sub(f.min_idle);
+        self.idle
+            .iter()
+            .take(evictable)
+            .next()
+            .map(|first| first.since + f.idle_timeout)
+    }
 }
 
 struct State {
@@ -410,13 +423,7 @@ impl Scheduler {
             if s.idle.iter().any(|i| !st.watched.contains(&i.vm.id)) {
                 return true;
             }
-            if let Some(first) = s
-                .idle
-                .iter()
-                .take(s.idle.len().saturating_sub(f.min_idle))
-                .next()
-            {
-                let at = first.since + f.idle_timeout;
+            if let Some(at) = s.next_idle_expiry(f) {
                 if st.maintainer_deadline.is_none_or(|d| at < d) {
                     return true;
                 }
@@ -704,13 +711,7 @@ impl Scheduler {
                         victims.push(idle.vm);
                     }
                     let s = &st.fns[fi];
-                    if let Some(first) = s
-                        .idle
-                        .iter()
-                        .take(s.idle.len().saturating_sub(f.min_idle))
-                        .next()
-                    {
-                        let at = first.since + f.idle_timeout;
+                    if let Some(at) = s.next_idle_expiry(f) {
                         next = Some(next.map_or(at, |n| n.min(at)));
                     }
                     // Pre-warming: free memory only, never while anyone waits.
