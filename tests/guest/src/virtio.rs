@@ -308,7 +308,9 @@ impl VirtQueue {
 
     /// Takes one used element verbatim: (id, len).
     pub fn raw_pop_used(&mut self) -> Option<(u32, u32)> {
-        // SAFETY: as in pop_used; the index is reduced modulo size.
+        // SAFETY: used ring layout: flags u16, idx u16, then size entries of
+        // {u32 id, u32 len}, the index reduced modulo size; the acquire
+        // fence orders idx before the entry.
         let e = unsafe {
             let idx = core::ptr::read_volatile((self.used as *const u16).add(1));
             if idx == self.last_used {
@@ -372,18 +374,7 @@ impl VirtQueue {
     /// Takes one used chain: (head id, bytes written by the device). Its
     /// descriptors go back to the free list.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
-        // SAFETY: used ring layout: flags u16, idx u16, then size entries of
-        // {u32 id, u32 len}; the acquire fence orders idx before the entry.
-        let (id, len) = unsafe {
-            let idx = core::ptr::read_volatile((self.used as *const u16).add(1));
-            if idx == self.last_used {
-                return None;
-            }
-            fence(Ordering::Acquire);
-            let e = self.used.add(4 + 8 * usize::from(self.last_used % self.size)) as *const u32;
-            (core::ptr::read_volatile(e), core::ptr::read_volatile(e.add(1)))
-        };
-        self.last_used = self.last_used.wrapping_add(1);
+        let (id, len) = self.raw_pop_used()?;
         let head = (id as u16) % self.size;
         // Walk the chain back onto the free list.
         let mut tail = head;
