@@ -17,11 +17,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{app_image, firerunner, fnv1a, testguest, Scratch};
+use common::{app_image, collect, firerunner, fnv1a, testguest, Scratch};
 
 /// The host port testguest's vsock cases connect to.
 const HOSTILE_PORT: u32 = 1235;
@@ -65,24 +64,6 @@ fn small_backlog_listener(path: &Path) -> UnixListener {
     .unwrap();
     listen(&fd, Backlog::new(4).unwrap()).unwrap();
     UnixListener::from(fd)
-}
-
-/// A child's output, collected by a thread.
-fn collect(mut r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    let h = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    });
-    (buf, h)
 }
 
 /// What one case left behind.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{app_image, children_named, testguest, Scratch};
+use common::{app_image, children_named, collect, testguest, Scratch};
 use serde_json::{json, Value};
 
 /// Guest memory of every test function (MiB) and the VMM overhead the
@@ -100,22 +100,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn multivm");
-        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
-        {
-            let mut err = child.stderr.take().unwrap();
-            let sink = Arc::clone(&stderr);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let (stderr, _) = collect(child.stderr.take().unwrap());
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         let _ = out.read_line(&mut line);
