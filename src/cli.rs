@@ -136,6 +136,7 @@ impl VmArgs {
 
     /// The VM these flags describe.
     pub fn vm_config(&self, console: Option<PathBuf>, vsock_uds: Option<PathBuf>) -> VmConfig {
+        let layers = self.layers();
         VmConfig {
             kernel: self.kernel.clone(),
             kernel_args: self
@@ -150,11 +151,11 @@ impl VmArgs {
             console,
             vsock_uds,
             dump_ws: self.dump_ws.as_ref().and_then(|dir| match dir.as_str() {
-                "" => self.layers().pop(),
+                "" => layers.last().cloned(),
                 dir => Some(PathBuf::from(dir)),
             }),
             load_ws: self.load_ws,
-            layers: self.layers(),
+            layers,
             dump_dir: self.dump_dir.clone(),
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,
