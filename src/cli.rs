@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::vmm::builder::{VmConfig, DEFAULT_KERNEL_ARGS};
+use crate::vmm::config::{
+    BootConfig, Copies, RestoreConfig, RestoreMemory, Start, VmConfig, DEFAULT_KERNEL_ARGS,
+};
+use crate::vmm::MAX_VCPUS;
 
 /// The guest CID (`--id`) when none is given.
 pub const DEFAULT_CID: u64 = 100;
@@ -87,10 +90,26 @@ impl VmArgs {
             .collect()
     }
 
-    /// Refuses flags that make no sense together, or whose feature has not
-    /// landed yet, with the message to print: refused, never ignored.
+    /// Refuses flags that make no sense together, with the message to
+    /// print: refused, never ignored. The one check of firerunner,
+    /// singlevm and multivm (the same as [`VmArgs::vm_config`]'s).
     pub fn check(&self) -> Result<(), String> {
+        self.vm_config(None, None).map(drop)
+    }
+
+    /// The VM these flags describe, or why they describe none.
+    pub fn vm_config(
+        &self,
+        console: Option<PathBuf>,
+        vsock_uds: Option<PathBuf>,
+    ) -> Result<VmConfig, String> {
         let layers = self.layers();
+        if self.vcpu_count == 0 || self.vcpu_count > u64::from(MAX_VCPUS) {
+            return Err(format!(
+                "--vcpu_count must be between 1 and {MAX_VCPUS}, got {}",
+                self.vcpu_count
+            ));
+        }
         if self.diff_dirs.is_some() && self.load_dir.is_none() {
             return Err("--diff_dirs needs --load_dir (the base snapshot)".into());
         }
@@ -131,36 +150,50 @@ impl VmArgs {
         if self.dump_ws.is_some() && self.dump_dir.is_some() {
             return Err("--dump_ws cannot be combined with --dump_dir".into());
         }
-        Ok(())
-    }
-
-    /// The VM these flags describe.
-    pub fn vm_config(&self, console: Option<PathBuf>, vsock_uds: Option<PathBuf>) -> VmConfig {
-        let layers = self.layers();
-        VmConfig {
-            kernel: self.kernel.clone(),
-            kernel_args: self
-                .kernel_args
-                .clone()
-                .unwrap_or_else(|| DEFAULT_KERNEL_ARGS.to_string()),
+        if self.cpu_template.is_some() && !layers.is_empty() {
+            return Err(
+                "--cpu_template cannot be used with --load_dir: a snapshot keeps the CPUID it was taken with"
+                    .into(),
+            );
+        }
+        let start = if layers.is_empty() {
+            Start::Boot(BootConfig {
+                kernel: self.kernel.clone(),
+                kernel_args: self
+                    .kernel_args
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_KERNEL_ARGS.to_string()),
+                cpu_template: self.cpu_template.clone(),
+            })
+        } else {
+            let copies = Copies {
+                base: self.copy_base,
+                diffs: self.copy_diff,
+            };
+            let memory = match &self.dump_ws {
+                Some(dir) => RestoreMemory::RecordWorkingSet {
+                    into: match dir.as_str() {
+                        "" => layers.last().cloned().unwrap_or_default(),
+                        dir => PathBuf::from(dir),
+                    },
+                },
+                None if self.load_ws => RestoreMemory::LoadWorkingSet(copies),
+                None => RestoreMemory::Layers(copies),
+            };
+            Start::Restore(RestoreConfig { layers, memory })
+        };
+        Ok(VmConfig {
             rootfs: self.rootfs.clone(),
             appfs: self.appfs.clone(),
             mem_mib: self.mem_size,
-            vcpus: self.vcpu_count,
+            // Checked above: 1..=MAX_VCPUS.
+            vcpus: self.vcpu_count as u8,
             cid: self.id,
             console,
             vsock_uds,
-            dump_ws: self.dump_ws.as_ref().and_then(|dir| match dir.as_str() {
-                "" => layers.last().cloned(),
-                dir => Some(PathBuf::from(dir)),
-            }),
-            load_ws: self.load_ws,
-            layers,
             dump_dir: self.dump_dir.clone(),
-            copy_base: self.copy_base,
-            copy_diff: self.copy_diff,
-            cpu_template: self.cpu_template.clone(),
-        }
+            start,
+        })
     }
 
     /// The same flags as firerunner arguments.
@@ -252,7 +285,10 @@ mod tests {
             argv.extend_from_slice(extra);
             T::parse_from(argv).vm
         };
-        let layers = |v: &VmArgs| v.vm_config(None, None).layers;
+        let layers = |v: &VmArgs| match v.vm_config(None, None).unwrap().start {
+            Start::Restore(r) => r.layers,
+            Start::Boot(_) => Vec::new(),
+        };
         let t = parse(&["--load_dir", "a"]);
         assert_eq!((t.check(), layers(&t)), (Ok(()), vec![PathBuf::from("a")]));
         let both = [PathBuf::from("a"), PathBuf::from("b"), PathBuf::from("c")];
@@ -263,7 +299,13 @@ mod tests {
         assert!(parse(&["--diff_dirs", "b"]).check().is_err());
         assert!(parse(&["--load_dir", "a", "--copy_diff"]).check().is_err());
         assert!(parse(&["--load_dir", "a,,b"]).check().is_err());
-        let ws = |extra: &[&str]| parse(extra).vm_config(None, None).dump_ws;
+        let ws = |extra: &[&str]| match parse(extra).vm_config(None, None).unwrap().start {
+            Start::Restore(RestoreConfig {
+                memory: RestoreMemory::RecordWorkingSet { into },
+                ..
+            }) => Some(into),
+            _ => None,
+        };
         assert_eq!(
             ws(&["--load_dir", "a,b", "--dump_ws"]),
             Some(PathBuf::from("b"))
@@ -311,9 +353,9 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["x".into()];
         argv.extend(t.vm.to_firerunner_args());
         let again = T::parse_from(argv);
-        assert_eq!(
-            again.vm.vm_config(None, None).cpu_template,
-            Some(PathBuf::from("t.json"))
-        );
+        let Start::Boot(boot) = again.vm.vm_config(None, None).unwrap().start else {
+            panic!("a boot config");
+        };
+        assert_eq!(boot.cpu_template, Some(PathBuf::from("t.json")));
     }
 }

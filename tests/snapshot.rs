@@ -21,6 +21,7 @@ use common::{
 use serde_json::{json, Value};
 use snapvm::snapshot::format;
 use snapvm::snapshot::hash::xxh64;
+use snapvm::vmm::persist::MicrovmState;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -204,7 +205,7 @@ fn the_saved_rip_is_past_the_outb() {
     let app = app_image(&s, "hello.img", &["fn=hello"]);
     let snap = s.path("snap");
     dump(&s, &snap, &root, &app, &[]);
-    let (state, _) = format::read(&snap).unwrap();
+    let (state, _) = MicrovmState::read(&snap).unwrap();
     let mem = std::fs::File::open(snap.join("memory")).unwrap();
     let rip = state.vcpus[0].regs.rip;
     let mut code = [0u8; 2];
@@ -226,7 +227,7 @@ fn two_and_four_vcpu_snapshots_restore_and_serve() {
         let app = app_image(&s, "hello.img", &["fn=hello"]);
         let snap = s.path("snap");
         dump(&s, &snap, &root, &app, &["--vcpu_count", n]);
-        let (state, _) = format::read(&snap).unwrap();
+        let (state, _) = MicrovmState::read(&snap).unwrap();
         assert_eq!(state.vcpus.len().to_string(), n);
         let out = serve(
             &s,
@@ -420,7 +421,7 @@ fn a_writer_killed_half_way_leaves_nothing_that_loads() {
         .arg("--dump_dir")
         .arg(&snap)
         .env("RUST_LOG", "warn")
-        .env(snapvm::snapshot::create::STALL_ENV, "1")
+        .env(snapvm::vmm::capture::hooks::STALL_ENV, "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -501,7 +502,7 @@ fn dump_diff_after_vsock(
         .arg(layers)
         .arg("--dump_dir")
         .arg(diff)
-        .env(snapvm::snapshot::create::DUMP_RAM_ENV, ram)
+        .env(snapvm::vmm::capture::hooks::DUMP_RAM_ENV, ram)
         .env("RUST_LOG", "info");
     let out = run_with_deadline(cmd, LIMIT);
     assert_eq!(out.code(), Some(0), "diff snapshot failed:\n{}", out.stderr);
@@ -563,8 +564,8 @@ fn a_diff_layer_plus_its_base_rebuild_ram_byte_for_byte() {
         "{console}"
     );
 
-    let (b, b_sum) = format::read(&base).unwrap();
-    let (d, _) = format::read(&diff).unwrap();
+    let (b, b_sum) = MicrovmState::read(&base).unwrap();
+    let (d, _) = MicrovmState::read(&diff).unwrap();
     assert_eq!(d.memory.layers.len(), 2);
     assert_eq!(
         d.memory.layers[0].state_checksum.as_deref(),
@@ -599,7 +600,7 @@ fn a_diff_layer_plus_its_base_rebuild_ram_byte_for_byte() {
     let layers = format!("{},{}", base.display(), diff.display());
     std::fs::remove_file(s.path("diff.vsock_1234")).unwrap();
     dump_diff_after_vsock(&s, &layers, &top, &ram, &root, &app);
-    let (t, _) = format::read(&top).unwrap();
+    let (t, _) = MicrovmState::read(&top).unwrap();
     assert_eq!(t.memory.layers.len(), 3);
     let expected = std::fs::read(&ram).unwrap();
     let rebuilt = rebuild(
@@ -671,8 +672,8 @@ fn the_snapfaas_workflow_serves_like_a_boot() {
         assert_eq!(lines(&run(&args, requests)), lines(&booted), "{args:?}");
     }
     // Loading the app changed far fewer pages than booting wrote.
-    let (bs, _) = format::read(&base).unwrap();
-    let (ds, _) = format::read(&diff).unwrap();
+    let (bs, _) = MicrovmState::read(&base).unwrap();
+    let (ds, _) = MicrovmState::read(&diff).unwrap();
     let (base_bytes, diff_bytes) = (held(&bs.memory.layers[0]), held(&ds.memory.layers[1]));
     assert!(
         diff_bytes * 4 < base_bytes,
@@ -701,7 +702,7 @@ fn touch_16_mib_gives_a_16_mib_diff_that_serves_like_a_boot() {
         &app,
         &["--load_dir", &base.display().to_string()],
     );
-    let (d, _) = format::read(&diff).unwrap();
+    let (d, _) = MicrovmState::read(&diff).unwrap();
     let own = held(&d.memory.layers[1]);
     assert!(own >= 16 << 20, "diff holds {own} bytes: {}", out.stderr);
     let requests = "{}\n{\"mib\": 4}\n";

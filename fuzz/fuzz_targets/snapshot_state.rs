@@ -1,6 +1,6 @@
 //! Snapshot-state parsing and restore. The first input byte picks what the
 //! rest is (`% 3`):
-//! - 0: a whole `snapshot.json`, decoded by `snapshot::format::decode`
+//! - 0: a whole `snapshot.json`, decoded by `MicrovmState::decode`
 //!   (format, version, checksum, then the state);
 //! - 1: the `state` value alone, sealed with a correct checksum first, so
 //!   mutations reach the state parser instead of failing the checksum;
@@ -16,10 +16,11 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use snapvm::snapshot::format::{decode, FORMAT, VERSION};
+use snapvm::snapshot::format::{FORMAT, VERSION};
 use snapvm::snapshot::hash::xxh64;
 use snapvm::vmm::devices::virtio::mmio::{regs, TransportState};
 use snapvm::vmm::devices::virtio::TYPE_VSOCK;
+use snapvm::vmm::persist::MicrovmState;
 use snapvm_fuzz::{deliver_notifications, empty_memory, read_reg, transport, Kind};
 
 fuzz_target!(|data: &[u8]| {
@@ -47,11 +48,11 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn whole_file(bytes: &[u8]) {
-    let Ok(state) = decode(Path::new("snapshot.json"), bytes) else {
+    let Ok(state) = MicrovmState::decode(Path::new("snapshot.json"), bytes) else {
         return;
     };
     for device in &state.devices {
-        restore(device);
+        restore(&device.transport);
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 use snapvm::cli::VmArgs;
 use snapvm::control::{Channel, Event};
-use snapvm::vmm::{builder, VmExit};
+use snapvm::vmm::{runner, VmExit};
 
 /// Exit code for a configuration or start-up error.
 const EXIT_CONFIG: u8 = 1;
@@ -58,11 +58,11 @@ fn main() -> ExitCode {
         }
         ExitCode::from(EXIT_CONFIG)
     };
-    if let Err(msg) = args.vm.check() {
-        return fail(msg);
-    }
-    let config = args.vm.vm_config(args.console, args.vsock_uds);
-    let exit = match builder::run(&config, start, control.clone()) {
+    let config = match args.vm.vm_config(args.console, args.vsock_uds) {
+        Ok(c) => c,
+        Err(msg) => return fail(msg),
+    };
+    let exit = match runner::run(&config, start, control.clone()) {
         Ok(exit) => exit,
         Err(e) => return fail(e.to_string()),
     };

@@ -62,6 +62,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The same check firerunner makes, before anything is spawned.
+    if let Err(e) = args.vm.check() {
+        eprintln!("singlevm: error: {e}");
+        return ExitCode::from(1);
+    }
     let opts = Options {
         launch: Launch {
             firerunner: args.firerunner.unwrap_or_else(default_firerunner),

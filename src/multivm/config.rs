@@ -236,6 +236,11 @@ impl Function {
     /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
     /// control ones).
     pub fn firerunner_args(&self) -> Vec<OsString> {
+        self.vm_args().to_firerunner_args()
+    }
+
+    /// The VM flags of this function, as firerunner would parse them.
+    fn vm_args(&self) -> VmArgs {
         VmArgs {
             kernel: self.kernel.clone(),
             kernel_args: self.cmdline.clone(),
@@ -253,7 +258,6 @@ impl Function {
             copy_diff: self.copy_diff,
             cpu_template: None,
         }
-        .to_firerunner_args()
     }
 }
 
@@ -612,7 +616,7 @@ impl Resolver<'_> {
                     }
                 }
             }
-            functions.push(Function {
+            let function = Function {
                 name: name.clone(),
                 kernel,
                 cmdline,
@@ -629,7 +633,12 @@ impl Resolver<'_> {
                 idle_timeout,
                 request_timeout,
                 max_queue,
-            });
+            };
+            // The one check of the VM flags firerunner and singlevm make.
+            if let Err(e) = function.vm_args().check() {
+                return Err(self.err(f, &format!("functions.{name}"), e));
+            }
+            functions.push(function);
         }
         let warm: u64 = functions
             .iter()

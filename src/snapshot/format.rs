@@ -4,16 +4,18 @@
 //! ```text
 //! {"format":"snapvm-snapshot","version":2,"checksum":"<16 hex>","state":{...}}
 //! ```
+//!
+//! The state itself is the VMM's (`vmm::persist::MicrovmState`): this
+//! module seals and opens the envelope around any serializable state and
+//! holds the parts of it that describe the snapshot rather than the VM —
+//! its shape, the rootfs identity and the memory table of layers.
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{self, Kind, Refusal};
-use crate::vmm::devices::serial::SerialPersist;
-use crate::vmm::devices::virtio::mmio::TransportState;
-use crate::vmm::vcpu::VcpuState;
-use crate::vmm::vm::VmState;
 
 /// The `format` member of every snapvm state file.
 pub const FORMAT: &str = "snapvm-snapshot";
@@ -122,23 +124,6 @@ pub struct MemoryTable {
     pub layers: Vec<MemoryLayer>,
 }
 
-/// Everything a snapshot layer's state file holds.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SnapshotState {
-    /// Host wall-clock time of the snapshot, ns since the epoch.
-    pub created_ns: u64,
-    /// The snapvm version that wrote it (informational).
-    pub snapvm: String,
-    pub shape: VmShape,
-    pub rootfs: DiskIdentity,
-    pub memory: MemoryTable,
-    pub vcpus: Vec<VcpuState>,
-    pub vm: VmState,
-    /// The virtio devices (transport + device state), in slot order.
-    pub devices: Vec<TransportState>,
-    pub serial: SerialPersist,
-}
-
 /// `snapshot.json` as an envelope.
 const KIND: Kind = Kind {
     format: FORMAT,
@@ -147,7 +132,7 @@ const KIND: Kind = Kind {
 };
 
 /// Encodes a state file.
-pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, FormatError> {
+pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, FormatError> {
     let body = serde_json::to_string(state).map_err(FormatError::Encode)?;
     Ok(envelope::seal(&KIND, VERSION, &body))
 }
@@ -167,7 +152,7 @@ fn open_envelope<'a>(path: &Path, bytes: &'a [u8]) -> Result<(String, &'a str), 
 
 /// Decodes a state file's bytes (`path` names it in errors): format,
 /// version, checksum, then the state.
-pub fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotState, FormatError> {
+pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, FormatError> {
     let (_, body) = open_envelope(path, bytes)?;
     serde_json::from_str(body).map_err(|e| FormatError::Malformed {
         path: path.to_owned(),
@@ -194,7 +179,7 @@ fn read_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>), FormatError> {
 
 /// Reads and decodes `dir/snapshot.json`; returns the state and the
 /// file's checksum (how a diff layer names this one as its parent).
-pub fn read(dir: &Path) -> Result<(SnapshotState, String), FormatError> {
+pub fn read<T: DeserializeOwned>(dir: &Path) -> Result<(T, String), FormatError> {
     let (path, bytes) = read_bytes(dir)?;
     let (checksum, body) = open_envelope(&path, &bytes)?;
     let state = serde_json::from_str(body).map_err(|e| FormatError::Malformed {
@@ -229,6 +214,13 @@ pub fn state_value(bytes: &[u8]) -> Option<serde_json::Value> {
 mod tests {
     use super::*;
 
+    /// Stands for a whole state: a struct the samples are not.
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Full {
+        shape: VmShape,
+    }
+
     fn sample() -> Vec<u8> {
         seal_value(VERSION, &serde_json::json!({"a": [1, 2, 3]})).unwrap()
     }
@@ -238,17 +230,17 @@ mod tests {
         let p = Path::new("x/snapshot.json");
         let good = sample();
         // The sample is not a full state: the checksum passes, the parse fails.
-        let e = decode(p, &good).unwrap_err();
+        let e = decode::<Full>(p, &good).unwrap_err();
         assert!(matches!(e, FormatError::Malformed { .. }), "{e}");
         let mut bad = good.clone();
         let at = bad.windows(7).position(|w| w == b"[1,2,3]").unwrap() + 3;
         bad[at] = b'7';
         assert!(matches!(
-            decode(p, &bad).unwrap_err(),
+            decode::<Full>(p, &bad).unwrap_err(),
             FormatError::Checksum { .. }
         ));
         let cut = &good[..good.len() - 10];
-        let e = decode(p, cut).unwrap_err();
+        let e = decode::<Full>(p, cut).unwrap_err();
         assert!(matches!(e, FormatError::Malformed { .. }), "{e}");
         assert!(e.to_string().contains("truncated or corrupt"));
     }
@@ -257,12 +249,12 @@ mod tests {
     fn version_is_checked_before_the_checksum() {
         let p = Path::new("s/snapshot.json");
         let newer = seal_value(VERSION + 1, &serde_json::json!({"whatever": 1})).unwrap();
-        let e = decode(p, &newer).unwrap_err();
+        let e = decode::<Full>(p, &newer).unwrap_err();
         assert!(matches!(e, FormatError::Newer { found, .. } if found == VERSION + 1));
         assert!(e.to_string().contains("newer snapvm"));
         let other = br#"{"format":"other","version":1}"#;
         assert!(matches!(
-            decode(p, other).unwrap_err(),
+            decode::<Full>(p, other).unwrap_err(),
             FormatError::NotSnapshot { .. }
         ));
     }

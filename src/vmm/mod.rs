@@ -1,19 +1,31 @@
 //! The virtual machine monitor: KVM VM and vCPUs, guest memory, x86_64
 //! boot, devices and the device event loop.
+//!
+//! Rooms: [`config`] says what to build; [`boot`] builds a fresh VM and
+//! [`restore`] rebuilds one from snapshot layers; [`runner`] runs either
+//! until it ends; [`capture`] writes a snapshot of a running VM, whose
+//! state is the tree of [`persist::Persist`] states of its parts (each
+//! saved and restored beside its own code: [`vcpu`], [`vm`], [`memory`],
+//! [`devices`]).
 
+pub mod boot;
 pub mod bus;
+pub mod capture;
+pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod kernel;
 pub mod layout;
 pub mod memory;
+pub mod persist;
+pub mod restore;
+pub mod runner;
+pub mod vcpu;
+pub mod vm;
 pub mod x86_64;
 
 /// Most vCPUs a VM may have: the MP table has to fit in the 1 KiB EBDA.
 pub const MAX_VCPUS: u8 = 32;
-pub mod builder;
-pub mod vcpu;
-pub mod vm;
 
 /// Why a VM stopped; each maps to a documented firerunner exit code.
 #[derive(Clone, Debug, PartialEq, Eq)]

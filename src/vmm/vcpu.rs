@@ -33,6 +33,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::bus::Bus;
 use super::memory::GuestMemoryMmap;
+use super::persist::Persist;
 use super::x86_64::{cpu_template, cpuid, msr, regs};
 use super::VmExit;
 
@@ -113,11 +114,8 @@ pub enum VcpuEvent {
     Pause,
     /// Run guest code again.
     Resume,
-    /// Answer with the vCPU's state (only while paused); the MSR indexes
-    /// are the candidates KVM reported for the VM.
-    SaveState(Arc<Vec<u32>>),
-    /// End the thread.
-    Finish,
+    /// Answer with the vCPU's state (only while paused).
+    SaveState,
 }
 
 /// A vCPU thread's answer to one event.
@@ -228,6 +226,9 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     run_page: Arc<RunPage>,
+    /// The MSRs a snapshot saves: KVM's index list for this host (the
+    /// ones this vCPU refuses to read are left out).
+    msr_list: Arc<Vec<u32>>,
 }
 
 /// How one `KVM_RUN` ended.
@@ -241,13 +242,20 @@ enum RunOutcome {
 }
 
 impl Vcpu {
-    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+    /// Creates vCPU `id` of `vm`; `msr_list` is what its snapshot saves
+    /// (`KvmVm::msr_index_list`).
+    pub fn new(vm: &VmFd, id: u8, msr_list: Arc<Vec<u32>>) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Create { id, source })?;
         let run_page = Arc::new(RunPage::map(id, &fd)?);
-        Ok(Self { id, fd, run_page })
+        Ok(Self {
+            id,
+            fd,
+            run_page,
+            msr_list,
+        })
     }
 
     pub fn id(&self) -> u8 {
@@ -337,16 +345,17 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Saves the vCPU's KVM state. The vCPU must not be running. `msrs`
-    /// are the candidate MSR indexes (KVM's index list); the ones this vCPU
-    /// refuses to read are left out.
+    /// Saves the vCPU's KVM state. The vCPU must not be running. The MSRs
+    /// are the candidates of its MSR list; the ones this vCPU refuses to
+    /// read are left out.
     ///
     /// Order (KVM's requirements, as Firecracker documents them): CPUID,
     /// then mp_state (reading it may deliver pending LAPIC events), regs,
     /// sregs, xsave, xcrs, debug registers, LAPIC, MSRs (TSC before the
     /// TSC deadline), and vcpu events last (the LAPIC read may change
     /// them).
-    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
+    fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let msrs: &[u32] = &self.msr_list;
         let id = self.id;
         let err = |what| move |source| VcpuError::Save { id, what, source };
         let cpuid = self
@@ -436,7 +445,7 @@ impl Vcpu {
     /// registers, LAPIC (after sregs, which hold the APIC base), MSRs
     /// (after the LAPIC; the TSC before the TSC deadline, as saved) and the
     /// vcpu events last.
-    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+    fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
         let id = self.id;
         let err = |what: &'static str| {
             move |e: kvm_ioctls::Error| VcpuError::Restore {
@@ -578,14 +587,13 @@ impl Vcpu {
                     paused = false;
                     VcpuResponse::Resumed
                 }
-                VcpuEvent::SaveState(msrs) if paused => match self.save_state(&msrs) {
+                VcpuEvent::SaveState if paused => match self.save() {
                     Ok(s) => VcpuResponse::State(Box::new(s)),
                     Err(e) => VcpuResponse::Error(e.to_string()),
                 },
-                VcpuEvent::SaveState(_) => {
+                VcpuEvent::SaveState => {
                     VcpuResponse::Error(VcpuError::NotPaused { id: self.id }.to_string())
                 }
-                VcpuEvent::Finish => return,
             };
             if out.send(reply).is_err() {
                 return;
@@ -713,6 +721,19 @@ impl Vcpu {
     }
 }
 
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        self.save_state()
+    }
+
+    fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        self.restore_state(state)
+    }
+}
+
 /// The owner's end of a running vCPU thread.
 pub struct VcpuHandle {
     id: u8,
@@ -826,14 +847,10 @@ impl Vcpus {
     }
 
     /// The state of every (paused) vCPU, in id order.
-    pub fn save(
-        &self,
-        msrs: &Arc<Vec<u32>>,
-        timeout: Duration,
-    ) -> Result<Vec<VcpuState>, VcpuError> {
+    pub fn save(&self, timeout: Duration) -> Result<Vec<VcpuState>, VcpuError> {
         self.handles
             .iter()
-            .zip(self.broadcast(|| VcpuEvent::SaveState(msrs.clone()), timeout)?)
+            .zip(self.broadcast(|| VcpuEvent::SaveState, timeout)?)
             .map(|(h, r)| match r {
                 VcpuResponse::State(s) => Ok(*s),
                 VcpuResponse::Error(reason) => Err(VcpuError::Failed { id: h.id, reason }),
@@ -885,7 +902,8 @@ mod tests {
             })
             .unwrap();
         }
-        let vcpu = Vcpu::new(&vm, 0).unwrap();
+        let msrs = Arc::new(kvm.get_msr_index_list().unwrap().as_slice().to_vec());
+        let vcpu = Vcpu::new(&vm, 0, msrs.clone()).unwrap();
         let mut sregs = vcpu.fd.get_sregs().unwrap();
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
@@ -912,8 +930,7 @@ mod tests {
         let vcpus = Vcpus::new(vec![handle]);
         let t = Duration::from_secs(10);
         vcpus.pause(t).unwrap();
-        let msrs = Arc::new(kvm.get_msr_index_list().unwrap().as_slice().to_vec());
-        let states = vcpus.save(&msrs, t).unwrap();
+        let states = vcpus.save(t).unwrap();
         let s = &states[0];
         // Paused inside the loop, never on the `out` itself: a completed
         // port write leaves RIP at the jmp.
@@ -932,8 +949,8 @@ mod tests {
         // The state restores into a fresh vCPU of another VM.
         let vm2 = kvm.create_vm().unwrap();
         vm2.create_irq_chip().unwrap();
-        let v2 = Vcpu::new(&vm2, 0).unwrap();
-        v2.restore_state(&back).unwrap();
+        let mut v2 = Vcpu::new(&vm2, 0, msrs).unwrap();
+        v2.restore(&back).unwrap();
         assert_eq!(v2.fd.get_regs().unwrap().rip, s.regs.rip);
     }
 }

@@ -1,5 +1,5 @@
-//! The KVM VM: in-kernel irqchip and PIT, guest memory slots, and the
-//! VM-wide state a snapshot holds (PIC, IOAPIC, PIT, kvmclock).
+//! The KVM VM ([`KvmVm`]): in-kernel irqchip and PIT, guest memory slots,
+//! and the VM-wide state a snapshot holds (PIC, IOAPIC, PIT, kvmclock).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemoryMmap;
+use super::persist::Persist;
 
 /// The only stable KVM API version.
 const KVM_API_VERSION: i32 = 12;
@@ -19,7 +20,7 @@ const KVM_API_VERSION: i32 = 12;
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum KvmVmError {
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
     #[error("/dev/kvm does not answer as KVM API version {KVM_API_VERSION}")]
@@ -53,7 +54,7 @@ pub enum VmError {
 
 /// The VM-wide KVM state: interrupt controllers, PIT and kvmclock.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmState {
+pub struct KvmVmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
@@ -88,24 +89,24 @@ const REQUIRED_CAPS: [Cap; 6] = [
     Cap::ExtCpuid,
 ];
 
-pub struct Vm {
+pub struct KvmVm {
     kvm: Kvm,
     fd: VmFd,
 }
 
-impl Vm {
+impl KvmVm {
     /// Opens KVM and creates a VM with the in-kernel irqchip (PIC, IOAPIC,
     /// LAPICs) and PIT.
-    pub fn new() -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    pub fn new() -> Result<Self, KvmVmError> {
+        let kvm = Kvm::new().map_err(KvmVmError::OpenKvm)?;
         if kvm.get_api_version() != KVM_API_VERSION {
-            return Err(VmError::NotKvm);
+            return Err(KvmVmError::NotKvm);
         }
         if let Some(cap) = REQUIRED_CAPS.iter().find(|c| !kvm.check_extension(**c)) {
-            return Err(VmError::MissingCapability(*cap));
+            return Err(KvmVmError::MissingCapability(*cap));
         }
-        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let setup = |what| move |source| VmError::Setup { what, source };
+        let fd = kvm.create_vm().map_err(KvmVmError::CreateVm)?;
+        let setup = |what| move |source| KvmVmError::Setup { what, source };
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("TSS address"))?;
         fd.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
@@ -131,34 +132,34 @@ impl Vm {
     }
 
     /// The MSRs KVM can save and restore for this host (its index list).
-    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, KvmVmError> {
         self.kvm
             .get_msr_index_list()
             .map(|l| l.as_slice().to_vec())
-            .map_err(VmError::MsrList)
+            .map_err(KvmVmError::MsrList)
     }
 
-    fn irqchip(&self, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, VmError> {
+    fn irqchip(&self, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, KvmVmError> {
         let mut chip = kvm_irqchip {
             chip_id,
             ..Default::default()
         };
         self.fd
             .get_irqchip(&mut chip)
-            .map_err(|source| VmError::Save { what, source })?;
+            .map_err(|source| KvmVmError::Save { what, source })?;
         Ok(chip)
     }
 
     /// Saves PIC, IOAPIC, PIT and kvmclock (the vCPUs must be paused).
-    pub fn save_state(&self) -> Result<VmState, VmError> {
+    fn save_state(&self) -> Result<KvmVmState, KvmVmError> {
         let pic_master = self.irqchip(KVM_IRQCHIP_PIC_MASTER, "master PIC")?;
         let pic_slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE, "slave PIC")?;
         let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC, "IOAPIC")?;
-        let pit = self.fd.get_pit2().map_err(|source| VmError::Save {
+        let pit = self.fd.get_pit2().map_err(|source| KvmVmError::Save {
             what: "PIT",
             source,
         })?;
-        let clock = self.fd.get_clock().map_err(|source| VmError::Save {
+        let clock = self.fd.get_clock().map_err(|source| KvmVmError::Save {
             what: "kvmclock",
             source,
         })?;
@@ -168,7 +169,7 @@ impl Vm {
         } else {
             realtime_ns()
         };
-        Ok(VmState {
+        Ok(KvmVmState {
             pic_master,
             pic_slave,
             ioapic,
@@ -179,7 +180,7 @@ impl Vm {
     }
 
     /// Restores the interrupt controllers and the PIT (before the vCPUs).
-    pub fn restore_irqchip_and_pit(&self, s: &VmState) -> Result<(), VmError> {
+    fn restore_irqchip_and_pit(&self, s: &KvmVmState) -> Result<(), KvmVmError> {
         for (chip, what) in [
             (&s.pic_master, "master PIC"),
             (&s.pic_slave, "slave PIC"),
@@ -187,25 +188,27 @@ impl Vm {
         ] {
             self.fd
                 .set_irqchip(chip)
-                .map_err(|source| VmError::Restore { what, source })?;
+                .map_err(|source| KvmVmError::Restore { what, source })?;
         }
-        self.fd.set_pit2(&s.pit).map_err(|source| VmError::Restore {
-            what: "PIT",
-            source,
-        })
+        self.fd
+            .set_pit2(&s.pit)
+            .map_err(|source| KvmVmError::Restore {
+                what: "PIT",
+                source,
+            })
     }
 
     /// Restores kvmclock advanced by the host time that passed since the
     /// snapshot, so guest time agrees with the host's (a monotonic clock
     /// never goes back: a snapshot from the future is not rewound).
-    pub fn restore_clock(&self, s: &VmState) -> Result<ClockRestore, VmError> {
+    pub fn restore_clock(&self, s: &KvmVmState) -> Result<ClockRestore, KvmVmError> {
         let elapsed_ns = realtime_ns().saturating_sub(s.realtime_ns);
         let target = s.clock.clock.saturating_add(elapsed_ns);
         let clock = kvm_clock_data {
             clock: target,
             ..Default::default()
         };
-        let err = |source| VmError::Restore {
+        let err = |source| KvmVmError::Restore {
             what: "kvmclock",
             source,
         };
@@ -223,13 +226,17 @@ impl Vm {
 
     /// Gives every RAM region to KVM, one memory slot each.
     /// With `log_dirty`, KVM records every page the guest writes (the
-    /// dirty log, read with [`Vm::take_dirty_log`]) — how a diff snapshot
+    /// dirty log, read with [`KvmVm::take_dirty_log`]) — how a diff snapshot
     /// finds the pages that changed since the restore.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
+    pub fn register_memory(
+        &self,
+        mem: &GuestMemoryMmap,
+        log_dirty: bool,
+    ) -> Result<(), KvmVmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::RegisterMemory(kvm_ioctls::Error::new(libc::EFAULT)))?;
+                .map_err(|_| KvmVmError::RegisterMemory(kvm_ioctls::Error::new(libc::EFAULT)))?;
             let desc = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: if log_dirty {
@@ -244,7 +251,7 @@ impl Vm {
             // SAFETY: the region's mapping is owned by `mem`, which the VMM
             // keeps alive for the whole life of the VM, and slots do not
             // overlap because the regions of a GuestMemoryMmap do not.
-            unsafe { self.fd.set_user_memory_region(desc) }.map_err(VmError::RegisterMemory)?;
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(KvmVmError::RegisterMemory)?;
         }
         Ok(())
     }
@@ -252,15 +259,32 @@ impl Vm {
     /// The pages the guest wrote since the memory was registered with
     /// `log_dirty` (or since the last call): one bitmap per region, bit i
     /// of word i / 64 = page i. Reading clears KVM's log.
-    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, KvmVmError> {
         mem.iter()
             .enumerate()
             .map(|(slot, region)| {
                 self.fd
                     .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(VmError::DirtyLog)
+                    .map_err(KvmVmError::DirtyLog)
             })
             .collect()
+    }
+}
+
+/// A VM's own state: saved whole; restored in two steps around the
+/// vCPUs — [`Persist::restore`] puts back the interrupt controllers and
+/// the PIT before the vCPUs exist, [`KvmVm::restore_clock`] kvmclock after
+/// their state (MSRs, TSC) is in.
+impl Persist for KvmVm {
+    type State = KvmVmState;
+    type Error = KvmVmError;
+
+    fn save(&self) -> Result<KvmVmState, KvmVmError> {
+        self.save_state()
+    }
+
+    fn restore(&mut self, state: &KvmVmState) -> Result<(), KvmVmError> {
+        self.restore_irqchip_and_pit(state)
     }
 }
 
@@ -270,19 +294,19 @@ mod tests {
 
     #[test]
     fn vm_state_round_trips_and_the_clock_follows_host_time() {
-        let Ok(vm) = Vm::new() else {
+        let Ok(vm) = KvmVm::new() else {
             eprintln!("no usable /dev/kvm: skipped");
             return;
         };
-        let mut saved = vm.save_state().unwrap();
+        let mut saved = vm.save().unwrap();
         // Pretend the snapshot is 3 s old.
         saved.realtime_ns -= 3_000_000_000;
         let json = serde_json::to_string(&saved).unwrap();
-        let back: VmState = serde_json::from_str(&json).unwrap();
+        let back: KvmVmState = serde_json::from_str(&json).unwrap();
         assert_eq!(back.ioapic.chip_id, KVM_IRQCHIP_IOAPIC);
 
-        let other = Vm::new().unwrap();
-        other.restore_irqchip_and_pit(&back).unwrap();
+        let mut other = KvmVm::new().unwrap();
+        other.restore(&back).unwrap();
         let report = other.restore_clock(&back).unwrap();
         assert!(report.elapsed_ns >= 3_000_000_000, "{report:?}");
         assert!(report.error_ns.abs() < 1_000_000_000, "{report:?}");
@@ -293,7 +317,7 @@ mod tests {
             saved.clock.clock
         );
         // The interrupt controllers read back as restored.
-        let again = other.save_state().unwrap();
+        let again = other.save().unwrap();
         // SAFETY: reading the plain-data union member that KVM filled for
         // the IOAPIC chip id.
         let (a, b) = unsafe { (again.ioapic.chip.ioapic, back.ioapic.chip.ioapic) };

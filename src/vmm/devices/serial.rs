@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vmm::bus::BusDevice;
+use crate::vmm::persist::Persist;
 
 /// A [`Trigger`] that raises an interrupt line through an irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -56,8 +57,39 @@ impl SerialDevice {
         }
     }
 
-    /// A UART in the saved state (a pending interrupt is raised again).
-    pub fn restore(irq: EventFd, out: ConsoleSink, s: &SerialPersist) -> Result<Self, SerialError> {
+    /// Flushes buffered console output (before the process exits).
+    pub fn flush(&mut self) {
+        if let Err(e) = self.serial.writer_mut().flush() {
+            log::warn!("cannot flush the console: {e}");
+        }
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = SerialPersist;
+    type Error = SerialError;
+
+    /// The registers and FIFO, for a snapshot.
+    fn save(&self) -> Result<SerialPersist, SerialError> {
+        let s = self.serial.state();
+        Ok(SerialPersist {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    /// Puts the UART of a freshly built device in the saved state, keeping
+    /// its interrupt line and console (a pending interrupt is raised
+    /// again).
+    fn restore(&mut self, s: &SerialPersist) -> Result<(), SerialError> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -70,33 +102,20 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+        let irq = || {
+            self.serial
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| SerialError::Restore(e.to_string()))
+        };
+        let (irq, placeholder_irq) = (irq()?, irq()?);
+        // `Serial` is rebuilt from the state around the same writer.
+        let placeholder = Serial::new(IrqTrigger(placeholder_irq), Box::new(std::io::sink()) as _);
+        let out = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
             .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
-        Ok(Self { serial })
-    }
-
-    /// The registers and FIFO, for a snapshot.
-    pub fn save_state(&self) -> SerialPersist {
-        let s = self.serial.state();
-        SerialPersist {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// Flushes buffered console output (before the process exits).
-    pub fn flush(&mut self) {
-        if let Err(e) = self.serial.writer_mut().flush() {
-            log::warn!("cannot flush the console: {e}");
-        }
+        Ok(())
     }
 }
 
@@ -132,11 +151,12 @@ mod tests {
         a.write(0, &[3]);
         a.write(3, &[0x03]);
         a.write(7, &[0x5a]); // scratch
-        let saved = a.save_state();
+        let saved = a.save().unwrap();
         let json = serde_json::to_string(&saved).unwrap();
         let back: SerialPersist = serde_json::from_str(&json).unwrap();
-        let mut b = SerialDevice::restore(irq, Box::new(std::io::sink()), &back).unwrap();
-        assert_eq!(b.save_state(), saved);
+        let mut b = SerialDevice::new(irq, Box::new(std::io::sink()));
+        b.restore(&back).unwrap();
+        assert_eq!(b.save().unwrap(), saved);
         let mut v = [0u8];
         b.read(7, &mut v);
         assert_eq!(v, [0x5a]);

@@ -47,10 +47,11 @@ use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, BACKEND_EVENT_BASE,
-    INT_CONFIG_CHANGE, INT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, INT_CONFIG_CHANGE,
+    INT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vmm::memory::GuestMemoryMmap;
+use crate::vmm::persist::Persist;
 
 /// Size of the device's single request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -697,8 +698,17 @@ impl VirtioDevice for Block {
         self.config_generation
     }
 
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Block(BlockState {
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Error = BlockError;
+
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(BlockState {
             capacity: self.capacity,
             config_generation: self.config_generation,
             broken: self.active.as_ref().is_some_and(|a| a.broken),
@@ -706,16 +716,11 @@ impl VirtioDevice for Block {
         })
     }
 
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active.iter().map(|a| a.queue.state()).collect()
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
-        let DeviceState::Block(s) = state else {
-            return Err(ActivateError::WrongState(format!(
-                "virtio-blk cannot take {state:?}"
-            )));
-        };
+    /// Applies `s` to a device built from the command line — after
+    /// `activate` with the restored queues if it was running. Another
+    /// image than at snapshot time (another size) is announced to the
+    /// driver.
+    fn restore(&mut self, s: &BlockState) -> Result<(), BlockError> {
         self.config_generation = s.config_generation;
         if let Some(active) = &mut self.active {
             active.broken = s.broken;
@@ -1366,7 +1371,7 @@ mod tests {
             r.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]),
             (513, OK)
         );
-        let saved = r.blk.save_state();
+        let saved = r.blk.save().unwrap();
         let queues = r.blk.queue_states();
         assert_eq!(queues.len(), 1);
         assert_eq!(queues[0].next_used, 1);
@@ -1375,7 +1380,7 @@ mod tests {
 
         // Same image: nothing to announce.
         let mut same = Block::new(f1.as_path()).unwrap();
-        same.restore_state(&saved).unwrap();
+        same.restore(&saved).unwrap();
         assert_eq!(same.config_generation(), 0);
         // Another size (another appfs at restore): new capacity, new
         // generation, and a config-change interrupt once running.
@@ -1389,16 +1394,10 @@ mod tests {
                 acked_features: other.device_features(),
             })
             .unwrap();
-        other.restore_state(&saved).unwrap();
+        other.restore(&saved).unwrap();
         assert_eq!((other.capacity(), other.config_generation()), (16, 1));
         assert_eq!(r.irq.status(), INT_CONFIG_CHANGE);
         assert_eq!(other.queue_states(), queues);
-        // A vsock state is not a block state.
-        let vsock = DeviceState::Vsock(super::super::vsock::VsockState {
-            guest_cid: 3,
-            broken: false,
-        });
-        assert!(other.restore_state(&vsock).is_err());
     }
 
     #[test]

@@ -29,8 +29,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, DeviceState, Interrupt, QueuePersist, VirtioDevice, BACKEND_EVENT_BASE,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateContext, Interrupt, QueuePersist, VirtioDevice, BACKEND_EVENT_BASE, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vmm::bus::{lock, Bus, BusDevice, BusError};
 use crate::vmm::event_loop::{EventManager, Subscriber};
@@ -198,8 +198,8 @@ impl QueueConfig {
     }
 }
 
-/// The saved state of one virtio-mmio device: the transport's registers,
-/// the queue positions of a running device, and the device's own state.
+/// The saved state of one virtio-mmio transport: its registers and the
+/// queue positions of a running device (the device saves its own state).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
     pub device_type: u32,
@@ -215,7 +215,6 @@ pub struct TransportState {
     pub activated: bool,
     /// The device's queues as it held them (running devices only).
     pub active_queues: Vec<QueuePersist>,
-    pub device: DeviceState,
 }
 
 /// The virtio-mmio register block of one device.
@@ -321,8 +320,8 @@ impl MmioTransport {
         &self.queues
     }
 
-    /// Snapshot: the transport's registers, the queues and the device's
-    /// state. The device must be quiescent (vCPUs and event loop paused).
+    /// Snapshot: the transport's registers and the device's queues. The
+    /// device must be quiescent (vCPUs and event loop paused).
     pub fn save_state(&self) -> TransportState {
         let dev = lock(&self.device);
         TransportState {
@@ -338,17 +337,17 @@ impl MmioTransport {
             activate_called: self.activate_called,
             activated: self.is_activated(),
             active_queues: dev.queue_states().into_iter().map(Into::into).collect(),
-            device: dev.save_state(),
         }
     }
 
     /// Restore into a freshly built transport (power-on state) whose
     /// device was built from the command line: registers, then, for a
-    /// device that was running, activation with the saved queues, then the
-    /// device's state. Every queue is kicked afterwards so buffers the
-    /// driver made available before the snapshot are picked up. A state
-    /// that does not fit this device, or queues outside guest memory, is an
-    /// error; nothing is activated then.
+    /// device that was running, activation with the saved queues; the
+    /// device's own state is applied next by its owner. Every queue is
+    /// kicked so buffers the driver made available before the snapshot are
+    /// picked up once the event loop runs. A state that does not fit this
+    /// device, or queues outside guest memory, is an error; nothing is
+    /// activated then.
     pub fn restore_state(&mut self, s: &TransportState) -> Result<(), MmioError> {
         let device_type = self.device_type;
         let fail = move |reason: String| MmioError::Restore {
@@ -406,8 +405,6 @@ impl MmioTransport {
             .map_err(|e| fail(e.to_string()))?;
             self.activated.store(true, Ordering::SeqCst);
         }
-        dev.restore_state(&s.device)
-            .map_err(|e| fail(e.to_string()))?;
         drop(dev);
         if s.activated {
             for (i, evt) in self.queue_evts.iter().enumerate() {
@@ -915,7 +912,6 @@ fn attach(
 
 #[cfg(test)]
 mod tests {
-    use super::super::block::BlockState;
     use super::super::{ActivateError, INT_CONFIG_CHANGE, TYPE_BLOCK};
     use super::*;
     use crate::vmm::memory::GuestMemoryMmap;
@@ -985,25 +981,8 @@ mod tests {
         fn config_generation(&self) -> u32 {
             self.generation
         }
-        fn save_state(&self) -> DeviceState {
-            DeviceState::Block(BlockState {
-                capacity: 0,
-                config_generation: self.generation,
-                broken: false,
-                path: None,
-            })
-        }
         fn queue_states(&self) -> Vec<QueueState> {
             self.queues.clone()
-        }
-        fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
-            match state {
-                DeviceState::Block(b) => {
-                    self.generation = b.config_generation;
-                    Ok(())
-                }
-                other => Err(ActivateError::WrongState(format!("{other:?}"))),
-            }
         }
     }
 
@@ -1103,6 +1082,8 @@ mod tests {
 
         let mut fresh = rig();
         fresh.t.restore_state(&saved).unwrap();
+        // The device's own state is its owner's to restore.
+        lock(&fresh.dev).generation = 3;
         assert!(fresh.t.is_activated());
         assert_eq!(rd(&mut fresh.t, regs::STATUS), 0b1111);
         assert_eq!(rd(&mut fresh.t, regs::INTERRUPT_STATUS), 1);

@@ -7,9 +7,13 @@
 //! the event-loop thread.
 //!
 //! Snapshots: the transport saves its registers and, for a running device,
-//! the queue positions ([`QueueState`]); the device saves its own state
-//! ([`DeviceState`]). Restore builds the device afresh from the command
-//! line, activates it with the restored queues and applies its state.
+//! the queue positions ([`QueueState`]); each device saves its own typed
+//! state through [`Persist`](crate::vmm::persist::Persist) beside its code.
+//! Restore builds the device afresh from the command line, the transport
+//! activates it with the restored queues, then the device applies its
+//! state. [`DeviceState`] is the tagged form of a device's state in
+//! `snapshot.json`; the device list (`vmm::devices`) pairs each tag with
+//! its device once, at load.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -162,7 +166,8 @@ impl From<QueuePersist> for QueueState {
     }
 }
 
-/// A virtio device's own saved state (its transport saves the rest).
+/// A virtio device's own saved state as `snapshot.json` holds it (its
+/// transport saves the rest).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeviceState {
@@ -185,8 +190,6 @@ pub enum ActivateError {
     MissingFeatures(u64),
     #[error("device activation failed: {0}")]
     Backend(String),
-    #[error("the saved state belongs to another kind of device: {0}")]
-    WrongState(String),
 }
 
 /// A virtio device behind the MMIO transport.
@@ -229,13 +232,7 @@ pub trait VirtioDevice: Send {
     fn config_generation(&self) -> u32 {
         0
     }
-    /// Snapshot: the device's own state.
-    fn save_state(&self) -> DeviceState;
     /// Snapshot: the positions of the queues the device holds (empty when
-    /// it is not activated).
+    /// it is not activated). The device's own state is its `Persist` impl.
     fn queue_states(&self) -> Vec<QueueState>;
-    /// Restore: applies `state` to a freshly built device — after
-    /// `activate` with the restored queues if the device was running, or
-    /// alone if it was not. Errors when `state` is another device's.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError>;
 }

@@ -35,10 +35,11 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::VsockPacket;
 
 use super::{
-    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, BACKEND_EVENT_BASE,
-    INT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, INT_USED_RING,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use crate::vmm::memory::GuestMemoryMmap;
+use crate::vmm::persist::Persist;
 use connection::MAX_PKT_DATA;
 use log_limit::LogLimiter;
 use muxer::Muxer;
@@ -480,30 +481,11 @@ impl VirtioDevice for Vsock {
         }
     }
 
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Vsock(VsockState {
-            guest_cid: self.guest_cid,
-            broken: self.active.as_ref().is_some_and(|a| a.broken),
-        })
-    }
-
     fn queue_states(&self) -> Vec<QueueState> {
         self.active
             .iter()
             .flat_map(|a| a.queues.iter().map(|q| q.state()))
             .collect()
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
-        let DeviceState::Vsock(s) = state else {
-            return Err(ActivateError::WrongState(format!(
-                "virtio-vsock cannot take {state:?}"
-            )));
-        };
-        if let Some(active) = &mut self.active {
-            active.broken = s.broken;
-        }
-        Ok(())
     }
 
     fn backend_event(&mut self, events: Events, _ops: &mut EventOps) {
@@ -513,5 +495,28 @@ impl VirtioDevice for Vsock {
             return;
         }
         self.process_backend();
+    }
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    type Error = VsockError;
+
+    fn save(&self) -> Result<VsockState, VsockError> {
+        Ok(VsockState {
+            guest_cid: self.guest_cid,
+            broken: self.active.as_ref().is_some_and(|a| a.broken),
+        })
+    }
+
+    /// Applies `s` to a device built from the command line (after
+    /// `activate` with the restored queues if it was running), then tells
+    /// the guest that no connection survived: its agent reconnects.
+    fn restore(&mut self, s: &VsockState) -> Result<(), VsockError> {
+        if let Some(active) = &mut self.active {
+            active.broken = s.broken;
+        }
+        self.send_transport_reset();
+        Ok(())
     }
 }

@@ -19,6 +19,9 @@ use vm_memory::{
 
 use super::layout;
 
+pub mod restore;
+pub use restore::WsRuntime;
+
 /// Guest memory as every part of the VMM sees it. The bitmap tracks pages
 /// written by the VMM (device DMA); KVM's dirty log tracks the guest's.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -409,6 +412,7 @@ pub fn add_vmm_dirty(mem: &GuestMemoryMmap, maps: &mut [Vec<u64>]) {
 
 /// Writes all of guest RAM, regions concatenated, to `path` (a test aid:
 /// what a diff stack must rebuild byte for byte).
+#[cfg(feature = "test-hooks")]
 pub fn dump_all(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryError> {
     let file = File::create(path).map_err(MemoryError::Write)?;
     let mut at = 0u64;

@@ -13,33 +13,38 @@
 //! bitmaps — and its memory table lists the stack below it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::dir::{DirError, SnapshotDir};
-use super::disk::{self, DiskError};
-use super::format::{
-    self, FormatError, MemoryLayer, MemoryTable, RegionEntry, SnapshotState, VmShape, MEMORY_FILE,
-    STATE_FILE,
+use super::bus::lock;
+use super::devices::{self, DeviceError};
+use super::event_loop::QuiesceError;
+use super::memory::{self, MemoryError};
+use super::persist::{MicrovmState, Persist};
+use super::runner::Machine;
+use super::vcpu::VcpuError;
+use super::vm::KvmVmError;
+use crate::snapshot::dir::{DirError, SnapshotDir};
+use crate::snapshot::disk::{self, DiskError};
+use crate::snapshot::format::{
+    self, FormatError, MemoryLayer, MemoryTable, RegionEntry, VmShape, MEMORY_FILE, STATE_FILE,
 };
-use super::quiesce::QuiesceError;
-use crate::vmm::builder::{device_list, Machine};
-use crate::vmm::bus::lock;
-use crate::vmm::memory::{self, MemoryError};
-use crate::vmm::vcpu::VcpuError;
-use crate::vmm::vm::VmError;
 
 /// How long a vCPU or the event loop may take to pause or answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Test hook: when set to a path, all of guest RAM is also written there
-/// (regions concatenated) at the snapshot point, so a test can check that
-/// the layers rebuild it byte for byte.
-pub const DUMP_RAM_ENV: &str = "SNAPVM_TEST_DUMP_RAM";
+/// Test hooks, compiled in only with the `test-hooks` feature (the
+/// integration tests enable it; release binaries never carry them).
+#[cfg(feature = "test-hooks")]
+pub mod hooks {
+    /// When set to a path, all of guest RAM is also written there (regions
+    /// concatenated) at the snapshot point, so a test can check that the
+    /// layers rebuild it byte for byte.
+    pub const DUMP_RAM_ENV: &str = "SNAPVM_TEST_DUMP_RAM";
 
-/// Test hook: when set, the writer stops forever after the memory file is
-/// written and synced, before the state file — so a test can kill it there.
-pub const STALL_ENV: &str = "SNAPVM_TEST_STALL_SNAPSHOT";
+    /// When set, the writer stops forever after the memory file is written
+    /// and synced, before the state file — so a test can kill it there.
+    pub const STALL_ENV: &str = "SNAPVM_TEST_STALL_SNAPSHOT";
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
@@ -48,7 +53,11 @@ pub enum CreateError {
     #[error(transparent)]
     Quiesce(#[from] QuiesceError),
     #[error(transparent)]
-    Vm(#[from] VmError),
+    Vm(#[from] KvmVmError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Serial(#[from] devices::serial::SerialError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -73,21 +82,16 @@ pub struct Written {
 
 /// Pauses `m` and writes its snapshot to `target` (full, or a diff layer
 /// when `m` was restored). The VM stays paused (the caller exits).
-pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
+pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let t0 = Instant::now();
     m.vcpus.pause(PAUSE_TIMEOUT)?;
     m.event_loop.pause(PAUSE_TIMEOUT)?;
     let paused = t0.elapsed();
 
-    let msrs = Arc::new(m.vm.msr_index_list()?);
-    let vcpus = m.vcpus.save(&msrs, PAUSE_TIMEOUT)?;
-    let vm = m.vm.save_state()?;
-    let devices = m
-        .devices
-        .iter()
-        .map(|d| lock(d.transport()).save_state())
-        .collect();
-    let serial = lock(&m.serial).save_state();
+    let vcpus = m.vcpus.save(PAUSE_TIMEOUT)?;
+    let vm = m.vm.save()?;
+    let devices = m.devices.save()?;
+    let serial = lock(&m.serial).save()?;
     let saved = t0.elapsed();
 
     let rootfs = match &m.rootfs_identity {
@@ -113,16 +117,24 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
         );
         memory::Selection::Dirty(dirty)
     };
-    if let Some(path) = std::env::var_os(DUMP_RAM_ENV) {
-        log::warn!("{DUMP_RAM_ENV} is set: writing all of guest RAM to {path:?}");
+    #[cfg(feature = "test-hooks")]
+    if let Some(path) = std::env::var_os(hooks::DUMP_RAM_ENV) {
+        log::warn!(
+            "{} is set: writing all of guest RAM to {path:?}",
+            hooks::DUMP_RAM_ENV
+        );
         memory::dump_all(&m.mem, std::path::Path::new(&path))?;
     }
     let stats = memory::dump(&m.mem, &mem_file, &select)?;
     mem_file.sync_all().map_err(CreateError::Sync)?;
     drop(mem_file);
     let dumped = t0.elapsed();
-    if std::env::var_os(STALL_ENV).is_some() {
-        log::warn!("{STALL_ENV} is set: stalling before the state file is written");
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os(hooks::STALL_ENV).is_some() {
+        log::warn!(
+            "{} is set: stalling before the state file is written",
+            hooks::STALL_ENV
+        );
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -136,7 +148,7 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
             file_offset,
         })
         .collect();
-    let state = SnapshotState {
+    let state = MicrovmState {
         created_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
@@ -144,7 +156,7 @@ pub fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
         shape: VmShape {
             mem_mib: m.mem_mib,
             vcpus: vcpus.len() as u8,
-            devices: device_list(),
+            devices: devices::device_list(),
         },
         rootfs,
         memory: MemoryTable {

@@ -1,0 +1,121 @@
+//! What a VM is built from: [`VmConfig`], which says whether the VM boots
+//! a kernel or restores a snapshot, and for a restore how its memory is
+//! filled. Invalid flag mixes cannot be expressed; `cli::VmArgs` is the
+//! one place that turns flags into a config (and refuses the rest), for
+//! firerunner, singlevm and multivm alike.
+
+use std::path::PathBuf;
+
+/// Kernel command line used when the user gives none.
+pub const DEFAULT_KERNEL_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Everything needed to build one VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub rootfs: PathBuf,
+    pub appfs: Option<PathBuf>,
+    pub mem_mib: u64,
+    /// 1 to `vmm::MAX_VCPUS`.
+    pub vcpus: u8,
+    /// The guest's vsock CID.
+    pub cid: u64,
+    /// Guest console destination; stdout when absent.
+    pub console: Option<PathBuf>,
+    /// Base path of the vsock Unix sockets (see the vsock device).
+    pub vsock_uds: Option<PathBuf>,
+    /// At the guest's snapshot point, write a snapshot here and exit: a
+    /// full snapshot of a booted VM, a diff layer on top of a restored
+    /// one.
+    pub dump_dir: Option<PathBuf>,
+    /// Boot a kernel, or restore a snapshot.
+    pub start: Start,
+}
+
+/// How the VM comes to life.
+#[derive(Clone, Debug)]
+pub enum Start {
+    Boot(BootConfig),
+    Restore(RestoreConfig),
+}
+
+/// A fresh VM entering a kernel.
+#[derive(Clone, Debug)]
+pub struct BootConfig {
+    pub kernel: PathBuf,
+    pub kernel_args: String,
+    /// CPU template (JSON) applied to every vCPU.
+    pub cpu_template: Option<PathBuf>,
+}
+
+/// A VM rebuilt from a stack of snapshot layers.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// The layers, base first, then its diff layers; never empty.
+    pub layers: Vec<PathBuf>,
+    pub memory: RestoreMemory,
+}
+
+impl RestoreConfig {
+    /// The top layer: the one whose state is restored.
+    pub fn top(&self) -> &std::path::Path {
+        self.layers.last().map_or(std::path::Path::new("."), |p| p)
+    }
+}
+
+/// Which layers are copied into the VM's memory up front instead of
+/// being served page by page on first touch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copies {
+    pub base: bool,
+    pub diffs: bool,
+}
+
+/// How a restored VM's memory is filled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// The layers' memory files mapped `MAP_PRIVATE` over each other
+    /// (lazy: each page is read on first touch), or copied.
+    Layers(Copies),
+    /// `--dump_ws`: anonymous memory served on first touch by the fault
+    /// handler, which records the pages the first request touches; the
+    /// working set is written into this directory.
+    RecordWorkingSet { into: PathBuf },
+    /// `--load_ws`: anonymous memory; the copied layers go in first, then
+    /// the top layer's working set, and the fault handler serves the
+    /// rest.
+    LoadWorkingSet(Copies),
+}
+
+impl RestoreMemory {
+    /// Whether the memory is anonymous and served by the fault handler.
+    pub fn uses_fault_handler(&self) -> bool {
+        !matches!(self, RestoreMemory::Layers(_))
+    }
+
+    /// The layers copied up front.
+    pub fn copies(&self) -> Copies {
+        match self {
+            RestoreMemory::Layers(c) | RestoreMemory::LoadWorkingSet(c) => *c,
+            RestoreMemory::RecordWorkingSet { .. } => Copies::default(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// The restore half of the config, if the VM restores.
+    pub fn restore(&self) -> Option<&RestoreConfig> {
+        match &self.start {
+            Start::Restore(r) => Some(r),
+            Start::Boot(_) => None,
+        }
+    }
+
+    /// Where the vsock device listens (`--vsock_uds`, else a per-process
+    /// path).
+    pub fn vsock_path(&self) -> PathBuf {
+        self.vsock_uds.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("snapvm-{}.vsock", std::process::id()))
+        })
+    }
+}

@@ -1,0 +1,484 @@
+//! Running a built VM, whether booted ([`super::boot`]) or restored
+//! ([`super::restore`]): the vCPU threads, the device event loop, the
+//! controller's channel and termination signals, and what happens at the
+//! guest's snapshot point or when the controller says the working set is
+//! complete — until the first reason to stop, then an orderly teardown.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded, Sender};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::boot::{self, BootError};
+use super::bus::{lock, Bus, BusError};
+use super::capture;
+use super::config::{Start, VmConfig};
+use super::devices::control::{ControlPort, GuestSignal, SignalSink};
+use super::devices::i8042::I8042;
+use super::devices::serial::SerialDevice;
+use super::devices::VirtioDevices;
+use super::event_loop::{EventManager, LoopPause};
+use super::layout;
+use super::memory::{GuestMemoryMmap, WsRuntime};
+use super::restore::{self, RestoreError};
+use super::vcpu::{self, Vcpu, VcpuContext, VcpuError, Vcpus};
+use super::vm::KvmVm;
+use super::VmExit;
+use crate::control::{Channel, Command, Event};
+use crate::snapshot::format::MemoryLayer;
+use crate::snapshot::{self, disk};
+
+/// Environment variable a parent may set to CLOCK_MONOTONIC (ns) just
+/// before it spawns firerunner, so the log can say how long exec took.
+pub const SPAWN_TIME_ENV: &str = "SNAPVM_SPAWN_MONO_NS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("--mem_size {mib} MiB is more than this host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { mib: u64, host_mib: u64 },
+    #[error(
+        "--dump_ws needs a controller (singlevm, multivm) to say when the first request is done"
+    )]
+    WsWithoutController,
+    #[error(transparent)]
+    DumpDir(#[from] snapshot::dir::DirError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot start a VMM thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot block termination signals: {0}")]
+    Signals(nix::Error),
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+fn host_ram_mib() -> u64 {
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total() >> 20)
+        .unwrap_or(u64::MAX)
+}
+
+/// Where a VM's events go, whichever way it was built.
+pub(super) struct Wiring {
+    pub start: Instant,
+    pub control: Option<Arc<Channel>>,
+    pub exit: Sender<VmExit>,
+    snapshot: Option<Sender<()>>,
+}
+
+/// A built VM whose threads have not started.
+pub(super) struct BuiltVm {
+    pub vm: KvmVm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub devices: VirtioDevices,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub event_manager: EventManager,
+    pub event_loop: LoopPause,
+    /// The snapshot layers this VM was restored from, bottom first, with
+    /// their state checksums (empty for a booted VM). A snapshot of this
+    /// VM is a diff layer on top of them.
+    pub layers: Vec<MemoryLayer>,
+    pub ws: Option<WsRuntime>,
+    /// Runs on vCPU 0's thread just before its first `KVM_RUN`.
+    pub on_first_run: Box<dyn FnOnce() + Send>,
+}
+
+/// A running VM: everything that drives it and everything a snapshot saves.
+pub(super) struct Machine {
+    pub vm: KvmVm,
+    pub mem: GuestMemoryMmap,
+    pub mem_mib: u64,
+    pub vcpus: Vcpus,
+    pub devices: VirtioDevices,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub event_loop: LoopPause,
+    pub rootfs: PathBuf,
+    /// The rootfs identity for the snapshot, hashed while the guest runs
+    /// (`--dump_dir` only).
+    pub rootfs_identity: Option<disk::IdentityJob>,
+    pub layers: Vec<MemoryLayer>,
+    /// The working-set fault handler and what it serves; kept for the life
+    /// of the VM.
+    pub ws: Option<WsRuntime>,
+}
+
+/// Builds the VM `config` describes — booted, or restored — runs it and
+/// returns why it ended. `start` is when the process started (for timing
+/// logs); `control`, when given, is the channel to the controller that
+/// spawned us.
+pub fn run(
+    config: &VmConfig,
+    start: Instant,
+    control: Option<Arc<Channel>>,
+) -> Result<VmExit, StartError> {
+    // Termination signals are taken by a dedicated thread: block them before
+    // any other thread exists so every thread inherits the mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(StartError::Signals)?;
+
+    let host_mib = host_ram_mib();
+    if config.mem_mib > host_mib {
+        return Err(StartError::MemoryTooLarge {
+            mib: config.mem_mib,
+            host_mib,
+        });
+    }
+    if let Some(dir) = &config.dump_dir {
+        snapshot::dir::check_target(dir)?;
+    }
+    let ws_record = config.restore().and_then(|r| match &r.memory {
+        super::config::RestoreMemory::RecordWorkingSet { into } => Some(into.clone()),
+        _ => None,
+    });
+    if ws_record.is_some() && control.is_none() {
+        return Err(StartError::WsWithoutController);
+    }
+
+    let (exit_tx, exit_rx) = unbounded();
+    let (snap_tx, snap_rx) = unbounded();
+    let (ws_tx, ws_rx) = unbounded();
+    let wiring = Wiring {
+        start,
+        control: control.clone(),
+        exit: exit_tx.clone(),
+        snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
+    };
+    let (built, rootfs_identity) = match &config.start {
+        Start::Boot(b) => (boot::boot(config, b, &wiring)?, None),
+        Start::Restore(r) => {
+            let (built, id) = restore::restore(config, r, &wiring)?;
+            (built, Some(id))
+        }
+    };
+    let vsock_path = config.vsock_path();
+    let mut machine = start_machine(config, built, &wiring, ws_tx.clone(), signals)?;
+    if config.dump_dir.is_some() {
+        machine.rootfs_identity = Some(match rootfs_identity {
+            // A restored VM's rootfs was verified against the snapshot.
+            Some(id) => disk::IdentityJob::known(id),
+            // Hash it while the guest runs towards its snapshot point.
+            None => disk::IdentityJob::start(&config.rootfs).map_err(StartError::Thread)?,
+        });
+    }
+
+    if let Some(c) = &control {
+        c.send(&Event::Ready {
+            us: start.elapsed().as_micros() as u64,
+        });
+    }
+
+    if let Some(w) = &machine.ws {
+        w.watch(wiring.exit.clone()).map_err(StartError::Thread)?;
+    }
+
+    // The first reason to stop wins; the process exit ends the other threads.
+    // (`snap_tx` and `ws_tx` live until here, so their channels never close.)
+    let exit = loop {
+        select! {
+            recv(exit_rx) -> e => break e.unwrap_or(VmExit::Fatal("all VM threads ended".into())),
+            recv(snap_rx) -> _ => break take_snapshot(&machine, config, &wiring),
+            recv(ws_rx) -> _ => write_working_set(&mut machine, &wiring),
+        }
+    };
+    lock(&machine.serial).flush();
+    // The process exits without dropping the vsock device (its event loop
+    // still runs), so remove the listener socket it created here.
+    if let Err(e) = std::fs::remove_file(vsock_path) {
+        log::debug!("cannot remove the vsock listener socket: {e}");
+    }
+    // Keep the VM (and so its memory slots) alive until here.
+    drop((machine, snap_tx, ws_tx));
+    Ok(exit)
+}
+
+/// The controller said the first request is done: stop recording and
+/// write the working set where `--dump_ws` asked. The VM keeps running.
+fn write_working_set(machine: &mut Machine, wiring: &Wiring) {
+    let us = wiring.start.elapsed().as_micros() as u64;
+    let ram = machine.mem_mib << 20;
+    let event = match machine.ws.as_mut() {
+        Some(w) => match w.write_recording(ram) {
+            Ok((dir, set, faults)) => {
+                log::info!(
+                    "working set written to {}: {} pages, {} KiB of data, {faults} faults served",
+                    dir.display(),
+                    set.pages(),
+                    set.data_bytes() >> 10
+                );
+                Event::WsWritten {
+                    us,
+                    dir: dir.display().to_string(),
+                    pages: set.pages(),
+                    data_bytes: set.data_bytes(),
+                    faults,
+                }
+            }
+            Err(reason) => Event::WsFailed { us, reason },
+        },
+        None => Event::WsFailed {
+            us,
+            reason: "no working set is being recorded (no --dump_ws)".into(),
+        },
+    };
+    if let Event::WsFailed { reason, .. } = &event {
+        log::error!("working set not written: {reason}");
+    }
+    if let Some(c) = &wiring.control {
+        c.send(&event);
+    }
+}
+
+/// Writes the snapshot `--dump_dir` asks for; the VM ends either way.
+fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExit {
+    let Some(target) = &config.dump_dir else {
+        return VmExit::Fatal("a snapshot was requested without --dump_dir".into());
+    };
+    match capture::create(machine, target) {
+        Ok(written) => {
+            if let Some(c) = &wiring.control {
+                c.send(&Event::SnapshotWritten {
+                    us: wiring.start.elapsed().as_micros() as u64,
+                    dir: written.dir.display().to_string(),
+                    memory_bytes: written.memory_bytes,
+                    create_us: written.elapsed.as_micros() as u64,
+                });
+            }
+            VmExit::Snapshotted(written.dir)
+        }
+        Err(e) => VmExit::Fatal(format!(
+            "cannot write the snapshot to {}: {e}",
+            target.display()
+        )),
+    }
+}
+
+/// Logs the guest's control-port signals, reports them to the controller,
+/// ends the VM when the app failed to load, and at the snapshot point asks
+/// for a snapshot when one is wanted.
+struct GuestSignals {
+    exit: Sender<VmExit>,
+    control: Option<Arc<Channel>>,
+    /// Where to ask for a snapshot (`--dump_dir` given).
+    snapshot: Option<Sender<()>>,
+    snapshot_requested: AtomicBool,
+    /// The guest reported 125: the VM is ending and is never snapshotted.
+    app_failed: AtomicBool,
+}
+
+impl SignalSink for GuestSignals {
+    fn signal(&self, signal: GuestSignal, since_start: Duration) {
+        let us = since_start.as_micros() as u64;
+        let event = match signal {
+            GuestSignal::BootDone => {
+                log::info!("guest boot done {us} us after start");
+                Event::BootDone { us }
+            }
+            GuestSignal::Timestamp => {
+                log::info!("guest timestamp {us} us after start");
+                Event::Timestamp { us }
+            }
+            GuestSignal::SnapshotPoint => {
+                match &self.snapshot {
+                    Some(_) if self.app_failed.load(Ordering::SeqCst) => log::warn!(
+                        "guest snapshot point {us} us after start: the app failed to load, no snapshot"
+                    ),
+                    Some(tx) if !self.snapshot_requested.swap(true, Ordering::SeqCst) => {
+                        log::info!("guest snapshot point {us} us after start: taking a snapshot");
+                        // This runs on the vCPU thread that wrote 124: it
+                        // stops right after the write completes.
+                        vcpu::pause_this_vcpu();
+                        let _ = tx.send(());
+                    }
+                    Some(_) => {
+                        log::info!("guest snapshot point {us} us after start (snapshot under way)")
+                    }
+                    None => log::info!(
+                        "guest snapshot point {us} us after start (no --dump_dir: ignored)"
+                    ),
+                }
+                Event::SnapshotPoint { us }
+            }
+            GuestSignal::AppFailed => {
+                self.app_failed.store(true, Ordering::SeqCst);
+                let _ = self.exit.send(VmExit::AppFailed);
+                Event::AppFailed { us }
+            }
+        };
+        if let Some(c) = &self.control {
+            c.send(&event);
+        }
+    }
+}
+
+/// Ends the VM when the guest resets the machine through the i8042.
+struct ResetTrigger(Sender<VmExit>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        let _ = self.0.send(VmExit::Reset);
+        Ok(())
+    }
+}
+
+/// The port-I/O bus: serial, i8042, control port.
+pub(super) fn legacy_bus(
+    serial: Arc<Mutex<SerialDevice>>,
+    wiring: &Wiring,
+) -> Result<Bus, BusError> {
+    let mut pio = Bus::new();
+    pio.insert(
+        serial,
+        u64::from(layout::SERIAL_PORT),
+        u64::from(layout::SERIAL_PORT_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(ResetTrigger(wiring.exit.clone())))),
+        u64::from(layout::I8042_PORT),
+        u64::from(layout::I8042_PORT_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(ControlPort::new(
+            wiring.start,
+            GuestSignals {
+                exit: wiring.exit.clone(),
+                control: wiring.control.clone(),
+                snapshot: wiring.snapshot.clone(),
+                snapshot_requested: AtomicBool::new(false),
+                app_failed: AtomicBool::new(false),
+            },
+        ))),
+        u64::from(layout::CONTROL_PORT),
+        1,
+    )?;
+    Ok(pio)
+}
+
+/// Starts the vCPUs, the event loop, and the control and signal threads.
+fn start_machine(
+    config: &VmConfig,
+    built: BuiltVm,
+    wiring: &Wiring,
+    ws_done: Sender<()>,
+    signals: SigSet,
+) -> Result<Machine, StartError> {
+    let BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        serial,
+        pio,
+        mmio,
+        event_manager,
+        event_loop,
+        layers,
+        ws,
+        on_first_run,
+    } = built;
+    // vCPUs first: they are what a restore waits for. A queue notification
+    // they make before the event loop runs waits in its eventfd, and the
+    // termination signals stay blocked (pending) until their thread waits.
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut on_first_run = Some(on_first_run);
+    let mut handles = Vec::new();
+    for vcpu in vcpus {
+        let first = if vcpu.id() == 0 {
+            on_first_run.take()
+        } else {
+            None
+        };
+        handles.push(vcpu.spawn(VcpuContext {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+            exit: wiring.exit.clone(),
+            start: wiring.start,
+            on_first_run: first,
+        })?);
+    }
+    spawn_event_loop(event_manager, wiring.exit.clone())?;
+    if let Some(c) = &wiring.control {
+        spawn_control_thread(c.clone(), wiring.exit.clone(), ws_done)?;
+    }
+    spawn_signal_thread(signals, wiring.exit.clone())?;
+    Ok(Machine {
+        rootfs_identity: None,
+        vm,
+        mem,
+        mem_mib: config.mem_mib,
+        vcpus: Vcpus::new(handles),
+        devices,
+        serial,
+        event_loop,
+        rootfs: config.rootfs.clone(),
+        layers,
+        ws,
+    })
+}
+
+fn spawn_event_loop(mut em: EventManager, exit: Sender<VmExit>) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("event-loop".into())
+        .spawn(move || loop {
+            if let Err(e) = em.run() {
+                let _ = exit.send(VmExit::Fatal(format!("device event loop failed: {e}")));
+                return;
+            }
+        })
+        .map(drop)
+        .map_err(StartError::Thread)
+}
+
+fn spawn_control_thread(
+    control: Arc<Channel>,
+    exit: Sender<VmExit>,
+    ws_done: Sender<()>,
+) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let served = control.serve(|cmd| match cmd {
+                Command::Shutdown => {
+                    let _ = exit.send(VmExit::Shutdown);
+                }
+                Command::WsDone => {
+                    let _ = ws_done.send(());
+                }
+            });
+            match served {
+                Ok(()) => log::info!("the controller closed the control channel: stopping the VM"),
+                Err(e) => log::error!("{e}: stopping the VM"),
+            }
+            let _ = exit.send(VmExit::Shutdown);
+        })
+        .map(drop)
+        .map_err(StartError::Thread)
+}
+
+fn spawn_signal_thread(signals: SigSet, exit: Sender<VmExit>) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                log::info!("received {sig}: stopping the VM");
+                let _ = exit.send(VmExit::Signal(sig as i32));
+            }
+        })
+        .map(drop)
+        .map_err(StartError::Thread)
+}
