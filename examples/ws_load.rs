@@ -15,8 +15,14 @@
 //! - `lazy`: the memory file mapped `MAP_PRIVATE`, nothing prefetched.
 //! - `eager`: every data range of the file copied into anonymous memory
 //!   (`memory::copy_snapshot`, what `--copy_base` does).
-//! - `uffd-copy`, `copy`, `prefetch`: `ws::load_anonymous`.
-//! - `populate-write`, `populate-read`: `ws::populate` on the lazy mapping.
+//! - `prefetch`: `vmm::memory::ws_loader::load`, what `--load_ws` does:
+//!   anonymous memory, the set placed by a prefetch thread racing the
+//!   toucher, every other page served by the fault handler.
+//!
+//! (The alternatives measured against it when it was chosen — copying the
+//! set in before registering userfaultfd, UFFDIO_COPY before the VM runs,
+//! and `MADV_POPULATE_READ/WRITE` on the lazy mapping — were slower to the
+//! first response and have gone.)
 //!
 //! Usage: ws_load [--mem MiB] [--ws MiB,MiB,..] [--runs N] [--dir DIR]
 //! (defaults 256, 4,16,64, 10, a temporary directory).
@@ -31,8 +37,10 @@ use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::sys::resource::{getrusage, UsageWho};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use snapvm::snapshot::ws::{self, AnonLoad, FaultHandler, LayerStack, PageSource, Populate};
-use snapvm::vmm::memory::{self, GuestMemoryMmap, PAGE_SIZE};
+use snapvm::snapshot::layers::{LayerStack, PageSource};
+use snapvm::snapshot::ws;
+use snapvm::vmm::memory::fault_handler::FaultHandler;
+use snapvm::vmm::memory::{self, ws_loader, GuestMemoryMmap, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const IDENTITY: &str = "ws_load";
@@ -41,33 +49,17 @@ const IDENTITY: &str = "ws_load";
 enum Mech {
     Lazy,
     Eager,
-    UffdCopy,
-    Copy,
     Prefetch,
-    PopulateWrite,
-    PopulateRead,
 }
 
-const MECHS: [Mech; 7] = [
-    Mech::Lazy,
-    Mech::Eager,
-    Mech::UffdCopy,
-    Mech::Copy,
-    Mech::Prefetch,
-    Mech::PopulateWrite,
-    Mech::PopulateRead,
-];
+const MECHS: [Mech; 3] = [Mech::Lazy, Mech::Eager, Mech::Prefetch];
 
 impl Mech {
     fn name(self) -> &'static str {
         match self {
             Mech::Lazy => "lazy",
             Mech::Eager => "eager",
-            Mech::UffdCopy => "uffd-copy",
-            Mech::Copy => "copy",
             Mech::Prefetch => "prefetch",
-            Mech::PopulateWrite => "populate-write",
-            Mech::PopulateRead => "populate-read",
         }
     }
 }
@@ -296,27 +288,11 @@ fn run(s: &Setup, mech: Mech, cold: bool) -> Sample {
             memory::copy_snapshot(&s.memory, s.mem_mib, &s.data).expect("copy"),
             None,
         ),
-        Mech::UffdCopy | Mech::Copy | Mech::Prefetch => {
+        Mech::Prefetch => {
             let set = ws::read(&s.dir, ram, IDENTITY).expect("read ws");
             let mem = memory::create(s.mem_mib).expect("allocate");
-            let how = match mech {
-                Mech::UffdCopy => AnonLoad::UffdCopy,
-                Mech::Copy => AnonLoad::Copy,
-                _ => AnonLoad::Prefetch,
-            };
-            let h = ws::load_anonymous(&mem, set, s.source.clone(), how).expect("load ws");
+            let h = ws_loader::load(&mem, set, s.source.clone()).expect("load ws");
             (mem, Some(h))
-        }
-        Mech::PopulateWrite | Mech::PopulateRead => {
-            let set = ws::read(&s.dir, ram, IDENTITY).expect("read ws");
-            let mem = memory::map_snapshot(&s.memory, s.mem_mib).expect("map");
-            let how = if mech == Mech::PopulateWrite {
-                Populate::Write
-            } else {
-                Populate::Read
-            };
-            ws::populate(&mem, set.ranges(), how).expect("populate");
-            (mem, None)
         }
     };
     let ready = start.elapsed();

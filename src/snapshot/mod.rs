@@ -16,4 +16,5 @@ pub mod disk;
 pub mod envelope;
 pub mod format;
 pub mod hash;
+pub mod layers;
 pub mod ws;

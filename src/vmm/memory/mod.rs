@@ -19,7 +19,10 @@ use vm_memory::{
 
 use super::layout;
 
+pub mod fault_handler;
 pub mod restore;
+pub mod uffd;
+pub mod ws_loader;
 pub use restore::WsRuntime;
 
 /// Guest memory as every part of the VMM sees it. The bitmap tracks pages

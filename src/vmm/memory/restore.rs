@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{GuestMemoryMmap, MemoryError};
+use super::fault_handler::{FaultError, FaultHandler};
+use super::{ws_loader, GuestMemoryMmap, MemoryError};
+use crate::snapshot::layers::LayerStack;
 use crate::snapshot::ws::{self, WorkingSet, WsError};
 use crate::vmm::config::{RestoreConfig, RestoreMemory};
 use crate::vmm::VmExit;
@@ -26,6 +28,8 @@ pub enum FillError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Ws(#[from] WsError),
+    #[error(transparent)]
+    Fault(#[from] FaultError),
     #[error("the restore was abandoned")]
     Abandoned,
 }
@@ -45,8 +49,8 @@ pub struct RestorePlan {
 /// touch from the layers by the fault handler, which must outlive the
 /// vCPUs and devices.
 pub struct WsRuntime {
-    handler: ws::FaultHandler,
-    stack: Arc<ws::LayerStack>,
+    handler: FaultHandler,
+    stack: Arc<LayerStack>,
     identity: String,
     /// Where `--dump_ws` writes the recording; `None` once written, and
     /// when loading.
@@ -135,10 +139,10 @@ pub fn fill(
         }
         let mut layers = vec![(base_file, plan.base_ranges)];
         layers.extend(plan.diffs);
-        let stack = Arc::new(ws::LayerStack::new(layers));
+        let stack = Arc::new(LayerStack::new(layers));
         let (handler, record_into) = match &r.memory {
             RestoreMemory::RecordWorkingSet { into } => (
-                ws::FaultHandler::record(&mem, stack.clone())?,
+                FaultHandler::record(&mem, stack.clone())?,
                 Some(into.clone()),
             ),
             _ => {
@@ -150,7 +154,7 @@ pub fn fill(
                     set.data_bytes() >> 10,
                     top.display()
                 );
-                let h = ws::load_anonymous(&mem, set, stack.clone(), ws::AnonLoad::Prefetch)?;
+                let h = ws_loader::load(&mem, set, stack.clone())?;
                 (h, None)
             }
         };

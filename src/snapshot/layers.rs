@@ -1,0 +1,49 @@
+//! The memory of a stack of snapshot layers, page by page: where a
+//! working set's pages and the pages a restored VM has not touched yet
+//! come from.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Where guest pages come from at restore: the stack of snapshot layers.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` (one page) with the content of RAM offset `ram_offset` (page aligned).
+    /// Returns Ok(false), leaving `buf` alone, for a page no layer holds (a zero page).
+    fn read_page(&self, ram_offset: u64, buf: &mut [u8]) -> std::io::Result<bool>;
+}
+
+/// The memory of a stack of snapshot layers as a [`PageSource`]: each
+/// layer is a memory file (pages at their RAM offsets) and the ranges it
+/// holds; the top-most layer holding a page supplies it, a page no layer
+/// holds is zero.
+pub struct LayerStack {
+    /// Bottom first; each layer's ranges `(RAM offset, length)` sorted and
+    /// disjoint.
+    layers: Vec<(File, Vec<(u64, u64)>)>,
+}
+
+impl LayerStack {
+    /// `layers`, bottom first: each a memory file and the ranges it holds
+    /// (a diff layer's from its memory table; a base's may also be the
+    /// file's data ranges, as `vmm::memory::data_ranges` finds them).
+    pub fn new(mut layers: Vec<(File, Vec<(u64, u64)>)>) -> Self {
+        for (_, ranges) in &mut layers {
+            ranges.sort_unstable();
+        }
+        Self { layers }
+    }
+}
+
+impl PageSource for LayerStack {
+    fn read_page(&self, ram_offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        for (file, ranges) in self.layers.iter().rev() {
+            let i = ranges.partition_point(|&(o, l)| o + l <= ram_offset);
+            if ranges.get(i).is_some_and(|&(o, _)| o <= ram_offset) {
+                file.read_exact_at(buf, ram_offset)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
