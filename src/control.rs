@@ -6,11 +6,13 @@
 //! timing, exit). parent → firerunner: [`Command`]s. When the parent's end
 //! closes, firerunner stops its VM: a VM never outlives its controller.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 /// What firerunner reports; `us` is microseconds since firerunner started.
@@ -116,20 +118,49 @@ impl Channel {
         }
     }
 
-    /// Reads commands until the parent closes its end; calls `on_command`
-    /// for each and returns when the channel ends.
-    pub fn serve(&self, mut on_command: impl FnMut(Command)) -> Result<(), ControlError> {
-        for line in BufReader::new(&self.reader).lines() {
-            let line = line?;
-            if line.trim().is_empty() {
+    /// The socket to watch for commands (readable: call
+    /// [`Channel::read_commands`]).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.reader.as_fd()
+    }
+
+    /// Reads the commands that have arrived, without blocking; `pending`
+    /// keeps a partial line between calls. Returns `None` once the parent
+    /// has closed its end.
+    pub fn read_commands(
+        &self,
+        pending: &mut Vec<u8>,
+    ) -> Result<Option<Vec<Command>>, ControlError> {
+        let mut buf = [0u8; 4096];
+        let mut closed = false;
+        loop {
+            match recv(self.reader.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(ControlError::Io(e.into())),
+            }
+        }
+        let mut commands = Vec::new();
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line).trim().to_string();
+            if line.is_empty() {
                 continue;
             }
             match serde_json::from_str(&line) {
-                Ok(cmd) => on_command(cmd),
+                Ok(cmd) => commands.push(cmd),
                 Err(source) => return Err(ControlError::Malformed { line, source }),
             }
         }
-        Ok(())
+        if closed && commands.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(commands))
     }
 }
 
@@ -151,6 +182,7 @@ pub fn encode_command(cmd: &Command) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
     use std::os::fd::IntoRawFd;
 
     #[test]
@@ -179,9 +211,10 @@ mod tests {
             .write_all(encode_command(&Command::Shutdown).as_bytes())
             .unwrap();
         drop((ours, r));
-        let mut got = Vec::new();
-        chan.serve(|c| got.push(c)).unwrap();
-        assert_eq!(got, vec![Command::Shutdown]);
+        let mut pending = Vec::new();
+        let got = chan.read_commands(&mut pending).unwrap();
+        assert_eq!(got, Some(vec![Command::Shutdown]));
+        assert_eq!(chan.read_commands(&mut pending).unwrap(), None);
 
         let file = std::fs::File::open("/dev/null").unwrap();
         assert!(matches!(

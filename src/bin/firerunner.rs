@@ -79,6 +79,6 @@ fn main() -> ExitCode {
             reason: format!("{exit:?}"),
         });
     }
-    // Exit at once: vCPU threads may still be inside KVM_RUN.
-    std::process::exit(code)
+    // The VM was torn down in order (vCPUs stopped, devices dropped).
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }

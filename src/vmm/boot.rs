@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::bus::{Bus, BusError};
 use super::config::{BootConfig, VmConfig};
 use super::devices::{self, DeviceConfig, DeviceError, VirtioDevices};
-use super::event_loop::{EventManager, LoopPause, QuiesceError};
+use super::event_loop::EventManager;
 use super::kernel::{self, KernelError};
 use super::memory::{self, MemoryError};
 use super::runner::{legacy_bus, BuiltVm, Wiring};
@@ -32,8 +32,6 @@ pub enum BootError {
     VcpuCount { got: u8, max: usize },
     #[error(transparent)]
     Devices(#[from] DeviceError),
-    #[error(transparent)]
-    EventLoopPause(#[from] QuiesceError),
     #[error("cannot create the device event loop: {0}")]
     EventLoop(event_manager::Error),
     #[error("cannot place a device on the bus: {0}")]
@@ -92,7 +90,7 @@ pub(super) fn boot(
         slots.join().map_err(|_| BootError::Panicked)??;
         rest
     })
-    .map(|(vcpus, serial, pio, mmio, event_manager, event_loop)| {
+    .map(|(vcpus, serial, pio, mmio, event_manager)| {
         let start = wiring.start;
         BuiltVm {
             vm,
@@ -103,7 +101,6 @@ pub(super) fn boot(
             pio,
             mmio,
             event_manager,
-            event_loop,
             layers: Vec::new(),
             ws: None,
             on_first_run: Box::new(move || {
@@ -122,7 +119,6 @@ type Built = (
     Bus,
     Bus,
     EventManager,
-    LoopPause,
 );
 
 /// Everything but the memory slots: kernel, devices, boot tables, vCPUs.
@@ -140,7 +136,6 @@ fn build_on(
     // virtio devices on the MMIO bus, in the order of DESIGN.md.
     let mut mmio = Bus::new();
     let mut event_manager = EventManager::new().map_err(BootError::EventLoop)?;
-    let event_loop = LoopPause::new(&mut event_manager)?;
     devices.attach(vm, mem, &mut mmio, &mut event_manager)?;
 
     // Boot structures.
@@ -176,5 +171,5 @@ fn build_on(
         vcpu.apply_cpu_template(template, &supported, shape)?;
         vcpus.push(vcpu);
     }
-    Ok((vcpus, serial, pio, mmio, event_manager, event_loop))
+    Ok((vcpus, serial, pio, mmio, event_manager))
 }

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use super::bus::lock;
 use super::devices::{self, DeviceError};
-use super::event_loop::QuiesceError;
 use super::memory::{self, MemoryError};
 use super::persist::{MicrovmState, Persist};
 use super::runner::Machine;
@@ -51,8 +50,6 @@ pub enum CreateError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
-    Quiesce(#[from] QuiesceError),
-    #[error(transparent)]
     Vm(#[from] KvmVmError),
     #[error(transparent)]
     Devices(#[from] DeviceError),
@@ -84,8 +81,9 @@ pub struct Written {
 /// when `m` was restored). The VM stays paused (the caller exits).
 pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let t0 = Instant::now();
+    // This runs on the event-loop thread, between two events: with the
+    // vCPUs paused, nothing touches a device or guest memory.
     m.vcpus.pause(PAUSE_TIMEOUT)?;
-    m.event_loop.pause(PAUSE_TIMEOUT)?;
     let paused = t0.elapsed();
 
     let vcpus = m.vcpus.save(PAUSE_TIMEOUT)?;

@@ -1,16 +1,17 @@
-//! The device event loop: one thread, one epoll set (event-manager), every
-//! device fd (queue notifications, sockets, timers) registered with it.
+//! The VM's event loop: one thread — firerunner's main thread — and one
+//! epoll set (event-manager) with every device fd (queue notifications,
+//! sockets, timers), the controller's channel, the termination signals
+//! and the wake-up of [`Wake`], which the other threads (vCPUs, the
+//! working-set fault handler) use to hand it work.
 //!
-//! A snapshot pauses it so device state and guest memory stay still: a
-//! subscriber on the loop owns an eventfd; [`LoopPause::pause`] wakes it
-//! and the subscriber then blocks the loop thread — between two events,
-//! never inside a device — until [`LoopPause::resume`].
+//! Whatever the loop thread does between two events — a snapshot, writing
+//! a working set — happens with every device quiet: no device code runs
+//! on any other thread.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use crossbeam_channel::{SendError, Sender};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A device or service that handles events on the event-loop thread.
@@ -18,111 +19,69 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// The event loop's manager.
 pub type EventManager = event_manager::EventManager<Subscriber>;
 
-#[derive(Debug, thiserror::Error)]
-pub enum QuiesceError {
-    #[error("cannot create the event-loop pause eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("the device event loop did not pause within {0:?}")]
-    Timeout(Duration),
-    #[error("the device event loop has stopped")]
-    Gone,
+/// A channel to the event-loop thread: each message also wakes the loop.
+pub struct Wake<T> {
+    tx: Sender<T>,
+    evt: Arc<EventFd>,
 }
 
-/// The owner's handle.
-pub struct LoopPause {
-    evt: EventFd,
-    requests: Sender<()>,
-    acks: Receiver<()>,
-    resumes: Sender<()>,
-}
-
-struct PauseSubscriber {
-    evt: EventFd,
-    requests: Receiver<()>,
-    acks: Sender<()>,
-    resumes: Receiver<()>,
-}
-
-impl MutEventSubscriber for PauseSubscriber {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.evt.read();
-        while self.requests.try_recv().is_ok() {
-            if self.acks.send(()).is_err() || self.resumes.recv().is_err() {
-                return;
-            }
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the event-loop pause eventfd: {e}");
+impl<T> Clone for Wake<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            evt: self.evt.clone(),
         }
     }
 }
 
-impl LoopPause {
-    /// Adds the pause subscriber to `em` (before the loop runs).
-    pub fn new(em: &mut EventManager) -> Result<Self, QuiesceError> {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(QuiesceError::EventFd)?;
-        let (req_tx, req_rx) = bounded(1);
-        let (ack_tx, ack_rx) = bounded(1);
-        let (res_tx, res_rx) = bounded(1);
-        let sub = PauseSubscriber {
-            evt: evt.try_clone().map_err(QuiesceError::EventFd)?,
-            requests: req_rx,
-            acks: ack_tx,
-            resumes: res_rx,
-        };
-        let sub: Subscriber = Arc::new(Mutex::new(sub));
-        em.add_subscriber(sub);
+impl<T> Wake<T> {
+    /// A channel through `tx` whose messages write `evt` (see [`Waker`]).
+    pub fn new(tx: Sender<T>, waker: &Waker) -> Self {
+        Self {
+            tx,
+            evt: waker.evt.clone(),
+        }
+    }
+
+    /// Queues `msg` and wakes the loop.
+    pub fn send(&self, msg: T) -> Result<(), SendError<T>> {
+        self.tx.send(msg)?;
+        if let Err(e) = self.evt.write(1) {
+            log::error!("cannot wake the event loop: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// The eventfd every [`Wake`] writes; its subscriber only drains it, so
+/// that the loop returns to its owner, who reads the channels.
+pub struct Waker {
+    evt: Arc<EventFd>,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            evt,
-            requests: req_tx,
-            acks: ack_rx,
-            resumes: res_tx,
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
         })
     }
 
-    /// Returns once the loop thread is parked between events.
-    pub fn pause(&self, timeout: Duration) -> Result<(), QuiesceError> {
-        self.requests.send(()).map_err(|_| QuiesceError::Gone)?;
-        self.evt.write(1).map_err(|_| QuiesceError::Gone)?;
-        match self.acks.recv_timeout(timeout) {
-            Ok(()) => Ok(()),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                Err(QuiesceError::Timeout(timeout))
-            }
-            Err(_) => Err(QuiesceError::Gone),
-        }
-    }
-
-    /// Lets a paused loop run again.
-    pub fn resume(&self) {
-        let _ = self.resumes.send(());
+    /// The subscriber to add to the loop.
+    pub fn subscriber(&self) -> Subscriber {
+        Arc::new(Mutex::new(Drain(self.evt.clone())))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+struct Drain(Arc<EventFd>);
 
-    #[test]
-    fn pause_parks_the_loop_between_events() {
-        let mut em = EventManager::new().unwrap();
-        let p = LoopPause::new(&mut em).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let t = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                em.run_with_timeout(10).unwrap();
-            }
-        });
-        p.pause(Duration::from_secs(5)).unwrap();
-        p.resume();
-        p.pause(Duration::from_secs(5)).unwrap();
-        stop.store(true, Ordering::SeqCst);
-        p.resume();
-        t.join().unwrap();
+impl MutEventSubscriber for Drain {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.as_ref(), EventSet::IN)) {
+            log::error!("cannot watch the event-loop wake-up eventfd: {e}");
+        }
     }
 }

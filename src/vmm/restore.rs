@@ -21,7 +21,7 @@ use super::boot::{check_vcpu_limit, BootError};
 use super::bus::{Bus, BusError};
 use super::config::{RestoreConfig, RestoreMemory, VmConfig};
 use super::devices::{self, DeviceConfig, DeviceError, VirtioDevices};
-use super::event_loop::{EventManager, LoopPause, QuiesceError};
+use super::event_loop::EventManager;
 use super::memory::restore::{self as fill, FillError, RestorePlan};
 use super::memory::{self, MemoryError};
 use super::persist::{MicrovmState, Persist};
@@ -59,8 +59,6 @@ pub enum RestoreError {
     Devices(#[from] DeviceError),
     #[error("cannot restore the serial port: {0}")]
     Serial(#[from] devices::serial::SerialError),
-    #[error(transparent)]
-    EventLoopPause(#[from] QuiesceError),
     #[error("cannot create the device event loop: {0}")]
     EventLoop(event_manager::Error),
     #[error("cannot place a device on the bus: {0}")]
@@ -155,7 +153,6 @@ pub(super) fn restore(
     // connections are gone).
     let mut mmio = Bus::new();
     let mut event_manager = EventManager::new().map_err(RestoreError::EventLoop)?;
-    let event_loop = LoopPause::new(&mut event_manager)?;
     devices.attach(&vm, &mem, &mut mmio, &mut event_manager)?;
     devices.restore(&state.devices)?;
     let mut serial = devices::serial(&vm, console)?;
@@ -178,7 +175,6 @@ pub(super) fn restore(
         pio,
         mmio,
         event_manager,
-        event_loop,
         layers,
         ws,
         on_first_run: phases.into_logger(),

@@ -1,16 +1,24 @@
 //! Running a built VM, whether booted ([`super::boot`]) or restored
-//! ([`super::restore`]): the vCPU threads, the device event loop, the
-//! controller's channel and termination signals, and what happens at the
-//! guest's snapshot point or when the controller says the working set is
-//! complete — until the first reason to stop, then an orderly teardown.
+//! ([`super::restore`]), until the first reason to stop, then an orderly
+//! teardown.
+//!
+//! Threads: one per vCPU, and this one, which runs the event loop — the
+//! devices, the controller's channel, the termination signals (a
+//! signalfd), a working-set fault handler's failure — and does what the
+//! guest's snapshot point or the controller's `ws_done` asks, between two
+//! events. The working-set machinery adds its fault handler (and, while it
+//! loads, a prefetch thread); hashing a booted VM's rootfs for its
+//! snapshot adds one thread until it is done.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, unbounded, Sender};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::boot::{self, BootError};
 use super::bus::{lock, Bus, BusError};
@@ -20,7 +28,7 @@ use super::devices::control::{ControlPort, GuestSignal, SignalSink};
 use super::devices::i8042::I8042;
 use super::devices::serial::SerialDevice;
 use super::devices::VirtioDevices;
-use super::event_loop::{EventManager, LoopPause};
+use super::event_loop::{EventManager, Subscriber, Wake, Waker};
 use super::layout;
 use super::memory::{GuestMemoryMmap, WsRuntime};
 use super::restore::{self, RestoreError};
@@ -53,8 +61,10 @@ pub enum StartError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start a VMM thread: {0}")]
     Thread(std::io::Error),
-    #[error("cannot block termination signals: {0}")]
+    #[error("cannot take termination signals: {0}")]
     Signals(nix::Error),
+    #[error("cannot create the event-loop wake-up eventfd: {0}")]
+    Waker(std::io::Error),
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] BusError),
 }
@@ -69,8 +79,8 @@ fn host_ram_mib() -> u64 {
 pub(super) struct Wiring {
     pub start: Instant,
     pub control: Option<Arc<Channel>>,
-    pub exit: Sender<VmExit>,
-    snapshot: Option<Sender<()>>,
+    pub exit: Wake<VmExit>,
+    snapshot: Option<Wake<()>>,
 }
 
 /// A built VM whose threads have not started.
@@ -83,7 +93,6 @@ pub(super) struct BuiltVm {
     pub pio: Bus,
     pub mmio: Bus,
     pub event_manager: EventManager,
-    pub event_loop: LoopPause,
     /// The snapshot layers this VM was restored from, bottom first, with
     /// their state checksums (empty for a booted VM). A snapshot of this
     /// VM is a diff layer on top of them.
@@ -101,7 +110,6 @@ pub(super) struct Machine {
     pub vcpus: Vcpus,
     pub devices: VirtioDevices,
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub event_loop: LoopPause,
     pub rootfs: PathBuf,
     /// The rootfs identity for the snapshot, hashed while the guest runs
     /// (`--dump_dir` only).
@@ -121,13 +129,15 @@ pub fn run(
     start: Instant,
     control: Option<Arc<Channel>>,
 ) -> Result<VmExit, StartError> {
-    // Termination signals are taken by a dedicated thread: block them before
+    // Termination signals are taken through a signalfd: block them before
     // any other thread exists so every thread inherits the mask.
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     signals.thread_block().map_err(StartError::Signals)?;
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(StartError::Signals)?;
 
     let host_mib = host_ram_mib();
     if config.mem_mib > host_mib {
@@ -139,22 +149,29 @@ pub fn run(
     if let Some(dir) = &config.dump_dir {
         snapshot::dir::check_target(dir)?;
     }
-    let ws_record = config.restore().and_then(|r| match &r.memory {
-        super::config::RestoreMemory::RecordWorkingSet { into } => Some(into.clone()),
-        _ => None,
+    let ws_record = config.restore().is_some_and(|r| {
+        matches!(
+            r.memory,
+            super::config::RestoreMemory::RecordWorkingSet { .. }
+        )
     });
-    if ws_record.is_some() && control.is_none() {
+    if ws_record && control.is_none() {
         return Err(StartError::WsWithoutController);
     }
 
+    let waker = Waker::new().map_err(StartError::Waker)?;
     let (exit_tx, exit_rx) = unbounded();
     let (snap_tx, snap_rx) = unbounded();
     let (ws_tx, ws_rx) = unbounded();
+    let exit = Wake::new(exit_tx, &waker);
     let wiring = Wiring {
         start,
         control: control.clone(),
-        exit: exit_tx.clone(),
-        snapshot: config.dump_dir.as_ref().map(|_| snap_tx.clone()),
+        exit: exit.clone(),
+        snapshot: config
+            .dump_dir
+            .as_ref()
+            .map(|_| Wake::new(snap_tx.clone(), &waker)),
     };
     let (built, rootfs_identity) = match &config.start {
         Start::Boot(b) => (boot::boot(config, b, &wiring)?, None),
@@ -163,8 +180,7 @@ pub fn run(
             (built, Some(id))
         }
     };
-    let vsock_path = config.vsock_path();
-    let mut machine = start_machine(config, built, &wiring, ws_tx.clone(), signals)?;
+    let (mut machine, mut event_manager) = start_machine(config, built, &wiring)?;
     if config.dump_dir.is_some() {
         machine.rootfs_identity = Some(match rootfs_identity {
             // A restored VM's rootfs was verified against the snapshot.
@@ -174,34 +190,103 @@ pub fn run(
         });
     }
 
+    // The loop's own sources: the wake-up, signals, the controller, and
+    // the fault handler's failure.
+    event_manager.add_subscriber(waker.subscriber());
+    event_manager.add_subscriber(Arc::new(Mutex::new(Signals {
+        fd: signal_fd,
+        exit: exit.clone(),
+    })));
+    if let Some(c) = &control {
+        event_manager.add_subscriber(Arc::new(Mutex::new(ControlCommands {
+            channel: c.clone(),
+            pending: Vec::new(),
+            exit: exit.clone(),
+            ws_done: ws_tx.clone(),
+        })));
+    }
+    if let Some(w) = &machine.ws {
+        let failure = w
+            .failure()
+            .try_clone_to_owned()
+            .map_err(StartError::Thread)?;
+        let sub: Subscriber = Arc::new(Mutex::new(FaultHandlerWatch {
+            failure,
+            exit: exit.clone(),
+        }));
+        event_manager.add_subscriber(sub);
+    }
+
     if let Some(c) = &control {
         c.send(&Event::Ready {
             us: start.elapsed().as_micros() as u64,
         });
     }
 
-    if let Some(w) = &machine.ws {
-        w.watch(wiring.exit.clone()).map_err(StartError::Thread)?;
-    }
-
-    // The first reason to stop wins; the process exit ends the other threads.
-    // (`snap_tx` and `ws_tx` live until here, so their channels never close.)
-    let exit = loop {
-        select! {
-            recv(exit_rx) -> e => break e.unwrap_or(VmExit::Fatal("all VM threads ended".into())),
-            recv(snap_rx) -> _ => break take_snapshot(&machine, config, &wiring),
-            recv(ws_rx) -> _ => write_working_set(&mut machine, &wiring),
-        }
-    };
-    lock(&machine.serial).flush();
-    // The process exits without dropping the vsock device (its event loop
-    // still runs), so remove the listener socket it created here.
-    if let Err(e) = std::fs::remove_file(vsock_path) {
-        log::debug!("cannot remove the vsock listener socket: {e}");
-    }
-    // Keep the VM (and so its memory slots) alive until here.
-    drop((machine, snap_tx, ws_tx));
+    let exit = serve(
+        &mut machine,
+        &mut event_manager,
+        config,
+        &wiring,
+        (&exit_rx, &snap_rx, &ws_rx),
+    );
+    teardown(machine, event_manager, config);
+    drop((snap_tx, ws_tx));
     Ok(exit)
+}
+
+/// The event loop: devices and the loop's own sources, until the first
+/// reason to stop. (The channels' senders live until the caller's end, so
+/// they never close.)
+fn serve(
+    machine: &mut Machine,
+    event_manager: &mut EventManager,
+    config: &VmConfig,
+    wiring: &Wiring,
+    (exit_rx, snap_rx, ws_rx): (&Receiver<VmExit>, &Receiver<()>, &Receiver<()>),
+) -> VmExit {
+    loop {
+        if let Ok(exit) = exit_rx.try_recv() {
+            return exit;
+        }
+        if snap_rx.try_recv().is_ok() {
+            return take_snapshot(machine, config, wiring);
+        }
+        while ws_rx.try_recv().is_ok() {
+            write_working_set(machine, wiring);
+        }
+        if let Err(e) = event_manager.run() {
+            return VmExit::Fatal(format!("device event loop failed: {e}"));
+        }
+    }
+}
+
+/// How long the vCPU threads may take to end at teardown.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Stops the vCPUs, then drops the VM in order: devices (vsock removes
+/// its listener socket), the event loop, guest memory, the KVM VM.
+fn teardown(machine: Machine, event_manager: EventManager, config: &VmConfig) {
+    lock(&machine.serial).flush();
+    let Machine {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        serial,
+        ws,
+        ..
+    } = machine;
+    if !vcpus.stop(STOP_TIMEOUT) {
+        // A vCPU still holds the devices: remove the listener socket here,
+        // the process exit ends the rest.
+        if let Err(e) = std::fs::remove_file(config.vsock_path()) {
+            log::debug!("cannot remove the vsock listener socket: {e}");
+        }
+    }
+    drop((devices, serial, event_manager));
+    // The fault handler outlives everything that touches guest memory.
+    drop((mem, vm, ws));
 }
 
 /// The controller said the first request is done: stop recording and
@@ -269,10 +354,10 @@ fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExi
 /// ends the VM when the app failed to load, and at the snapshot point asks
 /// for a snapshot when one is wanted.
 struct GuestSignals {
-    exit: Sender<VmExit>,
+    exit: Wake<VmExit>,
     control: Option<Arc<Channel>>,
     /// Where to ask for a snapshot (`--dump_dir` given).
-    snapshot: Option<Sender<()>>,
+    snapshot: Option<Wake<()>>,
     snapshot_requested: AtomicBool,
     /// The guest reported 125: the VM is ending and is never snapshotted.
     app_failed: AtomicBool,
@@ -324,7 +409,7 @@ impl SignalSink for GuestSignals {
 }
 
 /// Ends the VM when the guest resets the machine through the i8042.
-struct ResetTrigger(Sender<VmExit>);
+struct ResetTrigger(Wake<VmExit>);
 
 impl vm_superio::Trigger for ResetTrigger {
     type E = std::convert::Infallible;
@@ -368,14 +453,12 @@ pub(super) fn legacy_bus(
     Ok(pio)
 }
 
-/// Starts the vCPUs, the event loop, and the control and signal threads.
+/// Starts the vCPUs; the caller runs the event loop.
 fn start_machine(
     config: &VmConfig,
     built: BuiltVm,
     wiring: &Wiring,
-    ws_done: Sender<()>,
-    signals: SigSet,
-) -> Result<Machine, StartError> {
+) -> Result<(Machine, EventManager), StartError> {
     let BuiltVm {
         vm,
         mem,
@@ -385,14 +468,12 @@ fn start_machine(
         pio,
         mmio,
         event_manager,
-        event_loop,
         layers,
         ws,
         on_first_run,
     } = built;
-    // vCPUs first: they are what a restore waits for. A queue notification
-    // they make before the event loop runs waits in its eventfd, and the
-    // termination signals stay blocked (pending) until their thread waits.
+    // A queue notification a vCPU makes before the event loop runs waits
+    // in its eventfd, and a termination signal in the signalfd.
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let mut on_first_run = Some(on_first_run);
     let mut handles = Vec::new();
@@ -411,12 +492,7 @@ fn start_machine(
             on_first_run: first,
         })?);
     }
-    spawn_event_loop(event_manager, wiring.exit.clone())?;
-    if let Some(c) = &wiring.control {
-        spawn_control_thread(c.clone(), wiring.exit.clone(), ws_done)?;
-    }
-    spawn_signal_thread(signals, wiring.exit.clone())?;
-    Ok(Machine {
+    let machine = Machine {
         rootfs_identity: None,
         vm,
         mem,
@@ -424,61 +500,99 @@ fn start_machine(
         vcpus: Vcpus::new(handles),
         devices,
         serial,
-        event_loop,
         rootfs: config.rootfs.clone(),
         layers,
         ws,
-    })
+    };
+    Ok((machine, event_manager))
 }
 
-fn spawn_event_loop(mut em: EventManager, exit: Sender<VmExit>) -> Result<(), StartError> {
-    std::thread::Builder::new()
-        .name("event-loop".into())
-        .spawn(move || loop {
-            if let Err(e) = em.run() {
-                let _ = exit.send(VmExit::Fatal(format!("device event loop failed: {e}")));
-                return;
-            }
-        })
-        .map(drop)
-        .map_err(StartError::Thread)
+/// Termination signals, through a signalfd.
+struct Signals {
+    fd: SignalFd,
+    exit: Wake<VmExit>,
 }
 
-fn spawn_control_thread(
-    control: Arc<Channel>,
-    exit: Sender<VmExit>,
+impl MutEventSubscriber for Signals {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok(Some(info)) = self.fd.read_signal() {
+            let sig = info.ssi_signo as i32;
+            let name = Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+            log::info!("received {name}: stopping the VM");
+            let _ = self.exit.send(VmExit::Signal(sig));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch the termination signals: {e}");
+        }
+    }
+}
+
+/// The controller's commands; its channel closing stops the VM.
+struct ControlCommands {
+    channel: Arc<Channel>,
+    pending: Vec<u8>,
+    exit: Wake<VmExit>,
     ws_done: Sender<()>,
-) -> Result<(), StartError> {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let served = control.serve(|cmd| match cmd {
-                Command::Shutdown => {
-                    let _ = exit.send(VmExit::Shutdown);
-                }
-                Command::WsDone => {
-                    let _ = ws_done.send(());
-                }
-            });
-            match served {
-                Ok(()) => log::info!("the controller closed the control channel: stopping the VM"),
-                Err(e) => log::error!("{e}: stopping the VM"),
-            }
-            let _ = exit.send(VmExit::Shutdown);
-        })
-        .map(drop)
-        .map_err(StartError::Thread)
 }
 
-fn spawn_signal_thread(signals: SigSet, exit: Sender<VmExit>) -> Result<(), StartError> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                log::info!("received {sig}: stopping the VM");
-                let _ = exit.send(VmExit::Signal(sig as i32));
+impl MutEventSubscriber for ControlCommands {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let stop = match self.channel.read_commands(&mut self.pending) {
+            Ok(Some(commands)) => {
+                for cmd in commands {
+                    match cmd {
+                        Command::Shutdown => {
+                            let _ = self.exit.send(VmExit::Shutdown);
+                        }
+                        Command::WsDone => {
+                            let _ = self.ws_done.send(());
+                        }
+                    }
+                }
+                false
             }
-        })
-        .map(drop)
-        .map_err(StartError::Thread)
+            Ok(None) => {
+                log::info!("the controller closed the control channel: stopping the VM");
+                true
+            }
+            Err(e) => {
+                log::error!("{e}: stopping the VM");
+                true
+            }
+        };
+        if stop {
+            let _ = ops.remove(Events::new(&self.channel.as_fd(), EventSet::IN));
+            let _ = self.exit.send(VmExit::Shutdown);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.channel.as_fd(), EventSet::IN)) {
+            log::error!("cannot watch the control channel: {e}");
+        }
+    }
+}
+
+/// Ends the VM when the working-set fault handler fails.
+struct FaultHandlerWatch {
+    failure: std::os::fd::OwnedFd,
+    exit: Wake<VmExit>,
+}
+
+impl MutEventSubscriber for FaultHandlerWatch {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = ops.remove(Events::new(&self.failure, EventSet::IN));
+        let _ = self.exit.send(VmExit::Fatal(
+            "the working-set fault handler failed (see the log)".into(),
+        ));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.failure, EventSet::IN)) {
+            log::error!("cannot watch the working-set fault handler: {e}");
+        }
+    }
 }

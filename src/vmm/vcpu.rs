@@ -32,6 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::bus::Bus;
+use super::event_loop::Wake;
 use super::memory::GuestMemoryMmap;
 use super::persist::Persist;
 use super::x86_64::{cpu_template, cpuid, msr, regs};
@@ -116,6 +117,8 @@ pub enum VcpuEvent {
     Resume,
     /// Answer with the vCPU's state (only while paused).
     SaveState,
+    /// End the thread (the VM is being torn down).
+    Stop,
 }
 
 /// A vCPU thread's answer to one event.
@@ -132,7 +135,7 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
-    pub exit: Sender<VmExit>,
+    pub exit: Wake<VmExit>,
     pub start: Instant,
     /// Called on this vCPU's thread just before its first `KVM_RUN`.
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
@@ -594,6 +597,7 @@ impl Vcpu {
                 VcpuEvent::SaveState => {
                     VcpuResponse::Error(VcpuError::NotPaused { id: self.id }.to_string())
                 }
+                VcpuEvent::Stop => return,
             };
             if out.send(reply).is_err() {
                 return;
@@ -846,6 +850,35 @@ impl Vcpus {
         Ok(())
     }
 
+    /// Ends every vCPU thread and waits for them, at most `timeout` in
+    /// all. Returns whether they all ended (a thread that did not is left
+    /// running; the process exit ends it).
+    pub fn stop(self, timeout: Duration) -> bool {
+        for h in &self.handles {
+            // A thread that already ended has closed its channel.
+            let _ = h.send(VcpuEvent::Stop);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut all = true;
+        for h in self.handles {
+            // The response channel closes when the thread returns.
+            let ended = loop {
+                match h.responses.recv_deadline(deadline) {
+                    Ok(_) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break true,
+                    Err(RecvTimeoutError::Timeout) => break false,
+                }
+            };
+            if ended {
+                let _ = h.thread.join();
+            } else {
+                log::warn!("vcpu{} did not stop within {timeout:?}", h.id);
+                all = false;
+            }
+        }
+        all
+    }
+
     /// The state of every (paused) vCPU, in id order.
     pub fn save(&self, timeout: Duration) -> Result<Vec<VcpuState>, VcpuError> {
         self.handles
@@ -916,12 +949,13 @@ mod tests {
         vcpu.fd.set_regs(&regs).unwrap();
 
         let (exit_tx, exit_rx) = unbounded();
+        let waker = super::super::event_loop::Waker::new().unwrap();
         let handle = vcpu
             .spawn(VcpuContext {
                 pio: Arc::new(Bus::new()),
                 mmio: Arc::new(Bus::new()),
                 mem: mem.clone(),
-                exit: exit_tx,
+                exit: Wake::new(exit_tx, &waker),
                 start: Instant::now(),
                 on_first_run: None,
             })

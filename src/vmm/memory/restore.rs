@@ -8,14 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use super::fault_handler::{FaultError, FaultHandler};
 use super::{ws_loader, GuestMemoryMmap, MemoryError};
 use crate::snapshot::layers::LayerStack;
 use crate::snapshot::ws::{self, WorkingSet, WsError};
 use crate::vmm::config::{RestoreConfig, RestoreMemory};
-use crate::vmm::VmExit;
 
 /// Most mappings one diff layer may add to guest memory: each merged range
 /// of its pages is one mapping (a VMA, and a `mmap` call at restore), so a
@@ -71,25 +70,10 @@ impl WsRuntime {
             .map_err(|e| e.to_string())
     }
 
-    /// Ends the VM if the fault handler dies: a guest page it does not
-    /// serve would block its vCPU forever.
-    pub fn watch(&self, exit: Sender<VmExit>) -> std::io::Result<()> {
-        let failure = self.handler.failure().try_clone_to_owned()?;
-        std::thread::Builder::new()
-            .name("ws-watch".into())
-            .spawn(move || {
-                let mut fds = [nix::poll::PollFd::new(
-                    std::os::fd::AsFd::as_fd(&failure),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                while let Err(nix::errno::Errno::EINTR) =
-                    nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE)
-                {}
-                let _ = exit.send(VmExit::Fatal(
-                    "the working-set fault handler failed (see the log)".into(),
-                ));
-            })
-            .map(drop)
+    /// Readable once the fault handler has failed: the VM must end then,
+    /// as a guest page it does not serve would block its vCPU forever.
+    pub fn failure(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.handler.failure()
     }
 }
 
