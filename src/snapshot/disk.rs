@@ -21,10 +21,6 @@ use std::time::Instant;
 use super::format::DiskIdentity;
 use super::hash::{xxh64_reader, Xxh64};
 
-/// Blocks sampled for the quick hash, spread evenly, plus the last one.
-const SAMPLES: u64 = 64;
-const SAMPLE_BLOCK: usize = 4096;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("cannot read the rootfs {path}: {source}")]
@@ -42,6 +38,10 @@ pub enum DiskError {
         recorded: String,
     },
 }
+
+/// Blocks sampled for the quick hash, spread evenly, plus the last one.
+const SAMPLES: u64 = 64;
+const SAMPLE_BLOCK: usize = 4096;
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     use std::os::unix::fs::MetadataExt;

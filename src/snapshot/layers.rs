@@ -47,3 +47,38 @@ impl PageSource for LayerStack {
         Ok(false)
     }
 }
+
+/// Layers for tests: sparse memory files whose pages name themselves.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+
+    const PAGE_SIZE: usize = 4096;
+
+    /// The first word of the source page at `ram_offset`: names the page.
+    pub(crate) fn pattern(ram_offset: u64) -> u64 {
+        (ram_offset | 1) ^ 0x5a5a_0000_0000_0000
+    }
+
+    /// A sparse memory file of `mem_mib` MiB whose `data` ranges hold
+    /// pages marked with [`pattern`].
+    pub(crate) fn sparse_source(dir: &Path, mem_mib: u64, data: &[(u64, u64)]) -> Arc<LayerStack> {
+        let path = dir.join("memory");
+        let file = File::create(&path).unwrap();
+        file.set_len(mem_mib << 20).unwrap();
+        let mut page = vec![0xa5u8; PAGE_SIZE];
+        for &(off, len) in data {
+            for p in (off..off + len).step_by(PAGE_SIZE) {
+                page[..8].copy_from_slice(&pattern(p).to_ne_bytes());
+                file.write_all_at(&page, p).unwrap();
+            }
+        }
+        Arc::new(LayerStack::new(vec![(
+            File::open(&path).unwrap(),
+            data.to_vec(),
+        )]))
+    }
+}

@@ -28,11 +28,6 @@ pub const PAGE_SIZE: usize = 4096;
 pub const WS_FILE: &str = "ws";
 /// Name of the working-set index in a snapshot directory.
 pub const WS_INDEX_FILE: &str = "ws.json";
-/// The `format` member of `ws.json`.
-const FORMAT: &str = "snapvm-ws";
-/// The `ws.json` version this snapvm writes and reads.
-const VERSION: u32 = 1;
-
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
     #[error("cannot read the guest page at RAM offset {ram_offset:#x} from the snapshot layers: {source}")]
@@ -70,6 +65,11 @@ pub enum WsError {
     #[error("cannot encode ws.json: {0}")]
     Encode(serde_json::Error),
 }
+
+/// The `format` member of `ws.json`.
+const FORMAT: &str = "snapvm-ws";
+/// The `ws.json` version this snapvm writes and reads.
+const VERSION: u32 = 1;
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WsError + '_ {
     move |source| WsError::Io {
@@ -348,39 +348,15 @@ pub fn read(dir: &Path, ram_size: u64, identity: &str) -> Result<WorkingSet, WsE
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
     use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
+    use crate::snapshot::layers::test_util::{pattern, sparse_source};
     use crate::snapshot::layers::LayerStack;
 
     const PAGE: u64 = PAGE_SIZE as u64;
-
-    /// The first word of the source page at `ram_offset`: names the page.
-    fn pattern(ram_offset: u64) -> u64 {
-        (ram_offset | 1) ^ 0x5a5a_0000_0000_0000
-    }
-
-    /// A sparse memory file of `mem_mib` MiB whose `data` ranges hold
-    /// pages marked with [`pattern`].
-    fn sparse_source(dir: &Path, mem_mib: u64, data: &[(u64, u64)]) -> Arc<LayerStack> {
-        let path = dir.join("memory");
-        let file = File::create(&path).unwrap();
-        file.set_len(mem_mib << 20).unwrap();
-        let mut page = vec![0xa5u8; PAGE_SIZE];
-        for &(off, len) in data {
-            for p in (off..off + len).step_by(PAGE_SIZE) {
-                page[..8].copy_from_slice(&pattern(p).to_ne_bytes());
-                file.write_all_at(&page, p).unwrap();
-            }
-        }
-        Arc::new(LayerStack::new(vec![(
-            File::open(&path).unwrap(),
-            data.to_vec(),
-        )]))
-    }
 
     /// The native-endian `u64` at byte `at`.
     fn word(bytes: &[u8], at: usize) -> u64 {

@@ -395,35 +395,12 @@ mod tests {
 
     use super::super::ws_loader;
     use super::*;
+    use crate::snapshot::layers::test_util::{pattern, sparse_source};
     use crate::snapshot::layers::LayerStack;
     use crate::snapshot::ws::{self, WorkingSet, WsRange};
     use crate::vmm::memory;
 
     const PAGE: u64 = PAGE_SIZE as u64;
-
-    /// The first word of the source page at `ram_offset`: names the page.
-    fn pattern(ram_offset: u64) -> u64 {
-        (ram_offset | 1) ^ 0x5a5a_0000_0000_0000
-    }
-
-    /// A sparse memory file of `mem_mib` MiB whose `data` ranges hold
-    /// pages marked with [`pattern`].
-    fn sparse_source(dir: &Path, mem_mib: u64, data: &[(u64, u64)]) -> Arc<LayerStack> {
-        let path = dir.join("memory");
-        let file = File::create(&path).unwrap();
-        file.set_len(mem_mib << 20).unwrap();
-        let mut page = vec![0xa5u8; PAGE_SIZE];
-        for &(off, len) in data {
-            for p in (off..off + len).step_by(PAGE_SIZE) {
-                page[..8].copy_from_slice(&pattern(p).to_ne_bytes());
-                file.write_all_at(&page, p).unwrap();
-            }
-        }
-        Arc::new(LayerStack::new(vec![(
-            File::open(&path).unwrap(),
-            data.to_vec(),
-        )]))
-    }
 
     /// Records `touch` (guest addresses, in order) on `mem_mib` MiB and
     /// writes the set into `dir`.
