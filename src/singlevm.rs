@@ -36,16 +36,21 @@ pub enum SingleVmError {
     Stdout(std::io::Error),
     #[error("waiting for firerunner failed: {0}")]
     Wait(std::io::Error),
-    #[error("firerunner failed ({0})")]
-    Firerunner(std::process::ExitStatus),
+    #[error("firerunner failed ({0}){1}")]
+    Firerunner(std::process::ExitStatus, String),
+    #[error("firerunner exited without writing the snapshot ({0}){1}")]
+    NoSnapshot(std::process::ExitStatus, String),
 }
 
 pub struct Options {
     pub launch: Launch,
     pub boot_timeout: Duration,
     pub request_timeout: Option<Duration>,
-    /// Wait for firerunner to exit instead of for the guest (snapshot runs).
+    /// Wait for firerunner to exit instead of for the guest (snapshot runs),
+    /// at most `boot_timeout`.
     pub force_exit: bool,
+    /// `--dump_dir`: a `force_exit` run must end with the snapshot written.
+    pub dump_dir: bool,
     /// `--dump_ws`: after the first request, have the working set written.
     pub dump_ws: bool,
 }
@@ -124,16 +129,24 @@ pub fn run(
 ) -> Result<i32, SingleVmError> {
     let mut vm = Vm::spawn(&opts.launch)?;
     if opts.force_exit {
-        let status = vm.wait().map_err(SingleVmError::Wait)?;
-        log_phases(&vm);
+        let status = vm.wait_for_exit(opts.boot_timeout)?;
         log::info!(
             "firerunner exited in: {} us",
             vm.spawned_at.elapsed().as_micros()
         );
-        return if status.success() {
-            Ok(0)
+        let mut written = false;
+        for e in vm.events().try_iter() {
+            written |= matches!(e, Event::SnapshotWritten { .. });
+            log_event(e);
+        }
+        return if !status.success() {
+            Err(SingleVmError::Firerunner(status, vm.failure_detail()))
+        } else if opts.dump_dir && !written {
+            // E.g. the guest's app died before its snapshot point and the
+            // guest reset the machine.
+            Err(SingleVmError::NoSnapshot(status, vm.failure_detail()))
         } else {
-            Err(SingleVmError::Firerunner(status))
+            Ok(0)
         };
     }
     let mut stream = vm.wait_for_guest(opts.boot_timeout)?;
