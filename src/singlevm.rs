@@ -11,8 +11,8 @@
 //!
 //! With `--dump_ws`, once the first request is answered singlevm sends
 //! firerunner `ws_done` and waits until the working set is written (or
-//! refused) before reading the next line; if none was written the exit
-//! status is 1.
+//! refused) before reading the next line; if none was written (also when
+//! the first answer is an error) the exit status is 1.
 
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
@@ -116,6 +116,11 @@ enum Agent {
     Gone(String),
 }
 
+/// Whether a response line is an error response (an object with "error").
+fn is_error(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).map_or(true, |v| v.get("error").is_some())
+}
+
 fn error_line(msg: impl std::fmt::Display) -> String {
     json!({ "error": msg.to_string() }).to_string()
 }
@@ -171,7 +176,14 @@ pub fn run(
         writeln!(output, "{answer}").map_err(SingleVmError::Stdout)?;
         output.flush().map_err(SingleVmError::Stdout)?;
         if opts.dump_ws && ws_written.is_none() && matches!(agent, Agent::Serving(_)) {
-            ws_written = Some(finish_working_set(&vm));
+            ws_written = Some(if is_error(&answer) {
+                // The pages of an error path are not the function's
+                // working set: better none than a wrong one.
+                log::error!("--dump_ws: the first request was answered with an error; no working set is written");
+                false
+            } else {
+                finish_working_set(&vm)
+            });
         }
     }
     if opts.dump_ws && ws_written != Some(true) {

@@ -432,3 +432,55 @@ fn a_snapshot_run_that_cannot_snapshot_fails_fast_with_the_reason() {
     assert_clean(&s);
     assert_no_firerunner_left(&s);
 }
+
+/// The pages an error path touched are not the function's working set:
+/// `--dump_ws` records none when the first answer is an error.
+#[test]
+fn no_working_set_is_recorded_from_an_error_answer() {
+    let s = Scratch::new("sv-wserr");
+    let rootfs = s.file("rootfs.img", &[0u8; 512]);
+    let app = app_image(&s, "fail.img", &["fn=fail"]);
+    let base = s.path("base");
+    let ws = s.path("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let rootfs = rootfs.to_str().unwrap();
+    let out = run_singlevm(
+        &s,
+        &[
+            "--rootfs",
+            rootfs,
+            "--dump_dir",
+            base.to_str().unwrap(),
+            "--force_exit",
+        ],
+        "",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let out = run_singlevm(
+        &s,
+        &[
+            "--rootfs",
+            rootfs,
+            "--appfs",
+            app.to_str().unwrap(),
+            "--load_dir",
+            base.to_str().unwrap(),
+            "--dump_ws",
+            ws.to_str().unwrap(),
+        ],
+        "{}\n",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert_eq!(
+        lines(&out),
+        vec![json!({"error": "fail: requested failure"})]
+    );
+    assert!(
+        out.stderr.contains("answered with an error"),
+        "{}",
+        out.stderr
+    );
+    assert!(!ws.join("ws.json").exists() && !ws.join("ws").exists());
+}
