@@ -30,7 +30,7 @@ mkdir -p "$cache"
 
 if ((python3)); then
     echo "demo: building the guest kernel, the python3 root image and hello-python3 (cached)" >&2
-    kernel=$(scripts/build-kernel.sh --variant release | tail -n1)
+    kernel=$(scripts/build-kernel.sh | tail -n1)
     rootfs=$(rootfs/mk_rtimage.sh python3 | tail -n1)
     appfs/mkappfs appfs/hello-python3 "$cache/hello-python3.ext2" >/dev/null
     vm=(--kernel "$kernel" --rootfs "$rootfs" --appfs "$cache/hello-python3.ext2"

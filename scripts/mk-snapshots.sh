@@ -41,8 +41,7 @@ functions (all of appfs/<name>-<runtime>/, or the FUNCTIONs named) with
 singlevm, in a snapshot tree that multivm restores from, and prints the
 tree's path as the last line of stdout.
 
-  --kernel PATH       guest kernel (default: scripts/build-kernel.sh, the
-                      release variant)
+  --kernel PATH       guest kernel (default: scripts/build-kernel.sh)
   --kernel_args ARGS  kernel command line of the language snapshots
                       (default: "$kernel_args")
   --out DIR           the snapshot tree (default: \$SNAPVM_CACHE/snapshots,
@@ -216,8 +215,8 @@ copy_to() { # SRC DEST: an independent copy, written atomically
 }
 mkdir -p "$tree/images" "$tree/diff" "$tree/logs" "$tree/keys"
 if [[ -z $kernel ]]; then
-    say "building the guest kernel (scripts/build-kernel.sh, release variant; cached)"
-    kernel=$("$repo/scripts/build-kernel.sh" --variant release | tail -n1) || fail "scripts/build-kernel.sh failed"
+    say "building the guest kernel (scripts/build-kernel.sh; cached)"
+    kernel=$("$repo/scripts/build-kernel.sh" | tail -n1) || fail "scripts/build-kernel.sh failed"
 fi
 place "$kernel" "$tree/vmlinux"
 kernel=$tree/vmlinux
