@@ -31,41 +31,42 @@ KERNEL_ARGS="console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux i8042.
 t0=$SECONDS
 say() { printf 'demo [%4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
 die() { echo "demo: error: $*" >&2; exit 1; }
-ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
+
+# singlevm_run NAME SINGLEVM-ARGS...: one singlevm run with its console in
+# $dir/NAME.console, stdin from $input; its stdout in $answer, its wall
+# time in $took_ms.
+singlevm_run() {
+    local name=$1 start
+    shift
+    start=$(date +%s%N)
+    answer=$("$bin/singlevm" "${vm[@]}" "$@" --console "$dir/$name.console" <<<"$input") ||
+        die "the $name run failed (console: $dir/$name.console)"
+    took_ms=$((($(date +%s%N) - start) / 1000000))
+}
 
 # workflow BIN KERNEL ROOTFS APPFS DIR REQUEST [LIMIT]: the SnapFaaS
 # workflow with the binaries in BIN; snapshots and consoles go to DIR.
 workflow() {
-    local bin=$1 kernel=$2 rootfs=$3 appfs=$4 dir=$5 request=$6 limit=${7:-600}
-    local vm=(--kernel "$kernel" --rootfs "$rootfs" --boot_timeout "$limit")
-    local start answer boot_ms restore_ms
+    local bin=$1 rootfs=$3 appfs=$4 dir=$5 request=$6
+    local vm=(--kernel "$2" --rootfs "$rootfs" --boot_timeout "${7:-600}")
+    local input="" answer took_ms boot_ms
     rm -rf "$dir/diff"
     if [[ ! -s $dir/python3/snapshot.json ]]; then
         say "language snapshot: booting python3 with an empty appfs"
-        "$bin/singlevm" "${vm[@]}" --kernel_args "$KERNEL_ARGS" --dump_dir "$dir/python3" \
-            --force_exit --console "$dir/language.console" </dev/null ||
-            die "no language snapshot (console: $dir/language.console)"
+        singlevm_run language --kernel_args "$KERNEL_ARGS" --dump_dir "$dir/python3" --force_exit
     fi
     say "diff snapshot: restoring it with hello-python3, loading the app"
-    "$bin/singlevm" "${vm[@]}" --appfs "$appfs" --load_dir "$dir/python3" \
-        --dump_dir "$dir/diff" --force_exit --console "$dir/diff.console" </dev/null ||
-        die "no diff snapshot (console: $dir/diff.console)"
+    singlevm_run diff --appfs "$appfs" --load_dir "$dir/python3" --dump_dir "$dir/diff" --force_exit
 
+    input=$request
     say "request $request: a booted VM"
-    start=$(date +%s%N)
-    answer=$(printf '%s\n' "$request" | "$bin/singlevm" "${vm[@]}" --appfs "$appfs" \
-        --kernel_args "$KERNEL_ARGS" --console "$dir/boot.console") ||
-        die "the booted VM failed (console: $dir/boot.console)"
-    boot_ms=$(ms_since "$start")
+    singlevm_run boot --appfs "$appfs" --kernel_args "$KERNEL_ARGS"
+    boot_ms=$took_ms
     say "  answered in $boot_ms ms: $answer"
     say "request $request: a VM restored from the language + diff snapshots"
-    start=$(date +%s%N)
-    answer=$(printf '%s\n' "$request" | "$bin/singlevm" "${vm[@]}" --appfs "$appfs" \
-        --load_dir "$dir/python3,$dir/diff" --console "$dir/restore.console") ||
-        die "the restored VM failed (console: $dir/restore.console)"
-    restore_ms=$(ms_since "$start")
-    say "  answered in $restore_ms ms"
-    say "start to first response: boot $boot_ms ms, restore $restore_ms ms"
+    singlevm_run restore --appfs "$appfs" --load_dir "$dir/python3,$dir/diff"
+    say "  answered in $took_ms ms"
+    say "start to first response: boot $boot_ms ms, restore $took_ms ms"
     echo "$answer"
 }
 
