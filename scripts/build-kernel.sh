@@ -3,55 +3,36 @@
 # Debian's linux-source-6.1 package, `make tinyconfig` plus our config
 # fragment (resources/kernel/snapvm.config).
 #
-#   scripts/build-kernel.sh [--variant release|test]
-#
-# release (default) is the kernel users get. test adds
-# resources/kernel/test/*.config (driver-core debug messages) and
-# resources/kernel/test/*.patch (two one-line patches that avoid
-# instructions our CI host's KVM cannot emulate); only the Linux boot
-# conformance test uses it.
+#   scripts/build-kernel.sh
 #
 # Prints the absolute path of the vmlinux as the last line of stdout;
 # progress goes to stderr, the full build log to the build directory.
 # Results are cached under $SNAPVM_CACHE/kernel (default
 # ~/.cache/snapvm/kernel), keyed by the source package version, the
-# compiler, the fragments and the patches: a second run prints the cached
+# compiler and the fragments: a second run prints the cached
 # path at once. Fails, naming them, if any fragment option is missing from
 # the final .config.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-variant=release
-while (($#)); do
-    case "$1" in
-        --variant) variant="${2:-}"; shift 2 || { echo "build-kernel: --variant needs a value" >&2; exit 2; } ;;
-        --variant=*) variant="${1#--variant=}"; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "build-kernel: unknown argument $1 (usage: $0 [--variant release|test])" >&2; exit 2 ;;
-    esac
-done
-case "$variant" in
-    release|test) ;;
-    *) echo "build-kernel: unknown variant '$variant' (release or test)" >&2; exit 2 ;;
+case "${1:-}" in
+    "") ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-kernel: unknown argument $1 (usage: $0)" >&2; exit 2 ;;
 esac
 
 SRC_PKG=linux-source-6.1
 SRC_TARBALL=/usr/src/$SRC_PKG.tar.xz
-BUILD_DEPS=(bc bison flex libelf-dev libssl-dev make gcc xz-utils patch)
+BUILD_DEPS=(bc bison flex libelf-dev libssl-dev make gcc xz-utils)
 # Bump when a change here changes what gets built.
-SCRIPT_KEY=1
+SCRIPT_KEY=2
 
 t0=$SECONDS
 say() { printf 'build-kernel [%4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
 die() { echo "build-kernel: error: $*" >&2; exit 1; }
 
 fragments=("$repo"/resources/kernel/*.config)
-patches=()
-if [[ $variant == test ]]; then
-    fragments+=("$repo"/resources/kernel/test/*.config)
-    patches=("$repo"/resources/kernel/test/*.patch)
-fi
-for f in "${fragments[@]}" "${patches[@]}"; do
+for f in "${fragments[@]}"; do
     [[ -f $f ]] || die "missing input $f"
 done
 
@@ -71,14 +52,14 @@ src_version="$(dpkg-query -W -f '${Version}' "$SRC_PKG")"
 # --- Cache key ---------------------------------------------------------------
 cache="${SNAPVM_CACHE:-$HOME/.cache/snapvm}/kernel"
 key="$({
-    echo "script $SCRIPT_KEY variant $variant source $SRC_PKG $src_version"
+    echo "script $SCRIPT_KEY source $SRC_PKG $src_version"
     gcc --version | head -n1
-    for f in "${fragments[@]}" "${patches[@]}"; do
+    for f in "${fragments[@]}"; do
         echo "== ${f#"$repo"/}"
         cat "$f"
     done
 } | sha256sum | cut -c1-16)"
-out="$cache/vmlinux-$variant-$src_version-$key"
+out="$cache/vmlinux-$src_version-$key"
 if [[ -f $out ]]; then
     say "cached: $out"
     echo "$out"
@@ -94,33 +75,15 @@ if [[ -f $out ]]; then # built by someone else while we waited
 fi
 
 # --- Source trees ------------------------------------------------------------
-# The pristine tree is unpacked once per package version; the test variant
-# builds from a hard-linked copy with its patches applied (patch replaces the
-# files it changes, so the pristine tree stays untouched).
-pristine="$cache/src/$src_version"
-if [[ ! -f $pristine/.snapvm-unpacked ]]; then
+# Unpacked once per package version.
+srctree="$cache/src/$src_version"
+if [[ ! -f $srctree/.snapvm-unpacked ]]; then
     say "unpacking $SRC_TARBALL"
-    rm -rf "$pristine" "$pristine.tmp"
-    mkdir -p "$pristine.tmp"
-    tar -xJf "$SRC_TARBALL" -C "$pristine.tmp" --strip-components=1
-    touch "$pristine.tmp/.snapvm-unpacked"
-    mv "$pristine.tmp" "$pristine"
-fi
-srctree="$pristine"
-if ((${#patches[@]})); then
-    patch_key="$(cat "${patches[@]}" | sha256sum | cut -c1-12)"
-    srctree="$cache/src/$src_version-$variant-$patch_key"
-    if [[ ! -f $srctree/.snapvm-patched ]]; then
-        say "applying ${#patches[@]} patch(es) for the $variant variant"
-        rm -rf "$srctree" "$srctree.tmp"
-        cp -al "$pristine" "$srctree.tmp"
-        rm -f "$srctree.tmp/.snapvm-unpacked"
-        for p in "${patches[@]}"; do
-            patch -p1 -s -d "$srctree.tmp" <"$p" >&2 || die "patch ${p#"$repo"/} does not apply"
-        done
-        touch "$srctree.tmp/.snapvm-patched"
-        mv "$srctree.tmp" "$srctree"
-    fi
+    rm -rf "$srctree" "$srctree.tmp"
+    mkdir -p "$srctree.tmp"
+    tar -xJf "$SRC_TARBALL" -C "$srctree.tmp" --strip-components=1
+    touch "$srctree.tmp/.snapvm-unpacked"
+    mv "$srctree.tmp" "$srctree"
 fi
 
 # --- Configure ---------------------------------------------------------------
@@ -169,5 +132,5 @@ kmake -j"$jobs" vmlinux
 cp "$objtree/vmlinux" "$out.tmp"
 cp "$objtree/.config" "$out.config"
 mv "$out.tmp" "$out"
-say "done: $(du -h "$out" | cut -f1) vmlinux ($variant, $src_version)"
+say "done: $(du -h "$out" | cut -f1) vmlinux ($src_version)"
 echo "$out"

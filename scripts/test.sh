@@ -18,5 +18,5 @@ echo "== rootfs images and guest agents" >&2
 scripts/rootfs-test.sh --images
 echo "== example functions and app images" >&2
 scripts/appfs-test.sh --images
-echo "== Linux boot conformance (test kernel, minutes on emulating KVM hosts)" >&2
-scripts/linux-boot-test.sh
+echo "== Linux guests end to end, inside the emulated KVM host" >&2
+scripts/linux-test.sh

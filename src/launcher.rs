@@ -44,6 +44,10 @@ pub enum LaunchError {
     Died { status: ExitStatus, detail: String },
     #[error("the guest did not connect within {0:?}{1}")]
     BootTimeout(Duration, String),
+    #[error("firerunner did not exit within {0:?}{1}")]
+    ExitTimeout(Duration, String),
+    #[error("the guest connected to the host, so it went past its snapshot point without firerunner exiting{0}")]
+    ConnectedBeforeExit(String),
     #[error("waiting for the guest failed: {0}")]
     Wait(std::io::Error),
 }
@@ -223,9 +227,9 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    /// Waits for the guest agent's connection, firerunner's death or the
+    /// Waits for the guest agent's connection, firerunner's exit or the
     /// deadline, whichever comes first.
-    pub fn wait_for_guest(&mut self, timeout: Duration) -> Result<UnixStream, LaunchError> {
+    fn watch(&mut self, timeout: Duration) -> Result<Watched, LaunchError> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let deadline = Instant::now() + timeout;
         loop {
@@ -233,7 +237,7 @@ impl Vm {
             match poll(&mut fds, PollTimeout::from(10u8)) {
                 Ok(n) if n > 0 => {
                     let (stream, _) = self.listener.accept().map_err(LaunchError::Wait)?;
-                    return Ok(stream);
+                    return Ok(Watched::Connected(stream));
                 }
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(LaunchError::Wait(e.into())),
@@ -241,12 +245,44 @@ impl Vm {
             if let Some(status) = self.try_status() {
                 // Let the control reader drain the exit event.
                 std::thread::sleep(Duration::from_millis(20));
-                let detail = format!("{}{}", self.exit_detail(), self.console_tail(20));
-                return Err(LaunchError::Died { status, detail });
+                return Ok(Watched::Exited(status));
             }
             if Instant::now() >= deadline {
-                return Err(LaunchError::BootTimeout(timeout, self.console_tail(20)));
+                return Ok(Watched::TimedOut);
             }
+        }
+    }
+
+    /// Why firerunner stopped, and the console's last lines.
+    pub fn failure_detail(&self) -> String {
+        format!("{}{}", self.exit_detail(), self.console_tail(20))
+    }
+
+    /// Waits for the guest agent's connection; firerunner's exit or the
+    /// deadline is an error.
+    pub fn wait_for_guest(&mut self, timeout: Duration) -> Result<UnixStream, LaunchError> {
+        match self.watch(timeout)? {
+            Watched::Connected(stream) => Ok(stream),
+            Watched::Exited(status) => Err(LaunchError::Died {
+                status,
+                detail: self.failure_detail(),
+            }),
+            Watched::TimedOut => Err(LaunchError::BootTimeout(timeout, self.console_tail(20))),
+        }
+    }
+
+    /// Waits for firerunner to exit on its own (a snapshot run); the guest
+    /// connecting first (it went past its snapshot point) or the deadline
+    /// is an error, and the VM is stopped.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<ExitStatus, LaunchError> {
+        let watched = self.watch(timeout)?;
+        if !matches!(watched, Watched::Exited(_)) {
+            self.kill();
+        }
+        match watched {
+            Watched::Exited(status) => Ok(status),
+            Watched::Connected(_) => Err(LaunchError::ConnectedBeforeExit(self.console_tail(20))),
+            Watched::TimedOut => Err(LaunchError::ExitTimeout(timeout, self.console_tail(20))),
         }
     }
 
@@ -292,6 +328,13 @@ impl Drop for Vm {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.runtime_dir);
     }
+}
+
+/// What [`Vm::watch`] saw first.
+enum Watched {
+    Connected(UnixStream),
+    Exited(ExitStatus),
+    TimedOut,
 }
 
 /// firerunner next to the running executable (how the binaries ship).

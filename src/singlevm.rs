@@ -11,8 +11,8 @@
 //!
 //! With `--dump_ws`, once the first request is answered singlevm sends
 //! firerunner `ws_done` and waits until the working set is written (or
-//! refused) before reading the next line; if none was written the exit
-//! status is 1.
+//! refused) before reading the next line; if none was written (also when
+//! the first answer is an error) the exit status is 1.
 
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
@@ -36,16 +36,21 @@ pub enum SingleVmError {
     Stdout(std::io::Error),
     #[error("waiting for firerunner failed: {0}")]
     Wait(std::io::Error),
-    #[error("firerunner failed ({0})")]
-    Firerunner(std::process::ExitStatus),
+    #[error("firerunner failed ({0}){1}")]
+    Firerunner(std::process::ExitStatus, String),
+    #[error("firerunner exited without writing the snapshot ({0}){1}")]
+    NoSnapshot(std::process::ExitStatus, String),
 }
 
 pub struct Options {
     pub launch: Launch,
     pub boot_timeout: Duration,
     pub request_timeout: Option<Duration>,
-    /// Wait for firerunner to exit instead of for the guest (snapshot runs).
+    /// Wait for firerunner to exit instead of for the guest (snapshot runs),
+    /// at most `boot_timeout`.
     pub force_exit: bool,
+    /// `--dump_dir`: a `force_exit` run must end with the snapshot written.
+    pub dump_dir: bool,
     /// `--dump_ws`: after the first request, have the working set written.
     pub dump_ws: bool,
 }
@@ -111,6 +116,11 @@ enum Agent {
     Gone(String),
 }
 
+/// Whether a response line is an error response (an object with "error").
+fn is_error(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).map_or(true, |v| v.get("error").is_some())
+}
+
 fn error_line(msg: impl std::fmt::Display) -> String {
     json!({ "error": msg.to_string() }).to_string()
 }
@@ -124,16 +134,24 @@ pub fn run(
 ) -> Result<i32, SingleVmError> {
     let mut vm = Vm::spawn(&opts.launch)?;
     if opts.force_exit {
-        let status = vm.wait().map_err(SingleVmError::Wait)?;
-        log_phases(&vm);
+        let status = vm.wait_for_exit(opts.boot_timeout)?;
         log::info!(
             "firerunner exited in: {} us",
             vm.spawned_at.elapsed().as_micros()
         );
-        return if status.success() {
-            Ok(0)
+        let mut written = false;
+        for e in vm.events().try_iter() {
+            written |= matches!(e, Event::SnapshotWritten { .. });
+            log_event(e);
+        }
+        return if !status.success() {
+            Err(SingleVmError::Firerunner(status, vm.failure_detail()))
+        } else if opts.dump_dir && !written {
+            // E.g. the guest's app died before its snapshot point and the
+            // guest reset the machine.
+            Err(SingleVmError::NoSnapshot(status, vm.failure_detail()))
         } else {
-            Err(SingleVmError::Firerunner(status))
+            Ok(0)
         };
     }
     let mut stream = vm.wait_for_guest(opts.boot_timeout)?;
@@ -158,7 +176,14 @@ pub fn run(
         writeln!(output, "{answer}").map_err(SingleVmError::Stdout)?;
         output.flush().map_err(SingleVmError::Stdout)?;
         if opts.dump_ws && ws_written.is_none() && matches!(agent, Agent::Serving(_)) {
-            ws_written = Some(finish_working_set(&vm));
+            ws_written = Some(if is_error(&answer) {
+                // The pages of an error path are not the function's
+                // working set: better none than a wrong one.
+                log::error!("--dump_ws: the first request was answered with an error; no working set is written");
+                false
+            } else {
+                finish_working_set(&vm)
+            });
         }
     }
     if opts.dump_ws && ws_written != Some(true) {

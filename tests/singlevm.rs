@@ -368,3 +368,119 @@ fn sixteen_vsock_streams_move_data_both_ways() {
     vm.kill().unwrap();
     vm.wait().unwrap();
 }
+
+/// `--force_exit --dump_dir` is a snapshot run: it must end with the
+/// snapshot written, and must say at once when it cannot, never wait out
+/// a timeout.
+#[test]
+fn a_snapshot_run_that_cannot_snapshot_fails_fast_with_the_reason() {
+    let s = Scratch::new("sv-nosnap");
+    let rootfs = s.file("rootfs.img", &[0u8; 512]);
+    let app = app_image(&s, "hello.img", &["fn=hello"]);
+    let base = s.path("base");
+    let diff = s.path("diff");
+    let snapshot_run = |extra: &[&str], dump: &std::path::Path| {
+        let mut args = vec!["--rootfs", rootfs.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--dump_dir", dump.to_str().unwrap(), "--force_exit"]);
+        args.extend_from_slice(&["--boot_timeout", "100"]);
+        let start = Instant::now();
+        let out = run_singlevm(&s, &args, "", LIMIT);
+        (out, start.elapsed())
+    };
+
+    // The guest resets the machine before its snapshot point (as a Linux
+    // guest does when its agent dies): firerunner exits 0, no snapshot.
+    let (out, took) = snapshot_run(&["--kernel_args", "testguest.exit=reboot"], &base);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exited without writing the snapshot"),
+        "{}",
+        out.stderr
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(!base.exists(), "nothing may be left at the dump dir");
+
+    // A snapshot taken after both snapshot points: restored with
+    // --dump_dir, the guest connects without another 124.
+    let (out, _) = snapshot_run(&["--appfs", app.to_str().unwrap()], &base);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let (out, _) = snapshot_run(
+        &[
+            "--appfs",
+            app.to_str().unwrap(),
+            "--load_dir",
+            base.to_str().unwrap(),
+        ],
+        &diff,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let stack = format!("{},{}", base.display(), diff.display());
+    let again = s.path("again");
+    let (out, took) = snapshot_run(
+        &["--appfs", app.to_str().unwrap(), "--load_dir", &stack],
+        &again,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("went past its snapshot point"),
+        "{}",
+        out.stderr
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(!again.exists());
+    assert_clean(&s);
+    assert_no_firerunner_left(&s);
+}
+
+/// The pages an error path touched are not the function's working set:
+/// `--dump_ws` records none when the first answer is an error.
+#[test]
+fn no_working_set_is_recorded_from_an_error_answer() {
+    let s = Scratch::new("sv-wserr");
+    let rootfs = s.file("rootfs.img", &[0u8; 512]);
+    let app = app_image(&s, "fail.img", &["fn=fail"]);
+    let base = s.path("base");
+    let ws = s.path("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let rootfs = rootfs.to_str().unwrap();
+    let out = run_singlevm(
+        &s,
+        &[
+            "--rootfs",
+            rootfs,
+            "--dump_dir",
+            base.to_str().unwrap(),
+            "--force_exit",
+        ],
+        "",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let out = run_singlevm(
+        &s,
+        &[
+            "--rootfs",
+            rootfs,
+            "--appfs",
+            app.to_str().unwrap(),
+            "--load_dir",
+            base.to_str().unwrap(),
+            "--dump_ws",
+            ws.to_str().unwrap(),
+        ],
+        "{}\n",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert_eq!(
+        lines(&out),
+        vec![json!({"error": "fail: requested failure"})]
+    );
+    assert!(
+        out.stderr.contains("answered with an error"),
+        "{}",
+        out.stderr
+    );
+    assert!(!ws.join("ws.json").exists() && !ws.join("ws").exists());
+}

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/io.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -73,11 +72,20 @@ int guest_control(unsigned value, char *err, size_t errlen)
         return fail(err, errlen, "control byte %u is not a byte", value);
     if (guest_fake_path())
         return guest_fake_log(err, errlen, "outb 0x%x %u", CONTROL_PORT, value);
-    /* /dev/port needs PCI on Linux 6.1; port access by ioperm() needs only
-     * CAP_SYS_RAWIO, which the agent (root) has. */
-    if (ioperm(CONTROL_PORT, 1, 1) != 0)
-        return fail(err, errlen, "ioperm(0x%x): %s", CONTROL_PORT, strerror(errno));
-    outb((unsigned char)value, CONTROL_PORT);
+    /* Through /dev/port: the kernel executes the `outb` at CPL0, so the
+     * write does not depend on the TSS I/O bitmap, whose check some CPUs
+     * (QEMU TCG) fail after a snapshot restore has left TR busy. */
+    unsigned char byte = (unsigned char)value;
+    int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(err, errlen, "/dev/port: %s (the guest kernel needs CONFIG_DEVPORT)",
+                    strerror(errno));
+    ssize_t n = pwrite(fd, &byte, 1, CONTROL_PORT);
+    int e = errno;
+    close(fd);
+    if (n != 1)
+        return fail(err, errlen, "/dev/port at 0x%x: %s", CONTROL_PORT,
+                    n < 0 ? strerror(e) : "short write");
     return 0;
 }
 

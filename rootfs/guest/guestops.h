@@ -32,7 +32,7 @@ const char *guest_fake_path(void);
 int guest_fake_log(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* outb(byte, 0x3f0), after ioperm(). */
+/* Writes one byte to the control port 0x3f0 through /dev/port. */
 int guest_control(unsigned value, char *err, size_t errlen);
 
 /* Mounts DEV on DIR read-only as ext4 (which also reads ext2/ext3). */

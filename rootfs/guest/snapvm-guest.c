@@ -10,9 +10,9 @@
  *   snapvm-guest outb BYTE        write BYTE (0..255) to the control port
  *   snapvm-guest mount-ro DEV DIR mount DEV on DIR read-only (the appfs)
  *
- * The agents run it for the control port and the mount: Python and node
- * can do neither without native code, and Linux 6.1 has no /dev/port
- * without PCI. Test mode (SNAPVM_GUEST_FAKE=FILE): see guestops.h; init
+ * The agents run it for the control port (written through /dev/port, so
+ * from CPL0: see guestops.c) and the mount, which Python's and node's
+ * standard libraries cannot do. Test mode (SNAPVM_GUEST_FAKE=FILE): see guestops.h; init
  * then also reads its configuration from $SNAPVM_INIT_CONF and exits
  * instead of restarting the machine.
  */

@@ -77,18 +77,27 @@ function runHelper(...args) {
   if (r.status !== 0) throw new Error(err || `${cfg.helper} ${args.join(' ')}: exit status ${r.status}`);
 }
 
+/* Writes the control port; returns whether the write happened. */
 function control(value) {
   // A snapshot taken here holds the helper mid-outb; a restore finishes it.
   try {
     runHelper('outb', String(value));
+    return true;
   } catch (e) {
     log(`control port ${value}: ${e.message}`);
+    return false;
   }
 }
 
 function snapshotPoint() {
   if (typeof global.gc === 'function') global.gc(); // node --expose-gc
-  control(CONTROL_SNAPSHOT);
+  if (!control(CONTROL_SNAPSHOT)) {
+    // The VMM never saw this point, so a snapshot the host waits for would
+    // never come: stop (init resets the machine) so the host learns it at
+    // once, from the exit, instead of by a timeout.
+    log('stopping: the snapshot point did not reach the VMM');
+    process.exit(1);
+  }
 }
 
 async function loadApp() {

@@ -169,12 +169,14 @@ class Host:
             return str(path)
         return "/" + str(Path(path).relative_to(self.root))
 
-    def start(self, appdir=None, listen=True):
+    def start(self, appdir=None, listen=True, fake_log=None):
+        """Starts the agent; `fake_log` replaces the test-mode log (a path
+        that cannot be written makes every privileged operation fail)."""
         if listen:
             self.listen()
         env = {
             "SNAPVM_VSOCK": f"unix:{self.inner(self.sock_path)}",
-            "SNAPVM_GUEST_FAKE": self.inner(self.fake_log),
+            "SNAPVM_GUEST_FAKE": fake_log or self.inner(self.fake_log),
             "SNAPVM_APPFS": "/dev/vdb",
             "SNAPVM_APPDIR": self.inner(appdir or self.app),
         }

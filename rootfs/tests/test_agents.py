@@ -120,6 +120,18 @@ class AgentTests:
         self.assertEqual(conn.call({"op": "count"}), {"n": 1})
         self.assertEqual(len(self.host.ops()), 3, "nothing more happens without an init frame")
 
+    def test_a_snapshot_point_that_fails_stops_the_agent(self):
+        # The control port cannot be written (here: the test log cannot),
+        # so no VMM would ever see the point: the agent must exit at once
+        # rather than serve a VM whose snapshot never comes.
+        self.host.write_app({self.workload_name: self.workload})
+        self.host.start(fake_log="/nonexistent-dir/ops.log")
+        status = self.host.proc.wait(timeout=30)
+        self.assertNotEqual(status, 0)
+        out = self.host.output()
+        self.assertIn("control port 124", out)
+        self.assertIn("stopping: the snapshot point did not reach the VMM", out)
+
     def test_init_frame_seeds_rng_and_sets_clock(self):
         self.start()
         conn = self.host.accept()

@@ -58,15 +58,16 @@ class GuestHelperTests(unittest.TestCase):
 
     @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
     def test_outb_without_privilege_fails_with_a_message(self):
-        # Real mode, but as nobody: ioperm() is refused before any port I/O.
+        # Real mode, but as nobody: opening /dev/port is refused before any
+        # port I/O.
         r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             "--inh-caps=-all", "--bounding-set=-all", str(self.helper), "outb",
                             "124"], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
                            text=True, timeout=30, check=False)
         self.assertEqual(r.returncode, 1, r.stderr)
-        # EPERM; ENOSYS on kernels without CONFIG_X86_IOPL_IOPERM (like
-        # this host's: the guest kernel needs it).
-        self.assertRegex(r.stderr, r"ioperm\(0x3f0\): (Operation not permitted|Function not implemented)")
+        # EACCES; ENOENT on kernels without CONFIG_DEVPORT (like this
+        # host's: the guest kernel has it).
+        self.assertRegex(r.stderr, r"/dev/port: (Permission denied|No such file or directory)")
 
     # --- mount ----------------------------------------------------------
 

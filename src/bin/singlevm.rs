@@ -31,7 +31,9 @@ struct Args {
     /// Seconds a request may run before its VM is killed (default: no limit).
     #[arg(long = "request_timeout", alias = "request-timeout")]
     request_timeout: Option<f64>,
-    /// Wait for firerunner to exit instead of for the guest (snapshot runs).
+    /// Wait for firerunner to exit instead of for the guest (snapshot runs;
+    /// at most --boot_timeout, and with --dump_dir the snapshot must be
+    /// written).
     #[arg(long = "force_exit", alias = "force-exit")]
     force_exit: bool,
 }
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         boot_timeout,
         request_timeout,
         force_exit: args.force_exit,
+        dump_dir: args.vm.dump_dir.is_some(),
         dump_ws: args.vm.dump_ws.is_some(),
     };
     let stdin = std::io::stdin().lock();

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The Linux end-to-end suite: real Linux guests (our release kernel, the
+# python3 and nodejs root images and agents, every example function) booted,
+# snapshotted and restored by firerunner on a KVM that runs them.
+#
+#   scripts/linux-test.sh [--timeout SECONDS]
+#
+# Builds (cached) the release binaries, the guest kernel, the root images,
+# every app image, the answers the host-side function tests expect, and the
+# tests/linux.rs test binary; stages them as a payload and runs
+# tests/linux/inside.sh inside the emulated KVM host (scripts/kvm-host.sh:
+# Debian's kernel under QEMU TCG with nested SVM), in one QEMU boot:
+# scripts/mk-snapshots.sh for every function, then tests/linux.rs. The
+# snapshot runs' consoles of a failed run are kept in target/linux-test/out.
+# Exit status: the suite's (0 passed), or kvm-host.sh's own when the
+# emulated host itself failed. --timeout bounds the QEMU run (default 1800).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+timeout=1800
+while (($#)); do
+    case $1 in
+    --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "linux-test: unknown argument '$1' (see -h)" >&2; exit 2 ;;
+    esac
+done
+
+t0=$SECONDS
+say() { printf 'linux-test [%4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+die() { echo "linux-test: error: $*" >&2; exit 1; }
+
+target=${CARGO_TARGET_DIR:-$repo/target}
+[[ $target == /* ]] || target=$repo/$target
+work=$target/linux-test
+payload=$work/payload
+out=$work/out
+
+# Debian's python3 with Pillow computes the expected answers, as in
+# scripts/appfs-test.sh (the images carry the same packages).
+if ! /usr/bin/python3 -c 'import PIL' 2>/dev/null || ! command -v node >/dev/null; then
+    say "installing python3-pil and nodejs"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        python3 python3-pil nodejs >&2
+fi
+
+say "building the binaries and the tests/linux.rs test binary"
+cargo build --release -q
+tests_bin=$(cargo test --release -q --test linux --no-run --message-format=json |
+    grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
+[[ -x $tests_bin ]] || die "cargo did not report the tests/linux.rs binary"
+
+say "guest kernel (scripts/build-kernel.sh; cached)"
+kernel=$(scripts/build-kernel.sh | tail -n1)
+
+rm -rf "$payload" "$out"
+mkdir -p "$payload"/{images,data/answers,target/release,repo/resources} "$out"
+# Hard links where the file system allows (the payload is read, never
+# written), copies elsewhere.
+put() { ln -f -- "$1" "$2" 2>/dev/null || cp -- "$1" "$2"; }
+
+say "root images (rootfs/mk_rtimage.sh; cached)"
+# label (as mk-snapshots.sh names the language image): mk_rtimage.sh's arguments
+for spec in "python3:python3" "nodejs:nodejs" "python3+python3-pil:--with python3-pil python3"; do
+    read -r -a args <<<"${spec#*:}"
+    img=$(rootfs/mk_rtimage.sh "${args[@]}" | tail -n1)
+    put "$img" "$payload/images/${spec%%:*}.ext4"
+done
+
+say "app images (appfs/mkappfs) and the host tests' answers"
+for dir in appfs/*-*/; do
+    fn=$(basename "$dir")
+    appfs/mkappfs "$dir" "$payload/images/$fn.ext2" >/dev/null
+done
+appfs/mkappfs tests/linux/probe-python3 "$payload/data/probe-python3.ext2" >/dev/null
+(cd appfs/tests && /usr/bin/python3 answers.py "$payload/data/answers" >/dev/null)
+
+# What mk-snapshots.sh reads of the repository, and the tests' inputs.
+cp -r scripts tests appfs "$payload/repo/"
+rm -rf "$payload/repo/tests/guest" "$payload/repo/appfs/tests"
+cp -r resources/requests resources/multivm-example.yaml "$payload/repo/resources/"
+cp -r resources/requests "$payload/data/requests"
+for b in firerunner singlevm multivm; do put "$target/release/$b" "$payload/target/release/$b"; done
+put "$tests_bin" "$payload/linux-tests"
+put "$kernel" "$payload/vmlinux"
+say "payload: $(du -sh "$payload" | cut -f1)"
+
+say "running the suite inside the emulated KVM host (scripts/kvm-host.sh)"
+status=0
+scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
+    -- bash repo/tests/linux/inside.sh || status=$?
+if ((status)); then
+    say "FAILED (status $status); consoles kept in $out"
+    exit "$status"
+fi
+say "passed"

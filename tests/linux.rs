@@ -1,0 +1,574 @@
+//! Linux guests end to end: our release kernel, the python3 and nodejs root
+//! images and their agents, booted and restored by firerunner on a KVM that
+//! runs Linux guests.
+//!
+//! Every test here is `#[ignore]`d in a plain `cargo test`, since the KVM of
+//! our development machines cannot run a Linux guest to userspace.
+//! `scripts/linux-test.sh` runs them inside the emulated KVM host
+//! (`scripts/kvm-host.sh`), in one QEMU boot, after
+//! `scripts/mk-snapshots.sh` has made the snapshot tree they restore from
+//! (its language snapshots, diff snapshots and working sets are part of
+//! what is tested). They read where things are from the environment:
+//! `SNAPVM_BIN` (firerunner, singlevm, multivm), `SNAPVM_LINUX_TREE` (the
+//! tree) and `SNAPVM_LINUX_DATA` (`answers/<function>.answers`, the host
+//! tests' answers to `requests/<function>.json`, and `probe-python3.ext2`,
+//! the app image of tests/linux/probe-python3).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{collect, run_with_input, Outcome, Scratch};
+use serde_json::Value;
+
+/// How long one singlevm run may take (a nodejs boot takes ~15 s inside
+/// the emulated host; everything else is faster).
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn env_dir(name: &str) -> PathBuf {
+    let dir = std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: run these tests with scripts/linux-test.sh"));
+    assert!(dir.is_dir(), "{name}={} is not a directory", dir.display());
+    dir
+}
+
+fn bin(name: &str) -> PathBuf {
+    env_dir("SNAPVM_BIN").join(name)
+}
+
+fn tree() -> PathBuf {
+    env_dir("SNAPVM_LINUX_TREE")
+}
+
+fn data() -> PathBuf {
+    env_dir("SNAPVM_LINUX_DATA")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("paths here are UTF-8")
+}
+
+/// The language image label of a function, as mk-snapshots.sh names it.
+fn language(function: &str) -> &'static str {
+    match function {
+        "thumbnail-python3" => "python3+python3-pil",
+        f if f.ends_with("-nodejs") => "nodejs",
+        _ => "python3",
+    }
+}
+
+/// A function's VM in the tree: kernel, root image and app image.
+fn vm_args(function: &str, app: &Path) -> Vec<String> {
+    let t = tree();
+    vec![
+        "--kernel".into(),
+        path_str(&t.join("vmlinux")).into(),
+        "--rootfs".into(),
+        path_str(&t.join(format!("images/{}.ext4", language(function)))).into(),
+        "--appfs".into(),
+        path_str(app).into(),
+    ]
+}
+
+fn app_of(function: &str) -> PathBuf {
+    tree().join(format!("images/{function}.ext2"))
+}
+
+/// The tree's language + diff layers of `function`, as `--load_dir`.
+fn stack(function: &str) -> String {
+    let t = tree();
+    format!(
+        "{},{}",
+        path_str(&t.join(language(function))),
+        path_str(&t.join("diff").join(function))
+    )
+}
+
+/// Runs singlevm with `args` on `input`, its console kept in `s`.
+fn singlevm(s: &Scratch, name: &str, args: &[String], input: &str) -> (Outcome, PathBuf) {
+    let console = s.path(&format!("{name}.console"));
+    let mut cmd = Command::new(bin("singlevm"));
+    cmd.args(args)
+        .arg("--console")
+        .arg(&console)
+        .args(["--boot_timeout", "200"])
+        .env("TMPDIR", &s.0)
+        .env("RUST_LOG", "info");
+    let started = Instant::now();
+    let out = run_with_input(cmd, input.as_bytes().to_vec(), LIMIT);
+    eprintln!(
+        "{name}: singlevm exited {:?} after {:?}",
+        out.code(),
+        started.elapsed()
+    );
+    (out, console)
+}
+
+/// Like [`singlevm`], and the run must succeed; returns the answers.
+fn answers(s: &Scratch, name: &str, args: &[String], input: &str) -> Vec<Value> {
+    let (out, console) = singlevm(s, name, args, input);
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{name}: singlevm failed\n{}\nconsole:\n{console}",
+        out.stderr
+    );
+    parse_lines(&out.stdout)
+}
+
+fn parse_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn requests(function: &str) -> String {
+    std::fs::read_to_string(data().join(format!("requests/{function}.json")))
+        .expect("the function's request file")
+}
+
+fn expected(function: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(data().join(format!("answers/{function}.answers")))
+        .expect("the host tests' answers");
+    parse_lines(&text)
+}
+
+fn with_strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Boot, then every restore mode of the SnapFaaS workflow (the tree's
+/// language snapshot, diff snapshot and working set): all answer alike.
+fn workflow_answers_like_a_boot(function: &str) {
+    let s = Scratch::new(&format!("linux-{function}"));
+    let input = requests(function);
+    let mut boot = vm_args(function, &app_of(function));
+    boot.extend(with_strings(&["--kernel_args", KERNEL_ARGS]));
+    let booted = answers(&s, "boot", &boot, &input);
+    assert_eq!(
+        booted,
+        expected(function),
+        "a booted VM answers as the host tests expect"
+    );
+    let restore = |name: &str, extra: &[&str]| {
+        let mut args = vm_args(function, &app_of(function));
+        args.extend(with_strings(&["--load_dir", &stack(function)]));
+        args.extend(with_strings(extra));
+        answers(&s, name, &args, &input)
+    };
+    assert_eq!(restore("lazy", &[]), booted, "lazy restore");
+    assert_eq!(
+        restore("copy", &["--copy_base", "--copy_diff"]),
+        booted,
+        "eager restore"
+    );
+    assert_eq!(restore("ws", &["--load_ws"]), booted, "working-set restore");
+}
+
+/// firerunner's default command line plus the root disk (rootfs/README.md).
+const KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux \
+    i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda ro rootfstype=ext4";
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn python3_hello_boots_and_every_restore_answers_like_the_boot() {
+    workflow_answers_like_a_boot("hello-python3");
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn nodejs_hello_boots_and_every_restore_answers_like_the_boot() {
+    workflow_answers_like_a_boot("hello-nodejs");
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn every_example_function_answers_its_fixtures_from_its_snapshots() {
+    let s = Scratch::new("linux-examples");
+    let mut functions: Vec<String> = std::fs::read_dir(tree().join("diff"))
+        .expect("the tree's diff snapshots")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    functions.sort();
+    for f in [
+        "archive-python3",
+        "logstats-python3",
+        "thumbnail-python3",
+        "wordcount-python3",
+    ] {
+        assert!(
+            functions.iter().any(|g| g == f),
+            "{f} has no diff snapshot in the tree"
+        );
+    }
+    for f in &functions {
+        let mut args = vm_args(f, &app_of(f));
+        args.extend(with_strings(&["--load_dir", &stack(f)]));
+        let got = answers(&s, f, &args, &requests(f));
+        assert_eq!(
+            got,
+            expected(f),
+            "{f}: the VM's answers differ from the host tests'"
+        );
+    }
+}
+
+/// A diff snapshot of the probe function on the tree's python3 language
+/// snapshot, made by the test (`vcpus` must match the language snapshot).
+fn probe_diff(s: &Scratch, base: &Path, vcpus: &str) -> PathBuf {
+    let diff = s.path("probe-diff");
+    let mut args = vm_args("probe-python3", &data().join("probe-python3.ext2"));
+    args.extend(with_strings(&[
+        "--vcpu_count",
+        vcpus,
+        "--load_dir",
+        path_str(base),
+        "--dump_dir",
+        path_str(&diff),
+        "--force_exit",
+    ]));
+    let (out, console) = singlevm(s, "probe-diff", &args, "");
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "diff snapshot of the probe: {}\nconsole:\n{}",
+        out.stderr,
+        std::fs::read_to_string(console).unwrap_or_default()
+    );
+    assert!(diff.join("snapshot.json").is_file());
+    diff
+}
+
+fn probe_args(base: &Path, diff: &Path, vcpus: &str) -> Vec<String> {
+    let mut args = vm_args("probe-python3", &data().join("probe-python3.ext2"));
+    args.extend(with_strings(&[
+        "--vcpu_count",
+        vcpus,
+        "--load_dir",
+        &format!("{},{}", path_str(base), path_str(diff)),
+    ]));
+    args
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i128
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn the_guest_sees_our_virtio_disks_as_linux_drives_them() {
+    // The probe's app image is larger than the empty appfs the language
+    // snapshot was taken with: the guest can only mount it (and answer)
+    // if the restore raised a configuration change on vdb that Linux's
+    // virtio-blk driver acted on.
+    let s = Scratch::new("linux-virtio");
+    let base = tree().join("python3");
+    let diff = probe_diff(&s, &base, "1");
+    let diff_console = std::fs::read_to_string(s.path("probe-diff.console")).unwrap();
+    assert!(
+        diff_console.contains("vdb: detected capacity change"),
+        "no capacity change on vdb in:\n{diff_console}"
+    );
+    let got = answers(&s, "probe", &probe_args(&base, &diff, "1"), "{}\n");
+    let p = &got[0];
+    let app_sectors = std::fs::metadata(data().join("probe-python3.ext2"))
+        .unwrap()
+        .len()
+        / 512;
+    let root_sectors = std::fs::metadata(tree().join("images/python3.ext4"))
+        .unwrap()
+        .len()
+        / 512;
+    assert_eq!(p["vdb"]["sectors"], app_sectors, "{p}");
+    assert_eq!(p["vda"]["sectors"], root_sectors, "{p}");
+    for d in ["vda", "vdb"] {
+        assert_eq!(p[d]["ro"], true, "{d} must be read-only: {p}");
+        let w = p[d]["write"].as_str().unwrap_or_default();
+        assert!(w.starts_with("refused"), "{d} took a write: {p}");
+    }
+    // The boot that made the language snapshot probed both disks and the
+    // vsock device through virtio-mmio.
+    let lang_console = std::fs::read_to_string(tree().join("logs/python3.console")).unwrap();
+    for want in ["virtio_blk virtio0: [vda]", "virtio_blk virtio1: [vdb]"] {
+        assert!(
+            lang_console.contains(want),
+            "{want:?} not in:\n{lang_console}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn a_two_vcpu_linux_guest_snapshots_restores_and_runs_on_both() {
+    let s = Scratch::new("linux-smp");
+    let base = s.path("python3-2cpu");
+    let mut args = vec![
+        "--kernel".to_string(),
+        path_str(&tree().join("vmlinux")).into(),
+        "--rootfs".into(),
+        path_str(&tree().join("images/python3.ext4")).into(),
+    ];
+    args.extend(with_strings(&[
+        "--kernel_args",
+        KERNEL_ARGS,
+        "--vcpu_count",
+        "2",
+        "--dump_dir",
+        path_str(&base),
+        "--force_exit",
+    ]));
+    let (out, console) = singlevm(&s, "lang-2cpu", &args, "");
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{}\n{}",
+        out.stderr,
+        std::fs::read_to_string(console).unwrap_or_default()
+    );
+    let diff = probe_diff(&s, &base, "2");
+    let got = answers(&s, "probe-2cpu", &probe_args(&base, &diff, "2"), "{}\n{}\n");
+    for p in &got {
+        assert_eq!(p["cpus"], 2, "{p}");
+        assert_eq!(p["online"], "0-1", "{p}");
+    }
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn clones_restored_at_once_differ_in_randomness_and_know_the_time() {
+    let s = Scratch::new("linux-clones");
+    let base = tree().join("python3");
+    let diff = probe_diff(&s, &base, "1");
+    let args = probe_args(&base, &diff, "1");
+    let before = now_ns();
+    let clones: Vec<_> = (0..2)
+        .map(|i| {
+            let mut cmd = Command::new(bin("singlevm"));
+            cmd.args(&args)
+                .args(["--boot_timeout", "200"])
+                .env("TMPDIR", &s.0)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().expect("spawn singlevm");
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"{}\n").unwrap();
+            drop(stdin);
+            (i, child)
+        })
+        .collect();
+    let mut probes = Vec::new();
+    for (i, child) in clones {
+        let out = child.wait_with_output().expect("wait for singlevm");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "clone {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        probes.push(parse_lines(&stdout).remove(0));
+    }
+    let after = now_ns();
+    assert_ne!(
+        probes[0]["urandom"], probes[1]["urandom"],
+        "kernel RNG shared: {probes:?}"
+    );
+    assert_ne!(
+        probes[0]["random"], probes[1]["random"],
+        "Python's RNG shared: {probes:?}"
+    );
+    for p in &probes {
+        let t = p["time_ns"].as_i64().expect("time_ns") as i128;
+        // The snapshot's clock is minutes old; the init frame must have
+        // set it to now.
+        assert!(
+            t >= before - 1_000_000_000 && t <= after + 1_000_000_000,
+            "guest clock {t} outside [{before}, {after}]"
+        );
+    }
+}
+
+/// One HTTP/1.1 request to multivm; returns (status, body).
+fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to multivm");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response {raw:?}"));
+    (status, body.to_string())
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to multivm");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn multivm_serves_python3_functions_from_their_snapshots_under_eviction() {
+    let s = Scratch::new("linux-multivm");
+    let run = s.path("run");
+    std::fs::create_dir(&run).unwrap();
+    // Room for two 128 MiB VMs (plus overhead), six functions: every new
+    // function evicts the least recently used idle VM.
+    let mut child = Command::new(bin("multivm"))
+        .arg("--config")
+        .arg(tree().join("multivm.yaml"))
+        .args(["--mem", "300", "--listen", "127.0.0.1:0"])
+        .env("XDG_RUNTIME_DIR", &run)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn multivm");
+    let (log, _) = collect(child.stderr.take().unwrap());
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut first);
+    }
+    let addr = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .map(str::to_string);
+    let result = std::panic::catch_unwind(|| {
+        let addr = addr.unwrap_or_else(|| panic!("multivm did not start: {first:?}"));
+        let functions = [
+            "hello-python3",
+            "wordcount-python3",
+            "logstats-python3",
+            "archive-python3",
+            "thumbnail-python3",
+            "hello-python3",
+            "wordcount-python3",
+        ];
+        for f in functions {
+            let request = requests(f);
+            let first_request = request.lines().next().expect("a request");
+            let (status, body) = http_post(&addr, &format!("/function/{f}"), first_request);
+            assert_eq!(status, 200, "{f}: {body}");
+            let got: Value = serde_json::from_str(&body).expect("JSON body");
+            assert_eq!(got, expected(f)[0], "{f} answered differently");
+        }
+        let metrics = http_get(&addr, "/metrics");
+        let evictions: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("multivm_evictions_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum();
+        assert!(evictions >= 3.0, "expected evictions, metrics:\n{metrics}");
+    });
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait for multivm");
+    if let Err(e) = result {
+        eprintln!("multivm log:\n{}", log.lock().unwrap());
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn a_corrupt_layer_and_a_foreign_working_set_are_refused() {
+    let s = Scratch::new("linux-bad");
+    let f = "hello-python3";
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    let base = tree().join(language(f));
+    let refused = |name: &str, diff: &Path, extra: &[&str], want: &str| {
+        let mut args = vm_args(f, &app_of(f));
+        args.extend(with_strings(&[
+            "--load_dir",
+            &format!("{},{}", path_str(&base), path_str(diff)),
+        ]));
+        args.extend(with_strings(extra));
+        let t = Instant::now();
+        let (out, _) = singlevm(&s, name, &args, "{}\n");
+        assert_eq!(out.code(), Some(1), "{name}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "{name}: want {want:?} in:\n{}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "{name} answered: {}", out.stdout);
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{name} took {:?}",
+            t.elapsed()
+        );
+    };
+    // A flipped byte in the layer's state.
+    let corrupt = s.path("corrupt");
+    copy(&tree().join("diff").join(f), &corrupt);
+    let state = corrupt.join("snapshot.json");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&state, bytes).unwrap();
+    refused("corrupt", &corrupt, &[], "corrupt");
+    // A truncated memory file.
+    let short = s.path("short");
+    copy(&tree().join("diff").join(f), &short);
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(short.join("memory"))
+        .unwrap();
+    mem.set_len(4096).unwrap();
+    drop(mem);
+    refused("truncated", &short, &[], "truncated");
+    // The working set of another function's stack.
+    let foreign = s.path("foreign");
+    copy(&tree().join("diff").join(f), &foreign);
+    let other = tree().join("diff/wordcount-python3");
+    for name in ["ws", "ws.json"] {
+        std::fs::copy(other.join(name), foreign.join(name)).unwrap();
+    }
+    refused(
+        "foreign-ws",
+        &foreign,
+        &["--load_ws"],
+        "belongs to another snapshot",
+    );
+}
