@@ -1,9 +1,10 @@
 //! Spawning firerunner from a controller: a private runtime directory with
 //! the vsock sockets and the console, the control channel, waiting for the
-//! guest agent to connect, and stopping the VM.
+//! guest agent to connect, calling it ([`Vm::call`], the one request path
+//! of singlevm and multivm), and stopping the VM.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -11,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
 use crate::control::{self, Event};
-use crate::protocol::AGENT_PORT;
+use crate::protocol::{self, ProtocolError, AGENT_PORT};
 
 /// The fd number firerunner receives its control channel on.
 const CONTROL_FD: i32 = 3;
@@ -52,6 +53,100 @@ pub enum LaunchError {
     Wait(std::io::Error),
 }
 
+/// Why a call to the guest agent got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no response before the deadline")]
+    Timeout,
+    #[error("request too large: {0}")]
+    TooLarge(ProtocolError),
+    #[error("the function answered invalid JSON: {0}")]
+    BadJson(serde_json::Error),
+    /// The connection broke: firerunner's exit (with its reason) or the
+    /// error.
+    #[error("{0}")]
+    Broken(String),
+}
+
+/// A private directory under `$XDG_RUNTIME_DIR` (else the temporary
+/// directory) for a controller's sockets and consoles; removed on drop.
+pub struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    /// Creates `<base>/snapvm-<name>`, replacing a stale one.
+    pub fn create(name: &str) -> std::io::Result<Self> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("snapvm-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads and writes a stream against one absolute deadline (none: no
+/// limit): every syscall gets the time left as its socket timeout.
+struct Deadlined<'a> {
+    stream: &'a UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Deadlined<'_> {
+    fn left(&self) -> std::io::Result<Option<Duration>> {
+        let Some(deadline) = self.deadline else {
+            return Ok(None);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(std::io::ErrorKind::TimedOut.into())
+        } else {
+            Ok(Some(left))
+        }
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(self.left()?)?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(self.left()?)?;
+        (&mut &*self.stream).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(io) if matches!(
+        io.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ))
+}
+
+/// The guest agent's handshake (`protocol::handshake`) on `stream`, by
+/// `deadline` (none: no limit).
+pub fn handshake(stream: &UnixStream, deadline: Option<Instant>) -> Result<(), ProtocolError> {
+    protocol::handshake(&mut Deadlined { stream, deadline })
+}
+
 /// What to start.
 pub struct Launch {
     pub firerunner: PathBuf,
@@ -70,44 +165,29 @@ pub struct Vm {
     control: UnixStream,
     events: Receiver<Event>,
     listener: UnixListener,
-    runtime_dir: PathBuf,
     console: PathBuf,
     pub spawned_at: Instant,
-}
-
-fn runtime_dir() -> Result<PathBuf, LaunchError> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!(
-        "snapvm-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir(&dir).map_err(|source| LaunchError::RuntimeDir {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    Ok(dir)
+    /// Removed after the VM is killed (fields drop after `Drop::drop`).
+    _runtime_dir: RuntimeDir,
 }
 
 impl Vm {
     /// Listens for the guest agent, then spawns firerunner.
     pub fn spawn(launch: &Launch) -> Result<Self, LaunchError> {
-        let dir = runtime_dir()?;
-        match Self::spawn_in(launch, &dir) {
-            Ok(vm) => Ok(vm),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
-            }
-        }
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = RuntimeDir::create(&name)
+            .map_err(|source| LaunchError::RuntimeDir { path: name, source })?;
+        Self::spawn_in(launch, dir)
     }
 
-    fn spawn_in(launch: &Launch, dir: &Path) -> Result<Self, LaunchError> {
+    fn spawn_in(launch: &Launch, runtime_dir: RuntimeDir) -> Result<Self, LaunchError> {
+        let dir = runtime_dir.path();
         let uds = dir.join("vsock");
         let agent_path = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
         let listener = UnixListener::bind(&agent_path).map_err(|source| LaunchError::Listen {
@@ -179,10 +259,63 @@ impl Vm {
             control: ours,
             events,
             listener,
-            runtime_dir: dir.to_path_buf(),
             console,
             spawned_at,
+            _runtime_dir: runtime_dir,
         })
+    }
+
+    /// Sends `request` (one frame) to the guest agent on `stream` and waits
+    /// for its response, a JSON document, until `deadline` (none: no
+    /// limit). The one request path of singlevm and multivm.
+    pub fn call(
+        &mut self,
+        stream: &UnixStream,
+        request: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, CallError> {
+        let mut io = Deadlined { stream, deadline };
+        let result =
+            protocol::write_frame(&mut io, request).and_then(|()| protocol::read_frame(&mut io));
+        match result {
+            Ok(body) => match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+                Ok(_) => Ok(body),
+                Err(e) => Err(CallError::BadJson(e)),
+            },
+            Err(e @ ProtocolError::TooLarge(_)) if request.len() > protocol::MAX_FRAME => {
+                Err(CallError::TooLarge(e))
+            }
+            Err(e) if is_timeout(&e) => Err(CallError::Timeout),
+            Err(e) => Err(CallError::Broken(self.why_broken(&e))),
+        }
+    }
+
+    /// Explains a broken connection: firerunner's exit, or the error. The
+    /// connection breaks a moment before the exit shows, so this waits
+    /// (briefly) for the control channel to report or close.
+    fn why_broken(&mut self, e: &ProtocolError) -> String {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut reason = String::new();
+        let exited = loop {
+            match self.events.recv_deadline(deadline) {
+                Ok(Event::Exit { reason: r, .. }) => {
+                    reason = format!(": {r}");
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => break true,
+                Err(RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        // A closed control channel means the process is exiting: reap it.
+        let status = if exited {
+            self.wait().ok()
+        } else {
+            self.try_status()
+        };
+        match status {
+            Some(s) => format!("firerunner exited ({s}){reason}"),
+            None => format!("the connection to the guest broke ({e})"),
+        }
     }
 
     /// Events firerunner has reported so far.
@@ -326,7 +459,6 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.runtime_dir);
     }
 }
 

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::control::Event;
-use crate::launcher::{LaunchError, Vm};
-use crate::protocol::{self, ProtocolError, MAX_FRAME};
+use crate::launcher::{self, CallError, LaunchError, Vm};
+use crate::protocol::{ProtocolError, MAX_FRAME};
 
 pub use crate::launcher::Launch;
 
@@ -154,8 +154,8 @@ pub fn run(
             Ok(0)
         };
     }
-    let mut stream = vm.wait_for_guest(opts.boot_timeout)?;
-    if let Err(e) = protocol::handshake(&mut stream) {
+    let stream = vm.wait_for_guest(opts.boot_timeout)?;
+    if let Err(e) = launcher::handshake(&stream, None) {
         return Err(SingleVmError::Handshake(e));
     }
     log_phases(&vm);
@@ -226,22 +226,17 @@ fn answer(vm: &mut Vm, agent: &mut Agent, line: &[u8], timeout: Option<Duration>
         Agent::Gone(why) => return error_line(format!("vm is gone: {why}")),
     };
     let started = Instant::now();
-    if let Err(e) = stream.set_read_timeout(timeout) {
-        log::warn!("cannot set the request timeout: {e}");
-    }
-    let result = protocol::write_frame(stream, request.to_string().as_bytes())
-        .and_then(|()| protocol::read_json(stream));
-    match result {
-        Ok(response) => {
+    let deadline = timeout.map(|t| started + t);
+    match vm.call(stream, request.to_string().as_bytes(), deadline) {
+        Ok(body) => {
             log::info!("request returned in: {} us", started.elapsed().as_micros());
-            response.to_string()
+            // One line on stdout: the response as compact JSON.
+            serde_json::from_slice::<Value>(&body).map_or_else(
+                |e| error_line(format!("invalid response: {e}")),
+                |v| v.to_string(),
+            )
         }
-        Err(ProtocolError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(CallError::Timeout) => {
             let ms = timeout.map_or(0, |t| t.as_millis());
             vm.kill();
             let why = format!("a request timed out after {ms} ms and the VM was stopped");
@@ -250,17 +245,16 @@ fn answer(vm: &mut Vm, agent: &mut Agent, line: &[u8], timeout: Option<Duration>
                 "timeout: no response within {ms} ms; the VM was stopped"
             ))
         }
-        Err(ProtocolError::BadJson(e)) => {
+        Err(CallError::BadJson(e)) => {
             error_line(format!("the function answered invalid JSON: {e}"))
         }
-        Err(e) => {
-            // The connection broke: find out whether firerunner died.
-            std::thread::sleep(Duration::from_millis(50));
+        Err(CallError::TooLarge(e)) => error_line(format!("request too large: {e}")),
+        Err(CallError::Broken(why)) => {
             let why = match vm.try_status() {
-                Some(status) => format!("firerunner exited ({status}){}", vm.console_tail(5)),
+                Some(_) => format!("{why}{}", vm.console_tail(5)),
                 None => {
                     vm.kill();
-                    format!("the connection to the guest broke ({e}); the VM was stopped")
+                    format!("{why}; the VM was stopped")
                 }
             };
             *agent = Agent::Gone(why.clone());

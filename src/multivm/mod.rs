@@ -31,6 +31,8 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::launcher::RuntimeDir;
+
 use config::{Config, ConfigError};
 use scheduler::Scheduler;
 
@@ -79,31 +81,6 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, MultiVmError> {
         .ok_or_else(bad)
 }
 
-/// A private directory for VM console logs, removed on drop.
-struct RuntimeDir(PathBuf);
-
-impl RuntimeDir {
-    fn create() -> Result<Self, MultiVmError> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("snapvm-multivm-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(|source| MultiVmError::RuntimeDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the daemon until SIGTERM/SIGINT. Call it before starting any
 /// thread: it blocks those signals so that only its own thread takes them.
 pub fn run(opts: &Options) -> Result<(), MultiVmError> {
@@ -117,7 +94,9 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
     }
     let addr = parse_listen(&opts.listen)?;
     let cfg = Config::load(&opts.config, opts.mem_mib, opts.default_firerunner.clone())?;
-    let dir = RuntimeDir::create()?;
+    let name = format!("multivm-{}", std::process::id());
+    let dir = RuntimeDir::create(&name)
+        .map_err(|source| MultiVmError::RuntimeDir { path: name, source })?;
     let server = tiny_http::Server::http(addr).map_err(|e| MultiVmError::Listen {
         addr: addr.to_string(),
         reason: e.to_string(),
@@ -128,7 +107,7 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .to_ip()
         .map_or_else(|| addr.to_string(), |a| a.to_string());
 
-    let sched = Scheduler::new(Arc::new(cfg), opts.mem_mib, dir.0.clone());
+    let sched = Scheduler::new(Arc::new(cfg), opts.mem_mib, dir.path().to_path_buf());
     let maintainer = {
         let s = Arc::clone(&sched);
         std::thread::Builder::new()

@@ -1,17 +1,16 @@
 //! One function VM as the scheduler sees it: launched (boot or restore),
 //! handshaken, called with one request at a time under a deadline, killed.
 
-use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 
 use crate::control::Event;
-use crate::launcher::{Launch, Vm};
-use crate::protocol::{self, ProtocolError};
+use crate::launcher::{self, CallError, Launch, Vm};
+use crate::protocol::ProtocolError;
 
 use super::config::{Config, Function};
 
@@ -42,48 +41,6 @@ pub struct FunctionVm {
     stream: UnixStream,
 }
 
-/// Reads and writes a stream against one absolute deadline: every syscall
-/// gets the time left as its socket timeout.
-struct Deadlined<'a> {
-    stream: &'a UnixStream,
-    deadline: Instant,
-}
-
-impl Deadlined<'_> {
-    fn left(&self) -> std::io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(std::io::ErrorKind::TimedOut.into())
-        } else {
-            Ok(left)
-        }
-    }
-}
-
-impl Read for Deadlined<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.left()?))?;
-        (&mut &*self.stream).read(buf)
-    }
-}
-
-impl Write for Deadlined<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.left()?))?;
-        (&mut &*self.stream).write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn is_timeout(e: &ProtocolError) -> bool {
-    matches!(e, ProtocolError::Io(io) if matches!(
-        io.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    ))
-}
-
 impl FunctionVm {
     /// Starts a VM of `f` (restore when it has `load_dir`, boot otherwise)
     /// with its console in `console`, and waits for its agent.
@@ -107,11 +64,7 @@ impl FunctionVm {
                 return Err(VmError::Launch(e.to_string()));
             }
         };
-        let mut io = Deadlined {
-            stream: &stream,
-            deadline: Instant::now() + cfg.boot_timeout,
-        };
-        if let Err(e) = protocol::handshake(&mut io) {
+        if let Err(e) = launcher::handshake(&stream, Some(Instant::now() + cfg.boot_timeout)) {
             vm.kill();
             return Err(VmError::Handshake(e));
         }
@@ -160,51 +113,13 @@ impl FunctionVm {
 
     /// Sends one request and waits for its response until `timeout`.
     pub fn call(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>, VmError> {
-        let mut io = Deadlined {
-            stream: &self.stream,
-            deadline: Instant::now() + timeout,
-        };
-        let result =
-            protocol::write_frame(&mut io, request).and_then(|()| protocol::read_frame(&mut io));
-        match result {
-            Ok(body) => match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-                Ok(_) => Ok(body),
-                Err(e) => Err(VmError::BadJson(e)),
-            },
-            Err(e @ ProtocolError::TooLarge(_)) if request.len() > protocol::MAX_FRAME => {
-                Err(VmError::TooLarge(e))
-            }
-            Err(e) if is_timeout(&e) => Err(VmError::Timeout(timeout)),
-            Err(e) => Err(VmError::Failed(self.why_broken(&e))),
-        }
-    }
-
-    /// Explains a broken connection: firerunner's exit, or the error. The
-    /// connection breaks a moment before the exit shows, so this waits
-    /// (briefly) for the control channel to report or close.
-    fn why_broken(&mut self, e: &ProtocolError) -> String {
-        let events = self.vm.events().clone();
-        let deadline = Instant::now() + Duration::from_millis(500);
-        let mut reason = String::new();
-        let exited = loop {
-            match events.recv_deadline(deadline) {
-                Ok(Event::Exit { reason: r, .. }) => {
-                    reason = format!(": {r}");
-                }
-                Ok(_) => {}
-                Err(RecvTimeoutError::Disconnected) => break true,
-                Err(RecvTimeoutError::Timeout) => break false,
-            }
-        };
-        // A closed control channel means the process is exiting: reap it.
-        let status = if exited {
-            self.vm.wait().ok()
-        } else {
-            self.vm.try_status()
-        };
-        match status {
-            Some(s) => format!("firerunner exited ({s}){reason}"),
-            None => format!("the connection to the guest broke ({e})"),
+        let deadline = Instant::now() + timeout;
+        match self.vm.call(&self.stream, request, Some(deadline)) {
+            Ok(body) => Ok(body),
+            Err(CallError::Timeout) => Err(VmError::Timeout(timeout)),
+            Err(CallError::TooLarge(e)) => Err(VmError::TooLarge(e)),
+            Err(CallError::BadJson(e)) => Err(VmError::BadJson(e)),
+            Err(CallError::Broken(why)) => Err(VmError::Failed(why)),
         }
     }
 
