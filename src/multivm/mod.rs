@@ -19,6 +19,7 @@
 pub mod config;
 pub mod http;
 pub mod metrics;
+mod pool;
 pub mod scheduler;
 pub mod vm;
 

@@ -21,21 +21,24 @@
 //! from free memory, and only while nobody waits), stops VMs idle past
 //! `idle_timeout` (keeping `min_idle`), and notices idle VMs that died.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use serde_json::{json, Value};
 
-use super::config::{Config, Function, LaunchKind};
+use super::config::{Config, LaunchKind};
 use super::metrics::{Gauges, Metrics};
+use super::pool::{self, footprint, VmState};
+
+type State = pool::State<FunctionVm>;
+type Grant = pool::Grant<FunctionVm>;
+type IdleVm = pool::IdleVm<FunctionVm>;
+type Waiter = pool::Waiter<FunctionVm>;
 use super::vm::{FunctionVm, VmError, VmId};
 
-/// Console logs of this many stopped VMs stay readable through the API.
-const KEPT_LOGS: usize = 32;
 /// First and longest pause before retrying a failed pre-warm launch.
 const PREWARM_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
@@ -101,98 +104,6 @@ pub struct Invocation {
     pub guest: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum VmState {
-    Launching,
-    Idle,
-    Busy,
-}
-
-impl VmState {
-    fn as_str(self) -> &'static str {
-        match self {
-            VmState::Launching => "launching",
-            VmState::Idle => "idle",
-            VmState::Busy => "busy",
-        }
-    }
-}
-
-struct VmRecord {
-    function: usize,
-    state: VmState,
-    kind: LaunchKind,
-    created: Instant,
-    changed: Instant,
-    mib: u64,
-    served: u64,
-    log: PathBuf,
-    /// For busy VMs: shutting it down fails the request at once (drain).
-    abort: Option<UnixStream>,
-}
-
-struct IdleVm {
-    vm: FunctionVm,
-    since: Instant,
-}
-
-enum Grant {
-    Warm(FunctionVm),
-    /// Launch VM `id` (its memory is reserved) after killing `victims`.
-    Launch {
-        id: VmId,
-        victims: Vec<FunctionVm>,
-    },
-    Refused,
-}
-
-struct Waiter {
-    id: u64,
-    function: usize,
-    tx: Sender<Grant>,
-}
-
-#[derive(Default)]
-struct FnState {
-    /// Oldest first: `since` ascending; warm starts pop the newest.
-    idle: Vec<IdleVm>,
-    /// Launching + idle + busy VMs (what concurrency_limit bounds).
-    vms: usize,
-    queued: usize,
-    prewarming: usize,
-    prewarm_retry: Option<(Instant, Duration)>,
-}
-
-impl FnState {
-    /// When the oldest idle VM beyond the function's `min_idle` reaches its
-    /// idle timeout (none if all idle VMs are kept).
-    fn next_idle_expiry(&self, f: &Function) -> Option<Instant> {
-        let evictable = self.idle.len().saturating_sub(f.min_idle);
-        self.idle
-            .iter()
-            .take(evictable)
-            .next()
-            .map(|first| first.since + f.idle_timeout)
-    }
-}
-
-struct State {
-    fns: Vec<FnState>,
-    vms: BTreeMap<VmId, VmRecord>,
-    queue: VecDeque<Waiter>,
-    used_mib: u64,
-    high_water_mib: u64,
-    next_vm: VmId,
-    next_waiter: u64,
-    shutting_down: bool,
-    /// Console logs of stopped VMs, oldest first.
-    gone_logs: VecDeque<(VmId, PathBuf)>,
-    /// Idle VMs the maintainer watches for an exit, and its next timer:
-    /// what it already knows need not wake it.
-    watched: BTreeSet<VmId>,
-    maintainer_deadline: Option<Instant>,
-}
-
 pub struct Scheduler {
     cfg: Arc<Config>,
     budget_mib: u64,
@@ -203,162 +114,6 @@ pub struct Scheduler {
     wake: Sender<()>,
     wake_rx: Receiver<()>,
     pub metrics: Arc<Metrics>,
-}
-
-fn footprint(cfg: &Config, function: usize) -> u64 {
-    cfg.functions[function].memory_mib + cfg.vm_overhead_mib
-}
-
-impl State {
-    fn reserve(&mut self, mib: u64) {
-        self.used_mib += mib;
-        self.high_water_mib = self.high_water_mib.max(self.used_mib);
-    }
-
-    /// Frees `need` MiB of `budget` by choosing idle VMs, least recently
-    /// used first; `None` (and nothing chosen) when even that is not enough.
-    fn make_room(
-        &mut self,
-        need: u64,
-        budget: u64,
-        metrics: &Metrics,
-        cfg: &Config,
-    ) -> Option<Vec<FunctionVm>> {
-        let free = budget - self.used_mib.min(budget);
-        if free >= need {
-            return Some(Vec::new());
-        }
-        let mut candidates: Vec<(Instant, usize)> = self
-            .fns
-            .iter()
-            .enumerate()
-            .flat_map(|(f, s)| s.idle.iter().map(move |i| (i.since, f)))
-            .collect();
-        candidates.sort_by_key(|c| c.0);
-        let mut gain = 0;
-        let mut take: BTreeMap<usize, usize> = BTreeMap::new();
-        for (_, f) in &candidates {
-            if free + gain >= need {
-                break;
-            }
-            gain += footprint(cfg, *f);
-            *take.entry(*f).or_default() += 1;
-        }
-        if free + gain < need {
-            return None;
-        }
-        let mut victims = Vec::new();
-        for (f, n) in take {
-            // The oldest n of this function are exactly the ones chosen.
-            for idle in self.fns[f].idle.drain(..n).collect::<Vec<_>>() {
-                self.fns[f].vms -= 1;
-                self.used_mib -= footprint(cfg, f);
-                self.forget(idle.vm.id);
-                metrics.eviction(&cfg.functions[f].name, "lru");
-                log::info!(
-                    "evicting idle VM {} of {} (LRU) to make room",
-                    idle.vm.id,
-                    cfg.functions[f].name
-                );
-                victims.push(idle.vm);
-            }
-        }
-        Some(victims)
-    }
-
-    /// Drops a VM's record, keeping its console log for a while.
-    fn forget(&mut self, id: VmId) {
-        if let Some(r) = self.vms.remove(&id) {
-            self.gone_logs.push_back((id, r.log));
-            while self.gone_logs.len() > KEPT_LOGS {
-                if let Some((_, p)) = self.gone_logs.pop_front() {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
-        }
-    }
-
-    fn new_record(&mut self, cfg: &Config, function: usize, log_dir: &Path) -> VmId {
-        let id = self.next_vm;
-        self.next_vm += 1;
-        let now = Instant::now();
-        self.vms.insert(
-            id,
-            VmRecord {
-                function,
-                state: VmState::Launching,
-                kind: cfg.functions[function].launch_kind(),
-                created: now,
-                changed: now,
-                mib: footprint(cfg, function),
-                served: 0,
-                log: log_dir.join(format!("vm-{id}.log")),
-                abort: None,
-            },
-        );
-        self.fns[function].vms += 1;
-        self.reserve(footprint(cfg, function));
-        id
-    }
-
-    fn set_state(&mut self, id: VmId, state: VmState) {
-        if let Some(r) = self.vms.get_mut(&id) {
-            r.state = state;
-            r.changed = Instant::now();
-            if state != VmState::Busy {
-                r.abort = None;
-            }
-        }
-    }
-
-    /// Hands free VMs and memory to waiters, oldest first. Once a waiter
-    /// lacks memory, later waiters get no memory either (only idle VMs),
-    /// so a large function is not starved by a stream of small ones.
-    fn pump(&mut self, cfg: &Config, budget: u64, metrics: &Metrics, log_dir: &Path) {
-        if self.shutting_down {
-            return; // Waiters are refused by `shutdown`.
-        }
-        let mut memory_blocked = false;
-        let mut i = 0;
-        while i < self.queue.len() {
-            let f = self.queue[i].function;
-            if let Some(idle) = self.fns[f].idle.pop() {
-                let w = self.queue.remove(i).expect("index in range");
-                self.fns[f].queued -= 1;
-                self.set_state(idle.vm.id, VmState::Busy);
-                if let Err(e) = w.tx.send(Grant::Warm(idle.vm)) {
-                    // The waiter is gone (cannot happen while queued); keep the VM.
-                    if let Grant::Warm(vm) = e.into_inner() {
-                        self.set_state(vm.id, VmState::Idle);
-                        self.fns[f].idle.push(IdleVm {
-                            vm,
-                            since: idle.since,
-                        });
-                    }
-                }
-                continue;
-            }
-            if !memory_blocked && self.fns[f].vms < cfg.functions[f].concurrency_limit {
-                match self.make_room(footprint(cfg, f), budget, metrics, cfg) {
-                    Some(victims) => {
-                        let w = self.queue.remove(i).expect("index in range");
-                        self.fns[f].queued -= 1;
-                        let id = self.new_record(cfg, f, log_dir);
-                        if w.tx.send(Grant::Launch { id, victims }).is_err() {
-                            // The waiter is gone (cannot happen while queued):
-                            // the victims die with the unsent grant; undo the launch.
-                            self.fns[f].vms -= 1;
-                            self.used_mib -= footprint(cfg, f);
-                            self.forget(id);
-                        }
-                        continue;
-                    }
-                    None => memory_blocked = true,
-                }
-            }
-            i += 1;
-        }
-    }
 }
 
 /// Kills evicted VMs, outside the lock; their memory already belongs to
@@ -372,24 +127,11 @@ fn reap(victims: Vec<FunctionVm>) {
 impl Scheduler {
     pub fn new(cfg: Arc<Config>, budget_mib: u64, log_dir: PathBuf) -> Arc<Self> {
         let (wake, wake_rx) = bounded(1);
-        let fns = cfg.functions.iter().map(|_| FnState::default()).collect();
         Arc::new(Self {
+            state: Mutex::new(State::new(cfg.functions.len())),
             cfg,
             budget_mib,
             log_dir,
-            state: Mutex::new(State {
-                fns,
-                vms: BTreeMap::new(),
-                queue: VecDeque::new(),
-                used_mib: 0,
-                high_water_mib: 0,
-                next_vm: 1,
-                next_waiter: 0,
-                shutting_down: false,
-                gone_logs: VecDeque::new(),
-                watched: BTreeSet::new(),
-                maintainer_deadline: None,
-            }),
             changed: Condvar::new(),
             wake,
             wake_rx,
