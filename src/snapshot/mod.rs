@@ -11,9 +11,9 @@
 //! file holds only the pages written since the restore, and its memory
 //! table lists the layers below it with their state checksums.
 
-pub mod dir;
-pub mod disk;
-pub mod envelope;
+pub(crate) mod dir;
+pub(crate) mod disk;
+pub(crate) mod envelope;
 pub mod format;
 pub mod hash;
 pub mod layers;

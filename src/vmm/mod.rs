@@ -8,21 +8,21 @@
 //! saved and restored beside its own code: [`vcpu`], [`vm`], [`memory`],
 //! [`devices`]).
 
-pub mod boot;
+pub(crate) mod boot;
 pub mod bus;
 pub mod capture;
-pub mod config;
+pub(crate) mod config;
 pub mod devices;
 pub mod event_loop;
-pub mod kernel;
-pub mod layout;
+pub(crate) mod kernel;
+pub(crate) mod layout;
 pub mod memory;
 pub mod persist;
-pub mod restore;
+pub(crate) mod restore;
 pub mod runner;
-pub mod vcpu;
-pub mod vm;
-pub mod x86_64;
+pub(crate) mod vcpu;
+pub(crate) mod vm;
+pub(crate) mod x86_64;
 
 /// Most vCPUs a VM may have: the MP table has to fit in the 1 KiB EBDA.
 pub const MAX_VCPUS: u8 = 32;

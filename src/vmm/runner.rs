@@ -488,7 +488,6 @@ fn start_machine(
             mmio: mmio.clone(),
             mem: mem.clone(),
             exit: wiring.exit.clone(),
-            start: wiring.start,
             on_first_run: first,
         })?);
     }

@@ -113,7 +113,10 @@ pub struct VcpuState {
 pub enum VcpuEvent {
     /// Complete any pending exit, then stop running guest code.
     Pause,
-    /// Run guest code again.
+    /// Run guest code again. (Unused by firerunner, which exits after a
+    /// snapshot; the tests drive the pause/save/resume cycle that
+    /// on-demand snapshots will use.)
+    #[allow(dead_code)]
     Resume,
     /// Answer with the vCPU's state (only while paused).
     SaveState,
@@ -136,7 +139,6 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
     pub exit: Wake<VmExit>,
-    pub start: Instant,
     /// Called on this vCPU's thread just before its first `KVM_RUN`.
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -748,10 +750,6 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    pub fn id(&self) -> u8 {
-        self.id
-    }
-
     /// Queues `event` and kicks the vCPU out of `KVM_RUN` so it sees it.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
         self.events
@@ -792,14 +790,6 @@ impl Vcpus {
         Self { handles }
     }
 
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Sends `event` to every vCPU, then collects one answer from each.
     fn broadcast(
         &self,
@@ -833,7 +823,8 @@ impl Vcpus {
         Ok(())
     }
 
-    /// Resumes every vCPU.
+    /// Resumes every vCPU (see [`VcpuEvent::Resume`]).
+    #[allow(dead_code)]
     pub fn resume(&self, timeout: Duration) -> Result<(), VcpuError> {
         for (h, r) in self
             .handles
@@ -956,7 +947,6 @@ mod tests {
                 mmio: Arc::new(Bus::new()),
                 mem: mem.clone(),
                 exit: Wake::new(exit_tx, &waker),
-                start: Instant::now(),
                 on_first_run: None,
             })
             .unwrap();

@@ -28,9 +28,9 @@ use super::persist::Persist;
 use super::vm::KvmVm;
 use crate::snapshot::format::DeviceEntry;
 
-pub mod control;
-pub mod i8042;
-pub mod serial;
+pub(crate) mod control;
+pub(crate) mod i8042;
+pub(crate) mod serial;
 pub mod virtio;
 
 #[derive(Debug, thiserror::Error)]

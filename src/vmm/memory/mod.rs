@@ -20,8 +20,8 @@ use vm_memory::{
 use super::layout;
 
 pub mod fault_handler;
-pub mod restore;
-pub mod uffd;
+pub(crate) mod restore;
+pub(crate) mod uffd;
 pub mod ws_loader;
 pub use restore::WsRuntime;
 

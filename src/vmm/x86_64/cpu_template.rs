@@ -279,6 +279,7 @@ impl CpuTemplate {
     }
 
     /// Whether the template changes nothing.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.cpuid.is_empty() && self.msrs.is_empty()
     }
