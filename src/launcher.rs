@@ -1,6 +1,6 @@
 //! Spawning firerunner from a controller: a private runtime directory with
 //! the vsock sockets and the console, the control channel, waiting for the
-//! guest agent to connect, calling it ([`Vm::call`], the one request path
+//! guest agent to connect, calling it ([`VmProcess::call`], the one request path
 //! of singlevm and multivm), and stopping the VM.
 
 use std::ffi::OsString;
@@ -159,7 +159,7 @@ pub struct Launch {
 
 /// A running firerunner and its sockets. Dropping it kills the VM and
 /// removes the runtime directory.
-pub struct Vm {
+pub struct VmProcess {
     child: Child,
     status: Option<ExitStatus>,
     control: UnixStream,
@@ -171,7 +171,7 @@ pub struct Vm {
     _runtime_dir: RuntimeDir,
 }
 
-impl Vm {
+impl VmProcess {
     /// Listens for the guest agent, then spawns firerunner.
     pub fn spawn(launch: &Launch) -> Result<Self, LaunchError> {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -456,13 +456,13 @@ impl Vm {
     }
 }
 
-impl Drop for Vm {
+impl Drop for VmProcess {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
-/// What [`Vm::watch`] saw first.
+/// What [`VmProcess::watch`] saw first.
 enum Watched {
     Connected(UnixStream),
     Exited(ExitStatus),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::control::Event;
-use crate::launcher::{self, CallError, LaunchError, Vm};
+use crate::launcher::{self, CallError, LaunchError, VmProcess};
 use crate::protocol::{ProtocolError, MAX_FRAME};
 
 pub use crate::launcher::Launch;
@@ -74,7 +74,7 @@ fn log_event(e: Event) {
     }
 }
 
-fn log_phases(vm: &Vm) {
+fn log_phases(vm: &VmProcess) {
     for e in vm.events().try_iter() {
         log_event(e);
     }
@@ -85,7 +85,7 @@ const WS_WRITE_LIMIT: Duration = Duration::from_secs(60);
 
 /// `--dump_ws`: the first request is done; has firerunner write the
 /// working set and waits for the outcome. Returns whether it was written.
-fn finish_working_set(vm: &Vm) -> bool {
+fn finish_working_set(vm: &VmProcess) -> bool {
     if let Err(e) = vm.command(&crate::control::Command::WsDone) {
         log::error!("cannot ask firerunner to write the working set: {e}");
         return false;
@@ -132,7 +132,7 @@ pub fn run(
     input: impl BufRead,
     mut output: impl Write,
 ) -> Result<i32, SingleVmError> {
-    let mut vm = Vm::spawn(&opts.launch)?;
+    let mut vm = VmProcess::spawn(&opts.launch)?;
     if opts.force_exit {
         let status = vm.wait_for_exit(opts.boot_timeout)?;
         log::info!(
@@ -209,7 +209,7 @@ pub fn run(
 }
 
 /// One output line for one input line.
-fn answer(vm: &mut Vm, agent: &mut Agent, line: &[u8], timeout: Option<Duration>) -> String {
+fn answer(vm: &mut VmProcess, agent: &mut Agent, line: &[u8], timeout: Option<Duration>) -> String {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() > MAX_FRAME {
         return error_line(format!(

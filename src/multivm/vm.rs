@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use crate::control::Event;
-use crate::launcher::{self, CallError, Launch, Vm};
+use crate::launcher::{self, CallError, Launch, VmProcess};
 use crate::protocol::ProtocolError;
 
 use super::config::{Config, Function};
@@ -37,7 +37,7 @@ pub struct FunctionVm {
     pub id: VmId,
     /// Index of its function in the config.
     pub function: usize,
-    vm: Vm,
+    vm: VmProcess,
     stream: UnixStream,
 }
 
@@ -56,7 +56,7 @@ impl FunctionVm {
             vm_args: f.firerunner_args(),
             console: Some(console.to_path_buf()),
         };
-        let mut vm = Vm::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
+        let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
         let stream = match vm.wait_for_guest(cfg.boot_timeout) {
             Ok(s) => s,
             Err(e) => {
