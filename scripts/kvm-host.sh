@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# The emulated KVM host: runs a command on a real KVM that runs Linux
+# guests, on any x86_64 machine. Debian's stock kernel (linux-image-amd64,
+# unpacked into the cache, never installed as this host's kernel) boots
+# under QEMU TCG with nested SVM (-cpu max) and loads irqbypass, ccp, kvm
+# and kvm-amd; its /dev/kvm is the kvm_amd users run, only slower.
+#
+#   scripts/kvm-host.sh [--timeout SECS] [--mem MiB] [--smp N] [--payload DIR]
+#                       [--out DIR] -- COMMAND [ARG...]
+#
+# Inside, DIR (--payload) is /payload and the working directory; COMMAND
+# runs there as root with bash, GNU coreutils, grep, sed, util-linux's
+# flock and busybox, and the glibc our Rust binaries link against; /tmp is
+# a tmpfs. Its stdout and stderr stream to ours live; what it writes under
+# /out comes back into --out DIR. Exit status: COMMAND's; 124 when the run
+# exceeded --timeout (default 900 s; QEMU is killed, nothing is left
+# running); 125 when the emulated host failed (no /dev/kvm inside, a
+# kernel panic, QEMU died), with the reason on stderr.
+#
+# The kernel package and the base initramfs are cached under
+# $SNAPVM_CACHE/kvm-host (default ~/.cache/snapvm), keyed by the package
+# version and this script; the payload travels as a second, uncompressed
+# cpio archive appended to the cached one (the kernel unpacks both into
+# its rootfs: measured the fastest start, no guest-side drivers needed).
+# Output comes back over two more serial ports (stderr, and /out as a
+# base64 tar stream), so no virtio driver is loaded either.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+timeout=900 mem=3072 smp=2 payload= out=
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+while (($#)); do
+    case $1 in
+    --timeout) timeout=${2:?}; shift 2 ;;
+    --mem) mem=${2:?}; shift 2 ;;
+    --smp) smp=${2:?}; shift 2 ;;
+    --payload) payload=${2:?}; shift 2 ;;
+    --out) out=${2:?}; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "kvm-host: unknown argument '$1' (see -h)" >&2; exit 2 ;;
+    esac
+done
+(($#)) || { echo "kvm-host: no command (usage: $0 [options] -- COMMAND [ARG...])" >&2; exit 2; }
+[[ $timeout =~ ^[1-9][0-9]*$ ]] || { echo "kvm-host: --timeout must be seconds" >&2; exit 2; }
+[[ -z $payload || -d $payload ]] || { echo "kvm-host: --payload $payload is not a directory" >&2; exit 2; }
+
+t0=$SECONDS
+say() { printf 'kvm-host [%4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+die() { echo "kvm-host: error: $*" >&2; exit 125; }
+
+# --- Packages ------------------------------------------------------------------
+missing=()
+for p in qemu-system-x86 busybox-static cpio; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+        die "cannot install ${missing[*]}"
+fi
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing although qemu-system-x86 is installed"
+
+# linux-image-amd64 is a metapackage: the image is what it depends on.
+image_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
+if [[ -z $image_pkg ]]; then
+    apt-get update -qq >&2 || true
+    image_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
+fi
+[[ -n $image_pkg ]] || die "cannot resolve Debian's linux-image-amd64 to a kernel package (apt-cache depends linux-image-amd64)"
+image_ver=$(apt-cache policy "$image_pkg" | sed -n 's/^ *Candidate: //p')
+
+# --- Cache: the kernel, its modules, the base initramfs -----------------------------
+SCRIPT_KEY=3
+cache=${SNAPVM_CACHE:-$HOME/.cache/snapvm}/kvm-host
+key=$(printf '%s\n' "$SCRIPT_KEY" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
+    sha256sum | cut -c1-16)
+base=$cache/$image_pkg-$key
+mkdir -p "$cache"
+if [[ ! -f $base/initramfs.cpio ]]; then
+    exec 9>"$cache/.lock"
+    flock 9
+fi
+if [[ ! -f $base/initramfs.cpio ]]; then
+    say "building the emulated host: $image_pkg $image_ver (once; cached in $base)"
+    tmp=$(mktemp -d "$cache/build.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download "$image_pkg=$image_ver" >/dev/null 2>&1) ||
+        die "cannot download $image_pkg $image_ver from the Debian archive"
+    dpkg-deb -x "$tmp"/"$image_pkg"_*.deb "$tmp/pkg"
+    kver=${image_pkg#linux-image-}
+    root=$tmp/root
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib/modules,proc,sys,dev,tmp,out,payload,root,etc}
+    for m in virt/lib/irqbypass drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
+        f=$tmp/pkg/lib/modules/$kver/kernel/$m.ko
+        if [[ ! -f $f && -f $f.xz ]]; then xz -dc "$f.xz" >"$f"; fi
+        [[ -f $f ]] || die "$image_pkg has no module $m.ko"
+        cp "$f" "$root/lib/modules/"
+    done
+    cp "$tmp/pkg/boot/vmlinuz-$kver" "$base.vmlinuz.tmp"
+    # busybox for everything else, GNU tools first on PATH (scripts use
+    # their long options), with every shared library they and our Rust
+    # binaries need.
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $("$root/bin/busybox" --list); do
+        [[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
+    done
+    tools=(/bin/bash /usr/bin/flock /usr/bin/cmp /bin/grep /bin/sed /usr/bin/find)
+    mapfile -t -O "${#tools[@]}" tools < <(dpkg -L coreutils | grep -E '^/(usr/)?bin/[^/]+$')
+    for t in "${tools[@]}"; do
+        [[ -f $t ]] && cp "$t" "$root/usr/bin/"
+    done
+    libs=$(for t in "${tools[@]}" "$repo"/target/release/firerunner; do ldd "$t" 2>/dev/null; done |
+        grep -oE '/[^ ]+\.so[^ ]*' | sort -u)
+    for l in $libs /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/libm.so.6; do
+        [[ -e $l ]] || continue
+        mkdir -p "$root$(dirname "$l")"
+        cp -L "$l" "$root$l"
+    done
+    [[ -e $root/lib64/ld-linux-x86-64.so.2 ]] || die "the dynamic loader was not found by ldd"
+    cat >"$root/init" <<'EOF'
+#!/bin/sh
+# PID 1 of the emulated KVM host (scripts/kvm-host.sh).
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root TMPDIR=/tmp
+# The serial ports look like terminals: no colour codes in logs.
+export RUST_LOG_STYLE=never TERM=dumb
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=75% tmp /tmp
+# ttyS0: the command's stdout, ttyS1: its stderr, ttyS2: exit status and
+# /out for the host (ttyS3 is the kernel's console). Raw, so that bytes
+# pass unchanged.
+for t in 0 1 2; do stty -F /dev/ttyS$t raw -echo 2>/dev/null; done
+report() { # STATUS: hand the status and /out to the host, power off
+    { echo "exit $1"; tar -C /out -cf - . | base64; } >/dev/ttyS2
+    sync
+    # The serial ports drain asynchronously: give them time to empty.
+    sleep 1
+    poweroff -f
+}
+for m in irqbypass ccp kvm kvm-amd; do
+    insmod /lib/modules/$m.ko 2>/dev/ttyS1 || echo "kvm-host: insmod $m failed" >/dev/ttyS1
+done
+if [ ! -c /dev/kvm ]; then
+    { echo "kvm-host: no /dev/kvm inside the emulated host; the kernel said:"
+      dmesg | grep -iE 'kvm|svm|virtuali' | tail -n 20; } >/dev/ttyS1
+    report 125
+fi
+cd /payload
+bash /command.sh </dev/null >/dev/ttyS0 2>/dev/ttyS1
+report $?
+EOF
+    chmod +x "$root/init"
+    (cd "$root" && find . | cpio -o -H newc --quiet) >"$tmp/initramfs.cpio"
+    mkdir -p "$base.tmp"
+    mv "$base.vmlinuz.tmp" "$base.tmp/vmlinuz"
+    mv "$tmp/initramfs.cpio" "$base.tmp/initramfs.cpio"
+    rm -rf "$base" "$cache"/linux-image-*-????????????????   # older builds
+    mv "$base.tmp" "$base"
+    rm -rf "$tmp"
+    trap - EXIT
+    say "emulated host ready: $(du -sh "$base" | cut -f1)"
+fi
+
+# --- This run: the payload and the command, as a second archive --------------
+run=$(mktemp -d)
+qemu_pid=
+cleanup() {
+    [[ -z $qemu_pid ]] || kill -9 "$qemu_pid" 2>/dev/null || true
+    rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+mkdir "$run/archive"
+printf 'exec' >"$run/archive/command.sh"
+printf ' %q' "$@" >>"$run/archive/command.sh"
+echo >>"$run/archive/command.sh"
+if [[ -n $payload ]]; then
+    ln -s "$(cd "$payload" && pwd)" "$run/archive/payload"
+fi
+(cd "$run/archive" && find -L . -mindepth 1 | cpio -o -H newc -L --quiet) >"$run/run.cpio" ||
+    die "cannot pack the payload $payload"
+cat "$base/initramfs.cpio" "$run/run.cpio" >"$run/initramfs.cpio"
+rm "$run/run.cpio"
+say "booting the emulated host (QEMU TCG, -cpu max, $smp CPUs, $mem MiB; payload $(du -sh "$run/initramfs.cpio" | cut -f1); limit ${timeout}s)"
+
+# The command's stdout and stderr reach ours through two serial ports
+# (FIFOs copied by cat, which writes through our own descriptors); the
+# third carries the exit status and /out, the fourth the kernel's console.
+mkfifo "$run/stdout" "$run/stderr"
+cat "$run/stdout" &
+cat "$run/stderr" >&2 &
+timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -kernel "$base/vmlinuz" -initrd "$run/initramfs.cpio" \
+    -append "console=ttyS3 loglevel=4 panic=-1 rdinit=/init" \
+    -serial "file:$run/stdout" -serial "file:$run/stderr" \
+    -serial "file:$run/report" -serial "file:$run/console" </dev/null &
+qemu_pid=$!
+status=0
+wait "$qemu_pid" || status=$?
+qemu_pid=
+wait # for the two cats
+if ((status == 124 || status == 137)); then
+    echo "kvm-host: error: the run exceeded its limit of ${timeout}s; QEMU was stopped" >&2
+    exit 124
+fi
+((status == 0)) || { tail -n 30 "$run/console" >&2; die "QEMU failed (exit status $status)"; }
+first=$(head -n1 "$run/report")
+if [[ ! $first =~ ^exit\ ([0-9]+)$ ]]; then
+    echo "kvm-host: the emulated host's console ends with:" >&2
+    tail -n 30 "$run/console" >&2 || true
+    die "the emulated host stopped without reporting the command's status"
+fi
+code=${BASH_REMATCH[1]}
+if [[ -n $out ]]; then
+    mkdir -p "$out"
+    tail -n +2 "$run/report" | base64 -d | tar -C "$out" -xf - ||
+        echo "kvm-host: warning: cannot unpack /out into $out" >&2
+fi
+say "done: the command exited $code"
+exit "$code"
