@@ -278,24 +278,6 @@ impl Block {
         &self.serial
     }
 
-    /// Serves `path` from now on (read-only): the capacity and serial follow
-    /// the new file, the config generation is bumped and, if the driver is
-    /// running, a configuration-change interrupt tells it to re-read the
-    /// capacity. On error the old backing stays in place.
-    pub fn replace_backing(&mut self, path: &Path) -> Result<(), BlockError> {
-        let backing = Backing::open(path)?;
-        self.capacity = backing.size.div_ceil(SECTOR_SIZE);
-        self.serial = serial_for(Some(path));
-        self.backing = Some(backing);
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if let Some(active) = &self.active {
-            if let Err(e) = active.interrupt.trigger(INT_CONFIG_CHANGE) {
-                error!("virtio-blk: cannot announce the new capacity: {e}");
-            }
-        }
-        Ok(())
-    }
-
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..8].copy_from_slice(&self.capacity.to_le_bytes());

@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::{debug, error, warn};
 use serde::{Deserialize, Serialize};
@@ -806,7 +806,6 @@ pub struct MmioDeviceHandle {
     device: SharedDevice,
     base: u64,
     gsi: u32,
-    subscriber_id: SubscriberId,
 }
 
 impl MmioDeviceHandle {
@@ -826,10 +825,6 @@ impl MmioDeviceHandle {
 
     pub fn gsi(&self) -> u32 {
         self.gsi
-    }
-
-    pub fn subscriber_id(&self) -> SubscriberId {
-        self.subscriber_id
     }
 
     /// The kernel command-line fragment announcing the device,
@@ -900,13 +895,12 @@ fn attach(
         .insert(transport.clone(), base, layout::VIRTIO_MMIO_SIZE)
         .map_err(MmioError::Bus)?;
     let subscriber: Subscriber = Arc::new(Mutex::new(handler));
-    let subscriber_id = event_manager.add_subscriber(subscriber);
+    event_manager.add_subscriber(subscriber);
     Ok(MmioDeviceHandle {
         transport,
         device,
         base,
         gsi,
-        subscriber_id,
     })
 }
 

@@ -578,45 +578,6 @@ fn activation_needs_exactly_one_queue() {
 }
 
 #[test]
-fn replace_backing_updates_capacity_and_signals_the_driver() {
-    let small = pattern(1024);
-    let big = pattern(8192);
-    let (f1, f2) = (disk(&small), disk(&big));
-    let m = mem();
-    let mut blk = Block::new(f1.as_path()).unwrap();
-    // Before activation: no interrupt, but the generation moves.
-    blk.replace_backing(f2.as_path()).unwrap();
-    assert_eq!((blk.capacity(), blk.config_generation()), (16, 1));
-    blk.replace_backing(f1.as_path()).unwrap();
-    let mut r = Rig::new(&m, blk);
-    assert_eq!(
-        r.request(VIRTIO_BLK_T_IN, 3, &[(DATA, 512, true)]),
-        (1, IOERR)
-    );
-    r.irq.ack(u32::MAX);
-    let _ = r.irq.irqfd().read();
-
-    r.blk.replace_backing(f2.as_path()).unwrap();
-    assert_eq!(r.blk.capacity(), 16);
-    assert_eq!(r.blk.config_generation(), 3);
-    assert_eq!(r.blk.path(), Some(f2.as_path()));
-    let mut c = [0u8; 8];
-    r.blk.read_config(0, &mut c);
-    assert_eq!(u64::from_le_bytes(c), 16);
-    assert_eq!(r.irq.status(), INT_CONFIG_CHANGE);
-    assert_eq!(r.irq.irqfd().read().unwrap(), 1);
-    assert_eq!(
-        r.request(VIRTIO_BLK_T_IN, 3, &[(DATA, 512, true)]),
-        (513, OK)
-    );
-    assert_eq!(r.guest(DATA, 512), &big[1536..2048]);
-
-    // A failed replacement keeps the old disk.
-    assert!(r.blk.replace_backing(Path::new("/nonexistent")).is_err());
-    assert_eq!((r.blk.capacity(), r.blk.config_generation()), (16, 3));
-}
-
-#[test]
 fn restored_state_keeps_the_queue_and_announces_a_new_size() {
     let small = pattern(1024);
     let big = pattern(8192);

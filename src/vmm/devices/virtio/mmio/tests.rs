@@ -588,8 +588,6 @@ fn block_end_to_end_through_bus_and_event_loop() {
     let contents: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     let img = vmm_sys_util::tempfile::TempFile::new().unwrap();
     img.as_file().write_all(&contents).unwrap();
-    let img2 = vmm_sys_util::tempfile::TempFile::new().unwrap();
-    img2.as_file().write_all(&[1u8; 1 << 20]).unwrap();
 
     let m = mem();
     let blk = Arc::new(Mutex::new(Block::new(img.as_path()).unwrap()));
@@ -675,11 +673,14 @@ fn block_end_to_end_through_bus_and_event_loop() {
     w(regs::INTERRUPT_ACK, 1);
     assert_eq!(r(regs::INTERRUPT_STATUS), 0);
 
-    // A new, larger image: the driver sees a config change.
-    lock(&blk).replace_backing(img2.as_path()).unwrap();
+    // Restored from a snapshot that saw another image size: the driver
+    // sees a config change (and this image's capacity).
+    let mut saved = crate::vmm::persist::Persist::save(&*lock(&blk)).unwrap();
+    saved.capacity = 2048;
+    crate::vmm::persist::Persist::restore(&mut *lock(&blk), &saved).unwrap();
     assert_eq!(r(regs::INTERRUPT_STATUS), INT_CONFIG_CHANGE);
     assert_ne!(r(regs::CONFIG_GENERATION), gen);
-    assert_eq!(r(regs::CONFIG), 2048);
+    assert_eq!(r(regs::CONFIG), 16);
 }
 
 /// The real thing on /dev/kvm, when the host has it.
