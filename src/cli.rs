@@ -14,6 +14,41 @@ use crate::vmm::MAX_VCPUS;
 /// The guest CID (`--id`) when none is given.
 pub const DEFAULT_CID: u64 = 100;
 
+/// VM flags that make no sense together: refused, never ignored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlagError {
+    #[error("--vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u64),
+    #[error("--diff_dirs needs --load_dir (the base snapshot)")]
+    DiffWithoutBase,
+    #[error("--load_dir/--diff_dirs: empty snapshot directory in the list")]
+    EmptyLayer,
+    #[error("--copy_base needs --load_dir")]
+    CopyBaseWithoutRestore,
+    #[error("--copy_diff needs a diff layer (--diff_dirs, or --load_dir BASE,DIFF)")]
+    CopyDiffWithoutDiff,
+    #[error("--dump_ws and --load_ws need --load_dir (a snapshot to restore)")]
+    WsWithoutRestore,
+    #[error("--dump_ws and --load_ws cannot be combined: record the working set, then load it")]
+    DumpAndLoadWs,
+    #[error(
+        "--dump_ws cannot be combined with --copy_base/--copy_diff: it records the pages the \
+         request faults in, and copied pages never fault"
+    )]
+    DumpWsWithCopies,
+    #[error(
+        "--load_ws with --copy_base needs --copy_diff too: a copied base page would hide the \
+         diff layer's version of it"
+    )]
+    LoadWsCopyBaseOnly,
+    #[error("--dump_ws cannot be combined with --dump_dir")]
+    DumpWsWithDumpDir,
+    #[error(
+        "--cpu_template cannot be used with --load_dir: a snapshot keeps the CPUID it was taken with"
+    )]
+    TemplateAtRestore,
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct VmArgs {
     /// Guest kernel: ELF vmlinux or bzImage. Required (as in SnapFaaS) but
@@ -93,7 +128,7 @@ impl VmArgs {
     /// Refuses flags that make no sense together, with the message to
     /// print: refused, never ignored. The one check of firerunner,
     /// singlevm and multivm (the same as [`VmArgs::vm_config`]'s).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), FlagError> {
         self.vm_config(None, None).map(drop)
     }
 
@@ -102,59 +137,40 @@ impl VmArgs {
         &self,
         console: Option<PathBuf>,
         vsock_uds: Option<PathBuf>,
-    ) -> Result<VmConfig, String> {
+    ) -> Result<VmConfig, FlagError> {
         let layers = self.layers();
         if self.vcpu_count == 0 || self.vcpu_count > u64::from(MAX_VCPUS) {
-            return Err(format!(
-                "--vcpu_count must be between 1 and {MAX_VCPUS}, got {}",
-                self.vcpu_count
-            ));
+            return Err(FlagError::VcpuCount(self.vcpu_count));
         }
         if self.diff_dirs.is_some() && self.load_dir.is_none() {
-            return Err("--diff_dirs needs --load_dir (the base snapshot)".into());
+            return Err(FlagError::DiffWithoutBase);
         }
         if layers.iter().any(|l| l.as_os_str().is_empty()) {
-            return Err("--load_dir/--diff_dirs: empty snapshot directory in the list".into());
+            return Err(FlagError::EmptyLayer);
         }
         if self.copy_base && layers.is_empty() {
-            return Err("--copy_base needs --load_dir".into());
+            return Err(FlagError::CopyBaseWithoutRestore);
         }
         if self.copy_diff && layers.len() < 2 {
-            return Err(
-                "--copy_diff needs a diff layer (--diff_dirs, or --load_dir BASE,DIFF)".into(),
-            );
+            return Err(FlagError::CopyDiffWithoutDiff);
         }
         if (self.dump_ws.is_some() || self.load_ws) && layers.is_empty() {
-            return Err("--dump_ws and --load_ws need --load_dir (a snapshot to restore)".into());
+            return Err(FlagError::WsWithoutRestore);
         }
         if self.dump_ws.is_some() && self.load_ws {
-            return Err(
-                "--dump_ws and --load_ws cannot be combined: record the working set, then load it"
-                    .into(),
-            );
+            return Err(FlagError::DumpAndLoadWs);
         }
         if self.dump_ws.is_some() && (self.copy_base || self.copy_diff) {
-            return Err(
-                "--dump_ws cannot be combined with --copy_base/--copy_diff: it records the pages \
-                 the request faults in, and copied pages never fault"
-                    .into(),
-            );
+            return Err(FlagError::DumpWsWithCopies);
         }
         if self.load_ws && self.copy_base && layers.len() > 1 && !self.copy_diff {
-            return Err(
-                "--load_ws with --copy_base needs --copy_diff too: a copied base page would hide \
-                 the diff layer's version of it"
-                    .into(),
-            );
+            return Err(FlagError::LoadWsCopyBaseOnly);
         }
         if self.dump_ws.is_some() && self.dump_dir.is_some() {
-            return Err("--dump_ws cannot be combined with --dump_dir".into());
+            return Err(FlagError::DumpWsWithDumpDir);
         }
         if self.cpu_template.is_some() && !layers.is_empty() {
-            return Err(
-                "--cpu_template cannot be used with --load_dir: a snapshot keeps the CPUID it was taken with"
-                    .into(),
-            );
+            return Err(FlagError::TemplateAtRestore);
         }
         let start = if layers.is_empty() {
             Start::Boot(BootConfig {
@@ -277,7 +293,7 @@ mod tests {
         assert!(again.vm.copy_base);
         assert_eq!(again.vm.mem_size, 256);
         assert_eq!(
-            again.vm.check().unwrap_err(),
+            again.vm.check().unwrap_err().to_string(),
             "--copy_base needs --load_dir"
         );
         let parse = |extra: &[&str]| {

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     };
     let config = match args.vm.vm_config(args.console, args.vsock_uds) {
         Ok(c) => c,
-        Err(msg) => return fail(msg),
+        Err(e) => return fail(e.to_string()),
     };
     let exit = match runner::run(&config, start, control.clone()) {
         Ok(exit) => exit,

@@ -636,7 +636,7 @@ impl Resolver<'_> {
             };
             // The one check of the VM flags firerunner and singlevm make.
             if let Err(e) = function.vm_args().check() {
-                return Err(self.err(f, &format!("functions.{name}"), e));
+                return Err(self.err(f, &format!("functions.{name}"), e.to_string()));
             }
             functions.push(function);
         }
