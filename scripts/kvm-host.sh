@@ -72,7 +72,7 @@ fi
 image_ver=$(apt-cache policy "$image_pkg" | sed -n 's/^ *Candidate: //p')
 
 # --- Cache: the kernel, its modules, the base initramfs -----------------------------
-SCRIPT_KEY=3
+SCRIPT_KEY=4
 cache=${SNAPVM_CACHE:-$HOME/.cache/snapvm}/kvm-host
 key=$(printf '%s\n' "$SCRIPT_KEY" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
     sha256sum | cut -c1-16)
@@ -129,6 +129,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=75% tmp /tmp
+# What devtmpfs leaves out and shells rely on (process substitution).
+ln -s /proc/self/fd /dev/fd
+ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
+mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 # ttyS0: the command's stdout, ttyS1: its stderr, ttyS2: exit status and
 # /out for the host (ttyS3 is the kernel's console). Raw, so that bytes
 # pass unchanged.
@@ -197,7 +201,7 @@ timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
     -nodefaults -no-user-config -display none -no-reboot \
     -kernel "$base/vmlinuz" -initrd "$run/initramfs.cpio" \
-    -append "console=ttyS3 loglevel=4 panic=-1 rdinit=/init" \
+    -append "console=ttyS3 loglevel=${KVM_HOST_LOGLEVEL:-4} panic=-1 rdinit=/init" \
     -serial "file:$run/stdout" -serial "file:$run/stderr" \
     -serial "file:$run/report" -serial "file:$run/console" </dev/null &
 qemu_pid=$!
@@ -205,15 +209,24 @@ status=0
 wait "$qemu_pid" || status=$?
 qemu_pid=
 wait # for the two cats
+# The emulated host's own console, shown and kept when it failed.
+console_tail() {
+    echo "kvm-host: the emulated host's console ends with:" >&2
+    tail -n 40 "$run/console" >&2 || true
+    if [[ -n $out ]]; then
+        mkdir -p "$out" && cp "$run/console" "$out/kvm-host-console.log" &&
+            echo "kvm-host: its whole console: $out/kvm-host-console.log" >&2
+    fi
+}
 if ((status == 124 || status == 137)); then
+    console_tail
     echo "kvm-host: error: the run exceeded its limit of ${timeout}s; QEMU was stopped" >&2
     exit 124
 fi
-((status == 0)) || { tail -n 30 "$run/console" >&2; die "QEMU failed (exit status $status)"; }
+((status == 0)) || { console_tail; die "QEMU failed (exit status $status)"; }
 first=$(head -n1 "$run/report")
 if [[ ! $first =~ ^exit\ ([0-9]+)$ ]]; then
-    echo "kvm-host: the emulated host's console ends with:" >&2
-    tail -n 30 "$run/console" >&2 || true
+    console_tail
     die "the emulated host stopped without reporting the command's status"
 fi
 code=${BASH_REMATCH[1]}

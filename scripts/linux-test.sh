@@ -49,6 +49,7 @@ fi
 say "building the binaries and the tests/linux.rs test binary"
 cargo build --release -q
 tests_bin=$(cargo test --release -q --test linux --no-run --message-format=json |
+    grep '"kind":\["test"\]' | grep '"name":"linux"' |
     grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
 [[ -x $tests_bin ]] || die "cargo did not report the tests/linux.rs binary"
 
