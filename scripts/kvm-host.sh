@@ -72,7 +72,7 @@ fi
 image_ver=$(apt-cache policy "$image_pkg" | sed -n 's/^ *Candidate: //p')
 
 # --- Cache: the kernel, its modules, the base initramfs -----------------------------
-SCRIPT_KEY=4
+SCRIPT_KEY=5
 cache=${SNAPVM_CACHE:-$HOME/.cache/snapvm}/kvm-host
 key=$(printf '%s\n' "$SCRIPT_KEY" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
     sha256sum | cut -c1-16)
@@ -133,6 +133,8 @@ mount -t tmpfs -o size=75% tmp /tmp
 ln -s /proc/self/fd /dev/fd
 ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
 mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
+# Loopback, for servers the command starts (multivm).
+ip link set lo up
 # ttyS0: the command's stdout, ttyS1: its stderr, ttyS2: exit status and
 # /out for the host (ttyS3 is the kernel's console). Raw, so that bytes
 # pass unchanged.

@@ -169,6 +169,12 @@ fn workflow_answers_like_a_boot(function: &str) {
         "eager restore"
     );
     assert_eq!(restore("ws", &["--load_ws"]), booted, "working-set restore");
+    // multivm's default: the small diff copied, the working set prefetched.
+    assert_eq!(
+        restore("copy-diff-ws", &["--copy_diff", "--load_ws"]),
+        booted,
+        "working-set restore over a copied diff"
+    );
 }
 
 /// firerunner's default command line plus the root disk (rootfs/README.md).
@@ -405,7 +411,7 @@ fn clones_restored_at_once_differ_in_randomness_and_know_the_time() {
 /// One HTTP/1.1 request to multivm; returns (status, body).
 fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to multivm");
-    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     write!(
         s,
         "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
@@ -479,6 +485,7 @@ fn multivm_serves_python3_functions_from_their_snapshots_under_eviction() {
             "wordcount-python3",
         ];
         for f in functions {
+            eprintln!("multivm: {f}");
             let request = requests(f);
             let first_request = request.lines().next().expect("a request");
             let (status, body) = http_post(&addr, &format!("/function/{f}"), first_request);

@@ -52,6 +52,8 @@ pub enum MemoryError {
     Mincore(std::io::Error),
     #[error("the snapshot's page range {start:#x}+{len:#x} lies outside guest RAM")]
     RangeOutside { start: u64, len: u64 },
+    #[error("cannot keep guest memory in small pages (madvise MADV_NOHUGEPAGE): {0}")]
+    NoHugePages(std::io::Error),
 }
 
 /// The RAM regions for `mem_mib` MiB as (guest address, size, file offset).
@@ -88,6 +90,32 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         mib: mem_mib,
         source,
     })
+}
+
+/// Anonymous guest RAM that a userfaultfd handler fills, in small pages
+/// only. With transparent huge pages on ("always", as in Debian's kernel),
+/// the first write to any page of a 2 MiB extent (a copied layer) would
+/// make all 512 present, zero-filled, and the others would never reach the
+/// handler that must fill them from the snapshot: the guest would read
+/// zeros where its memory was.
+pub fn create_for_fault_handler(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mem = create(mem_mib)?;
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one anonymous mapping that `mem`
+        // owns; MADV_NOHUGEPAGE only changes how later faults are backed,
+        // never the contents or the mapping itself.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::NoHugePages(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(mem)
 }
 
 /// Lazy restore: each region maps its part of `file` copy-on-write
@@ -452,6 +480,31 @@ mod tests {
         let r = regions(4096).unwrap();
         assert_eq!(r[1], (4 << 30, 1 << 30, 3 << 30));
         assert!(regions(1).is_err());
+    }
+
+    #[test]
+    fn fault_handler_memory_never_gets_huge_pages() {
+        // Whatever the host's THP setting, the kernel must not back this
+        // memory with huge pages (see create_for_fault_handler): its
+        // mapping carries VM_NOHUGEPAGE, "nh" in smaps' VmFlags.
+        let advised = create_for_fault_handler(8).unwrap();
+        let flags = smaps_flags(advised.iter().next().unwrap().as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|f| f == "nh"), "{flags}");
+        let plain = create(8).unwrap();
+        let flags = smaps_flags(plain.iter().next().unwrap().as_ptr() as usize);
+        assert!(!flags.split_whitespace().any(|f| f == "nh"), "{flags}");
+    }
+
+    /// The VmFlags line of the mapping at `start` in /proc/self/smaps.
+    fn smaps_flags(start: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{start:x}-");
+        smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&header))
+            .find(|l| l.starts_with("VmFlags"))
+            .unwrap_or_default()
+            .to_string()
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn fill(
     let t = Instant::now();
     let copies = r.memory.copies();
     let mem = if r.memory.uses_fault_handler() {
-        super::create(mem_mib)?
+        super::create_for_fault_handler(mem_mib)?
     } else if copies.base {
         let ranges = super::data_ranges(&base_file)?;
         super::copy_snapshot(&base_file, mem_mib, &ranges)?
