@@ -19,7 +19,8 @@
  *   tg_enter_cpl3  common: CR0/CR4, IDT, TSS, iretq into the Rust body
  *   tg_isr_*       256 interrupt stubs and the common handler: services
  *                  (ud2 from CPL3 with a magic in RAX), device interrupts,
- *                  and the crash path for everything else.
+ *                  #GP of CPL3 port I/O the TSS I/O bitmap refused (IOPL
+ *                  < 3: `ioport=bitmap`), and the crash path for the rest.
  *
  * Constants come from cpl0.rs as global_asm! const operands.
  */
@@ -39,6 +40,9 @@
     .set SVC_WAIT, {SVC_WAIT}
     .set SVC_HALT, {SVC_HALT}
     .set SVC_TRIPLEFAULT, {SVC_TRIPLEFAULT}
+    .set SVC_STR, {SVC_STR}
+    .set SVC_IOPL, {SVC_IOPL}
+    .set RFLAGS_IOPL, 0x3000
     .set SPURIOUS_VECTOR, {SPURIOUS_VECTOR}
     .set LAPIC_EOI, 0xfee000b0
     .set CR4_BITS, 0x620            /* PAE | OSFXSR | OSXMMEXCPT; no SMEP/SMAP */
@@ -176,6 +180,8 @@ tg_isr_common:
     mov 40(%rsp), %rcx
     cmp $32, %ecx
     jae .Lirq
+    cmp $13, %ecx                    /* #GP: maybe bitmap port I/O */
+    je .Lgp
     cmp $6, %ecx                     /* #UD: maybe a service call */
     jne .Lcrash
     testb $3, 64(%rsp)               /* only from CPL3 */
@@ -193,6 +199,10 @@ tg_isr_common:
     je .Lsvc_halt
     cmp $SVC_TRIPLEFAULT, %eax
     je .Lsvc_triplefault
+    cmp $SVC_STR, %eax
+    je .Lsvc_str
+    cmp $SVC_IOPL, %eax
+    je .Lsvc_iopl
     jmp .Lcrash                      /* unknown service: report the ud2 */
 
 /*
@@ -224,6 +234,104 @@ tg_isr_common:
     movabs $0x8000000000000000, %rax
     mov (%rax), %rax
     jmp .Lsvc_halt
+
+/* SVC_STR: returns the TR selector in rax (str is CPL0's business here). */
+.Lsvc_str:
+    addq $2, 56(%rsp)
+.Lsvc_str_ret:
+    xor %eax, %eax
+    str %ax
+    mov %rax, 32(%rsp)
+    jmp .Lreturn
+
+/*
+ * SVC_IOPL(rdi = 0..3): sets the caller's IOPL (popf at CPL3 cannot) and
+ * returns the TR selector. Below 3, CPL3 port I/O goes through the TSS
+ * I/O bitmap.
+ */
+.Lsvc_iopl:
+    addq $2, 56(%rsp)
+    and $3, %edi
+    shl $12, %edi
+    andq $~RFLAGS_IOPL, 72(%rsp)
+    or %rdi, 72(%rsp)
+    jmp .Lsvc_str_ret
+
+/*
+ * #GP from CPL3 port I/O at IOPL < 3: the TSS I/O bitmap (or the TSS
+ * itself) refused the port. At tg_ioprobe_insn (ioport.rs: a probe of a
+ * port that must be refused) resume at tg_ioprobe_fault. Anywhere else,
+ * print `testguest: #GP at bitmap port I/O (port P, TR S, GDT type T) at
+ * RIP` and end the machine with a triple fault (firerunner exits 2), so
+ * the failure is told apart from every other crash. T is the type of the
+ * TR descriptor in the GDT in memory (11, busy, after any ltr); the type
+ * in the CPU's hidden TR, which the I/O check reads, is not readable by
+ * the guest. Any other #GP is a crash as usual.
+ */
+.Lgp:
+    testb $3, 64(%rsp)
+    jz .Lcrash
+    mov 72(%rsp), %eax
+    and $RFLAGS_IOPL, %eax
+    cmp $RFLAGS_IOPL, %eax
+    je .Lcrash
+    mov 56(%rsp), %rsi
+    lea tg_ioprobe_insn(%rip), %rax
+    cmp %rax, %rsi
+    jne 1f
+    lea tg_ioprobe_fault(%rip), %rax
+    mov %rax, 56(%rsp)
+    jmp .Lreturn
+1:  movzbl (%rsi), %eax              /* the opcode, past one 0x66 prefix */
+    cmp $0x66, %eax
+    jne 2f
+    inc %rsi
+    movzbl (%rsi), %eax
+2:  mov %eax, %edx
+    and $0xfc, %edx
+    cmp $0xe4, %edx                  /* in/out with an imm8 port */
+    jne 3f
+    movzbl 1(%rsi), %r12d
+    jmp 4f
+3:  cmp $0xec, %edx                  /* in/out with the port in dx */
+    je 5f
+    cmp $0x6c, %edx                  /* ins/outs */
+    jne .Lcrash
+5:  movzwl 16(%rsp), %r12d
+4:  xor %eax, %eax                   /* r13 = TR selector, r14 = its type */
+    str %ax
+    mov %eax, %r13d
+    sub $16, %rsp
+    sgdt (%rsp)
+    mov 2(%rsp), %rdx
+    add $16, %rsp
+    and $0xfff8, %eax
+    movzbl 5(%rdx,%rax), %r14d
+    and $15, %r14d
+    /*
+     * No console lock: the line the faulting code was printing holds it
+     * and has printed nothing yet (its first port access faulted), and
+     * the other CPUs are parked by now.
+     */
+    lea tg_msg_iogp(%rip), %rsi
+    call tg_puts
+    mov %r12, %rax
+    call tg_puthex
+    lea tg_msg_iogp_tr(%rip), %rsi
+    call tg_puts
+    mov %r13, %rax
+    call tg_puthex
+    lea tg_msg_iogp_type(%rip), %rsi
+    call tg_puts
+    mov %r14, %rax
+    call tg_putdec
+    lea tg_msg_iogp_at(%rip), %rsi
+    call tg_puts
+    mov 56(%rsp), %rax
+    call tg_puthex
+    mov $10, %eax
+    call tg_putc
+    jmp .Lsvc_triplefault
 
 /* Device interrupt: count it (total and per vector) and EOI. */
 .Lirq:
@@ -491,8 +599,13 @@ tg_irq_vec_count:   .fill 256, 4, 0
 tg_msg_exception:   .asciz "testguest: exception "
 tg_msg_at:          .asciz " at "
 tg_msg_err:         .asciz " err "
+tg_msg_iogp:        .asciz "testguest: #GP at bitmap port I/O (port "
+tg_msg_iogp_tr:     .asciz ", TR "
+tg_msg_iogp_type:   .asciz ", GDT type "
+tg_msg_iogp_at:     .asciz ") at "
 
     .balign 16
+    .globl tg_gdt
 tg_gdt:
     .quad 0
     .quad 0x00af9b000000ffff         /* 0x08 kernel code, 64-bit */
@@ -530,9 +643,11 @@ tg_idt:
 
 /*
  * 256 bytes per TSS: RSP0 = top of that CPU's kernel stack, then an I/O
- * permission bitmap of zeros (ports 0..1215 allowed at CPL3). IOPL=3 alone
- * should do, but the development host's hypervisor emulates CPL3 port I/O
- * and keeps the guest's IOPL at 0, while it honours the TSS bitmap.
+ * permission bitmap of zeros (ports 0..1215 allowed at CPL3, every other
+ * port is beyond the TSS limit). IOPL=3 alone should do, but the
+ * development host's hypervisor emulates CPL3 port I/O and keeps the
+ * guest's IOPL at 0, while it honours the TSS bitmap. `ioport=bitmap`
+ * (ioport.rs) narrows the BSP's bitmap and drops to IOPL 0.
  */
     .balign 16384
     .globl tg_tss

@@ -5,7 +5,8 @@
 //! handler recognises the pattern, performs the service and returns past
 //! the `ud2` with the result in RAX. Any other exception is a crash: the
 //! core prints `testguest: exception <vector> at <rip> err <code>` and
-//! resets the machine.
+//! resets the machine (except a #GP of port I/O at IOPL < 3: see
+//! `set_iopl`).
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -25,6 +26,8 @@ const SVC_MAGIC: u32 = 0x7e57_c0de;
 const SVC_WAIT: u32 = 1;
 const SVC_HALT: u32 = 2;
 const SVC_TRIPLEFAULT: u32 = 3;
+const SVC_STR: u32 = 4;
+const SVC_IOPL: u32 = 5;
 
 global_asm!(
     include_str!("core.S"),
@@ -36,6 +39,8 @@ global_asm!(
     SVC_WAIT = const SVC_WAIT,
     SVC_HALT = const SVC_HALT,
     SVC_TRIPLEFAULT = const SVC_TRIPLEFAULT,
+    SVC_STR = const SVC_STR,
+    SVC_IOPL = const SVC_IOPL,
     SPURIOUS_VECTOR = const SPURIOUS_VECTOR,
     options(att_syntax)
 );
@@ -47,6 +52,7 @@ extern "C" {
     static tg_console_lock: AtomicU32;
     static tg_irq_count: AtomicU32;
     static tg_irq_vec_count: [AtomicU32; 256];
+    static tg_gdt: [u64; 6 + 2 * MAX_CPUS];
     static __image_end: u8;
 }
 
@@ -81,6 +87,35 @@ pub fn halt() -> ! {
 pub fn triple_fault() -> ! {
     svc(SVC_TRIPLEFAULT, 0);
     halt()
+}
+
+/// This CPU's task register (the TSS selector), read at CPL0.
+pub fn task_register() -> u16 {
+    svc(SVC_STR, 0) as u16
+}
+
+/// Sets this CPU's IOPL (0..=3; popf at CPL3 cannot). Below 3, port I/O at
+/// CPL3 is checked against the TSS I/O bitmap, and a port it refuses is a
+/// #GP that the core reports as `testguest: #GP at bitmap port I/O ...`
+/// and ends with a triple fault (see core.S, `.Lgp`).
+pub fn set_iopl(iopl: u8) {
+    svc(SVC_IOPL, u64::from(iopl & 3));
+}
+
+/// The 16-byte GDT descriptor `selector` names (the static GDT core.S
+/// loads), as (low, high) quadwords; None beyond the table.
+pub fn gdt_descriptor(selector: u16) -> Option<(u64, u64)> {
+    let i = usize::from(selector >> 3);
+    // SAFETY: a static table in the core's data section, never moved; only
+    // ltr (the busy bit) writes it after boot, so a volatile read is fine.
+    unsafe {
+        let gdt = core::ptr::addr_of!(tg_gdt).cast::<u64>();
+        let len = core::mem::size_of_val(&*core::ptr::addr_of!(tg_gdt)) / 8;
+        if i + 1 >= len {
+            return None;
+        }
+        Some((core::ptr::read_volatile(gdt.add(i)), core::ptr::read_volatile(gdt.add(i + 1))))
+    }
 }
 
 /// Interrupts taken so far (all vectors but the spurious one).

@@ -1,10 +1,12 @@
-//! Port and MMIO access from CPL3 (IOPL=3 allows port I/O; every page is
-//! user-accessible in the identity map, so MMIO is plain volatile access).
+//! Port and MMIO access from CPL3 (IOPL=3 allows port I/O, or at IOPL 0 with
+//! `ioport=bitmap` the TSS I/O bitmap does; every page is user-accessible in
+//! the identity map, so MMIO is plain volatile access).
 
 use core::arch::asm;
 
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: IOPL=3 makes port I/O legal at CPL3; the caller picks a port
+    // SAFETY: IOPL=3 (or the TSS I/O bitmap) makes port I/O legal at CPL3,
+    // and a refused port is a #GP the core reports; the caller picks a port
     // whose side effects it wants.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }

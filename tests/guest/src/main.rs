@@ -15,6 +15,7 @@ mod disks;
 mod functions;
 mod hostile;
 mod io;
+mod ioport;
 mod json;
 mod manifest;
 mod mem;
@@ -193,6 +194,9 @@ fn run_agent(boot: &BootInfo, mut devs: disks::Devices) -> ! {
         io::control(io::CONTROL_SNAPSHOT); // diff snapshot point
     }
     let mut vs = vs;
+    if let Some(case) = manifest.get(b"ioport") {
+        ioport::run(case);
+    }
     if let Some(case) = manifest.get(b"hostile") {
         hostile::run(case, boot, &mut devs, vs.as_mut());
     }
