@@ -16,13 +16,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{collect, run_with_input, Outcome, Scratch};
+use common::{collect, http, run_with_input, Outcome, Scratch};
 use serde_json::Value;
 
 /// How long one singlevm run may take (a nodejs boot takes ~15 s inside
@@ -408,41 +407,6 @@ fn clones_restored_at_once_differ_in_randomness_and_know_the_time() {
     }
 }
 
-/// One HTTP/1.1 request to multivm; returns (status, body).
-fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to multivm");
-    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response {raw:?}"));
-    (status, body.to_string())
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect to multivm");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 #[test]
 #[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
 fn multivm_serves_python3_functions_from_their_snapshots_under_eviction() {
@@ -488,12 +452,11 @@ fn multivm_serves_python3_functions_from_their_snapshots_under_eviction() {
             eprintln!("multivm: {f}");
             let request = requests(f);
             let first_request = request.lines().next().expect("a request");
-            let (status, body) = http_post(&addr, &format!("/function/{f}"), first_request);
-            assert_eq!(status, 200, "{f}: {body}");
-            let got: Value = serde_json::from_str(&body).expect("JSON body");
-            assert_eq!(got, expected(f)[0], "{f} answered differently");
+            let reply = http(&addr, "POST", &format!("/function/{f}"), first_request);
+            assert_eq!(reply.status, 200, "{f}: {}", reply.body);
+            assert_eq!(reply.json(), expected(f)[0], "{f} answered differently");
         }
-        let metrics = http_get(&addr, "/metrics");
+        let metrics = http(&addr, "GET", "/metrics", "").body;
         let evictions: f64 = metrics
             .lines()
             .filter(|l| l.starts_with("multivm_evictions_total{"))
