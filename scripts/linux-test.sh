@@ -13,7 +13,9 @@
 # scripts/mk-snapshots.sh for every function, then tests/linux.rs. The
 # snapshot runs' consoles of a failed run are kept in target/linux-test/out.
 # Exit status: the suite's (0 passed), or kvm-host.sh's own when the
-# emulated host itself failed. --timeout bounds the QEMU run (default 1800).
+# emulated host itself failed. --timeout bounds the QEMU run (default 1800);
+# a run that prints nothing for 5 minutes (QEMU wedged) is run again, at
+# most 3 times in all, saying so.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -88,11 +90,44 @@ put "$tests_bin" "$payload/linux-tests"
 put "$kernel" "$payload/vmlinux"
 say "payload: $(du -sh "$payload" | cut -f1)"
 
-say "running the suite inside the emulated KVM host (scripts/kvm-host.sh)"
-status=0
-scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
-    -- bash repo/tests/linux/inside.sh || status=$?
-if ((status)); then
+# QEMU TCG emulating a whole KVM host now and then wedges: the emulated
+# kernel stops making progress (soft lockups, or silence), whatever runs in
+# it. A run that prints nothing for $stall seconds is stopped and run again,
+# at most $attempts times, saying so; every test prints well within that.
+# A real failure (any exit status) is never retried.
+stall=${SNAPVM_LINUX_STALL:-300}
+attempts=3
+run_once() { # -> sets status; 255 means stalled
+    local alive=$work/alive pid
+    : >"$alive"
+    (scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
+        -- "${inside[@]}" 2>&1; echo $? >"$work/status") |
+        while IFS= read -r line; do printf '%s\n' "$line"; : >"$alive"; done &
+    pid=$!
+    status=
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        if (($(date +%s) - $(stat -c %Y "$alive") > stall)); then
+            say "no output for ${stall}s: the emulated host is wedged; stopping it"
+            pkill -TERM -f "kvm-host.sh --timeout $timeout --mem 4096 --out $out" || true
+            wait "$pid" 2>/dev/null || true
+            status=255
+            return
+        fi
+    done
+    wait "$pid" 2>/dev/null || true
+    status=$(cat "$work/status" 2>/dev/null || echo 125)
+}
+for ((attempt = 1; ; attempt++)); do
+    say "running the suite inside the emulated KVM host (scripts/kvm-host.sh), attempt $attempt of $attempts"
+    rm -rf "$out" && mkdir -p "$out"
+    run_once
+    ((status == 255 && attempt < attempts)) || break
+done
+if ((status == 255)); then
+    say "FAILED: the emulated host wedged on all $attempts attempts; consoles kept in $out"
+    exit 1
+elif ((status)); then
     say "FAILED (status $status); consoles kept in $out"
     exit "$status"
 fi
