@@ -3,7 +3,7 @@
 # python3 and nodejs root images and agents, every example function) booted,
 # snapshotted and restored by firerunner on a KVM that runs them.
 #
-#   scripts/linux-test.sh [--timeout SECONDS]
+#   scripts/linux-test.sh [--timeout SECONDS] [--bench [RUNS]]
 #
 # Builds (cached) the release binaries, the guest kernel, the root images,
 # every app image, the answers the host-side function tests expect, and the
@@ -15,16 +15,23 @@
 # Exit status: the suite's (0 passed), or kvm-host.sh's own when the
 # emulated host itself failed. --timeout bounds the QEMU run (default 1800);
 # a run that prints nothing for 5 minutes (QEMU wedged) is run again, at
-# most 3 times in all, saying so.
+# most 3 times in all, saying so. --bench runs scripts/bench-linux.sh RUNS
+# (default 5) inside instead of the suite: cold starts of Linux functions.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 timeout=1800
+inside=(bash repo/tests/linux/inside.sh)
 while (($#)); do
     case $1 in
     --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bench)
+        inside=(bash repo/scripts/bench-linux.sh)
+        if [[ ${2:-} =~ ^[0-9]+$ ]]; then inside+=("$2"); shift; fi
+        shift
+        ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "linux-test: unknown argument '$1' (see -h)" >&2; exit 2 ;;
     esac
 done
