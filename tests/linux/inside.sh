@@ -6,7 +6,8 @@
 # against the snapshot tree it made. When something fails, the snapshot
 # runs' consoles are copied to /out for the caller.
 #
-#   bash repo/tests/linux/inside.sh     (from the payload's root)
+#   bash repo/tests/linux/inside.sh [TEST-ARGS]   (from the payload's root;
+#                                    TEST-ARGS go to the test binary)
 set -uo pipefail
 payload=$(pwd)
 tree=/tmp/snapshots
@@ -27,7 +28,7 @@ fi
 
 say "tests/linux.rs"
 SNAPVM_BIN=$payload/target/release SNAPVM_LINUX_TREE=$tree SNAPVM_LINUX_DATA=$payload/data \
-    "$payload/linux-tests" --ignored --test-threads=1
+    "$payload/linux-tests" --ignored --test-threads=1 --nocapture "$@"
 status=$?
 ((status == 0)) || keep
 exit "$status"
