@@ -18,17 +18,22 @@
 # kernel panic, QEMU died), with the reason on stderr.
 #
 # The kernel package and the base initramfs are cached under
-# $SNAPVM_CACHE/kvm-host (default ~/.cache/snapvm), keyed by the package
-# version and this script; the payload travels as a second, uncompressed
-# cpio archive appended to the cached one (the kernel unpacks both into
-# its rootfs: measured the fastest start, no guest-side drivers needed).
-# Output comes back over two more serial ports (stderr, and /out as a
-# base64 tar stream), so no virtio driver is loaded either.
+# $SNAPVM_CACHE/kvm-host (default ~/.cache/snapvm): IMAGE-KEY/{vmlinuz,
+# vmlinux,initramfs.cpio}, keyed by the package version, busybox's and
+# this script's; resolved-KEY remembers which package linux-image-amd64
+# means for as long as apt's lists stay the same. The kernel boots from
+# its decompressed vmlinux through QEMU's PVH entry (3.5 s faster than the
+# bzImage under TCG). The payload travels as a second, uncompressed cpio
+# archive appended to the cached one (the kernel unpacks both into its
+# rootfs: measured the fastest start and fastest reads, no guest-side
+# drivers needed; a 300 MB payload costs ~2.5 s). Output comes back over
+# two more serial ports (stderr, and /out as a base64 tar stream), so no
+# virtio driver is loaded either.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
 timeout=900 mem=3072 smp=2 payload= out=
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
     --timeout) timeout=${2:?}; shift 2 ;;
@@ -98,7 +103,7 @@ else
 fi
 
 # --- Cache: the kernel, its modules, the base initramfs -----------------------------
-SCRIPT_KEY=6
+SCRIPT_KEY=7
 key=$(printf '%s\n' "$SCRIPT_KEY" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
     sha256sum | cut -c1-16)
 base=$cache/$image_pkg-$key
@@ -165,7 +170,7 @@ ip link set lo up
 # pass unchanged.
 for t in 0 1 2; do stty -F /dev/ttyS$t raw -echo 2>/dev/null; done
 report() { # STATUS: hand the status and /out to the host, power off
-    { echo "exit $1"; tar -C /out -cf - . | base64; } >/dev/ttyS2
+    { echo "exit $1"; tar -C /out -cf - . | base64; echo "kvm-host: end of report"; } >/dev/ttyS2
     sync
     # The serial ports drain asynchronously: give them time to empty.
     sleep 1
@@ -222,11 +227,12 @@ fi
 
 # --- This run: the payload and the command, as a second archive --------------
 run=$(mktemp -d)
-qemu_pid=
+qemu_pid= watcher_pid=
 cleanup() {
     # qemu_pid is timeout's: a TERM makes it pass the TERM on to QEMU (a
     # KILL would leave QEMU running), and waiting for it makes sure QEMU is
     # gone before its files are.
+    [[ -z $watcher_pid ]] || kill "$watcher_pid" 2>/dev/null || true
     if [[ -n $qemu_pid ]]; then
         kill -TERM "$qemu_pid" 2>/dev/null || true
         wait "$qemu_pid" 2>/dev/null || true
@@ -265,9 +271,26 @@ timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
     -serial "file:$run/stdout" -serial "file:$run/stderr" \
     -serial "file:$run/report" -serial "file:$run/console" </dev/null &
 qemu_pid=$!
+# Once the report is complete the run is over: if the emulated host then
+# fails to power off (TCG now and then wedges; seen at "reboot: Power
+# down"), QEMU is stopped here rather than at the time limit.
+(
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        if [[ $(tail -n1 "$run/report" 2>/dev/null) == "kvm-host: end of report" ]]; then
+            for _ in $(seq 20); do kill -0 "$qemu_pid" 2>/dev/null || exit 0; sleep 0.5; done
+            echo "kvm-host: the emulated host did not power off; stopping QEMU" >&2
+            kill -TERM "$qemu_pid" 2>/dev/null
+            exit 0
+        fi
+        sleep 0.5
+    done
+) &
+watcher_pid=$!
 status=0
 wait "$qemu_pid" || status=$?
 qemu_pid=
+kill "$watcher_pid" 2>/dev/null || true
+wait "$watcher_pid" 2>/dev/null || true
 wait # for the two cats
 # The emulated host's own console, shown and kept when it failed.
 console_tail() {
@@ -292,7 +315,7 @@ fi
 code=${BASH_REMATCH[1]}
 if [[ -n $out ]]; then
     mkdir -p "$out"
-    tail -n +2 "$run/report" | base64 -d | tar -C "$out" -xf - ||
+    sed '1d; /^kvm-host: end of report$/,$d' "$run/report" | base64 -d | tar -C "$out" -xf - ||
         echo "kvm-host: warning: cannot unpack /out into $out" >&2
 fi
 say "done: the command exited $code"
