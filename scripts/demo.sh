@@ -22,8 +22,8 @@
 # says so.
 # Built files go to the cache dir ($SNAPVM_CACHE, default ~/.cache/snapvm).
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-cd "$repo"
+here=$(cd "$(dirname "$0")" && pwd) # scripts/, or the top of a payload
+repo=$(dirname "$here")
 
 # firerunner's default command line plus the root disk (rootfs/README.md).
 KERNEL_ARGS="console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda ro rootfstype=ext4"
@@ -74,11 +74,12 @@ workflow() {
 if [[ ${1:-} == --payload-run ]]; then
     request=$2
     mkdir -p /tmp/demo
-    workflow "$PWD/bin" "$PWD/vmlinux" "$PWD/python3.ext4" "$PWD/hello-python3.ext2" \
+    workflow "$here/bin" "$here/vmlinux" "$here/python3.ext4" "$here/hello-python3.ext2" \
         /tmp/demo "$request"
     exit 0
 fi
 
+cd "$repo"
 testguest=0
 if [[ ${1:-} == --testguest ]]; then
     testguest=1
@@ -138,8 +139,8 @@ if ((native)); then
     workflow "$repo/target/release" "$kernel" "$rootfs" "$cache/hello-python3.ext2" "$dir" "$request"
     exit
 fi
-say "no: $(grep -m1 -o 'error: .*' "$dir/probe.err" | cut -c1-120)"
-last=$(grep -v '^[[:space:]]*$' "$dir/language.console" 2>/dev/null | tail -n1 | cut -c1-100)
+say "no: $(grep -m1 -o 'error: .*' "$dir/probe.err" | cut -c1-120 || true)"
+last=$(grep -v '^[[:space:]]*$' "$dir/language.console" 2>/dev/null | tail -n1 | cut -c1-100) || true
 say "    its console ends with: ${last:-(nothing: the kernel printed no line yet)}"
 say "this KVM cannot run a Linux guest at speed (a nested KVM that emulates guest"
 say "kernel code behaves so): running the demo inside the emulated KVM host instead"
