@@ -14,8 +14,8 @@
 # snapshot runs' consoles of a failed run are kept in target/linux-test/out.
 # Exit status: the suite's (0 passed), or kvm-host.sh's own when the
 # emulated host itself failed. --timeout bounds the QEMU run (default 1800);
-# a run that prints nothing for 5 minutes (QEMU wedged) is run again, at
-# most 3 times in all, saying so. --bench runs scripts/bench-linux.sh RUNS
+# a run that prints nothing for 4 minutes (QEMU wedged) is run again, at
+# most 4 times in all, skipping what passed. --bench runs scripts/bench-linux.sh RUNS
 # (default 5) inside instead of the suite: cold starts of Linux functions.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -129,8 +129,11 @@ run_once() { # -> sets status; 255 means stalled
         fi
     done
     [[ -n $status ]] || { wait "$pid" 2>/dev/null || true; status=$(cat "$work/status" 2>/dev/null || echo 125); }
-    # Passed tests are not run again.
-    while read -r name; do skip+=(--skip "$name"); done < <(sed -n 's/^test \([a-z0-9_]*\) \.\.\. ok$/\1/p' "$log")
+    # Passed tests are not run again. (With --nocapture a test's own lines
+    # come between its "test NAME ... " and its "ok".)
+    while read -r name; do skip+=(--skip "$name"); done < <(awk '
+        /^test [a-z0-9_]+ \.\.\. / { cur = $2; if ($0 ~ / \.\.\. ok$/) { print cur; cur = "" }; next }
+        /^ok$/ && cur != "" { print cur; cur = "" }' "$log")
 }
 for ((attempt = 1; ; attempt++)); do
     say "running the suite inside the emulated KVM host (scripts/kvm-host.sh), attempt $attempt of $attempts${skip[*]:+, skipping what passed}"
