@@ -57,7 +57,7 @@ sample() {
         say "$fn $mode: no response"; cat /tmp/bench-linux.err >&2; exit 1
     fi
     ms=$((($(date +%s%N) - start) / 1000000))
-    pid=$(pgrep -P "$SV_PID" firerunner | head -n1)
+    pid=$(cat /proc/"$SV_PID"/task/*/children | tr ' ' '\n' | grep . | head -n1)
     # /proc/PID/stat: minflt is field 10, majflt field 12.
     faults=$(awk '{ print $10 + $12 }' "/proc/$pid/stat")
     [[ $line != *'"error"'* ]] || { say "$fn $mode answered an error: $line"; exit 1; }

@@ -113,8 +113,12 @@ run_once() { # -> sets status; 255 means stalled
     local alive=$work/alive log=$work/attempt.log pid
     : >"$alive"
     : >"$log"
-    (scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
-        -- "${inside[@]}" "${skip[@]}" 2>&1; echo $? >"$work/status") |
+    rm -f "$work/status"
+    # (set -e would end the subshell before it records a failure.)
+    (rc=0
+        scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
+            -- "${inside[@]}" "${skip[@]}" 2>&1 || rc=$?
+        echo "$rc" >"$work/status") |
         while IFS= read -r line; do printf '%s\n' "$line"; printf '%s\n' "$line" >>"$log"; : >"$alive"; done &
     pid=$!
     status=
