@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{collect, http, run_with_input, Outcome, Scratch};
+use common::{collect, dir_entries, http, run_with_input, Outcome, Scratch};
 use serde_json::Value;
 
 /// How long one singlevm run may take (a nodejs boot takes ~15 s inside
@@ -203,16 +203,7 @@ fn nodejs_hello_boots_and_every_restore_answers_like_the_boot() {
 #[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
 fn every_example_function_answers_its_fixtures_from_its_snapshots() {
     let s = Scratch::new("linux-examples");
-    let mut functions: Vec<String> = std::fs::read_dir(tree().join("diff"))
-        .expect("the tree's diff snapshots")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    functions.sort();
+    let functions = dir_entries(&tree().join("diff"));
     for f in [
         "archive-python3",
         "logstats-python3",
