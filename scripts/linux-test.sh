@@ -14,9 +14,10 @@
 # snapshot runs' consoles of a failed run are kept in target/linux-test/out.
 # Exit status: the suite's (0 passed), or kvm-host.sh's own when the
 # emulated host itself failed. --timeout bounds the QEMU run (default 1800);
-# a run that prints nothing for 4 minutes (QEMU wedged) is run again, at
-# most 4 times in all, skipping what passed. --bench runs scripts/bench-linux.sh RUNS
-# (default 5) inside instead of the suite: cold starts of Linux functions.
+# a run that prints nothing for 4 minutes (QEMU wedged) or whose emulated
+# host crashes is run again, at most 4 times in all, skipping what passed.
+# --bench runs scripts/bench-linux.sh RUNS (default 5) inside instead of
+# the suite: cold starts of Linux functions.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -31,7 +32,7 @@ while (($#)); do
         if [[ ${2:-} =~ ^[0-9]+$ ]]; then inside+=("$2"); shift; fi
         shift
         ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "linux-test: unknown argument '$1' (see -h)" >&2; exit 2 ;;
     esac
 done
@@ -97,15 +98,19 @@ put "$tests_bin" "$payload/linux-tests"
 put "$kernel" "$payload/vmlinux"
 say "payload: $(du -sh "$payload" | cut -f1)"
 
-# QEMU TCG emulating a whole KVM host now and then wedges: the emulated
-# kernel stops making progress (both emulated CPUs busy, or silence),
-# whatever runs in it, about once in every few minutes of a run. A run that
-# prints nothing for $stall seconds is stopped and started again with the
-# tests that already passed skipped, at most $attempts times, saying so.
-# A test that fails (any exit status) is never retried. If the emulated
-# host wedges every time, the tests that never ran are named and the
-# suite ends without failing: no snapvm code failed, and the tests that
-# did run are reported as they went.
+# QEMU TCG emulating a whole KVM host now and then wedges (the emulated
+# kernel stops making progress: both emulated CPUs busy, or silence) or
+# crashes (a CI run saw the emulated Debian kernel overflow its stack in
+# its own page-fault handler, in a KVM vCPU thread), whatever runs in it,
+# about once in every few minutes of a run. A run that prints nothing for
+# $stall seconds, or whose emulated host stops without reporting the
+# command's status, is started again with the tests
+# that already passed skipped, at most $attempts times, saying so; each
+# such attempt's consoles are kept in $out.attempt-N. A test that fails
+# (any other exit status) is never retried. If the emulated host fails
+# every time, the tests that never ran are named and the suite ends
+# without failing: no snapvm code failed, and the tests that did run are
+# reported as they went.
 stall=${SNAPVM_LINUX_STALL:-240}
 attempts=4
 skip=()
@@ -139,14 +144,23 @@ run_once() { # -> sets status; 255 means stalled
         /^test [a-z0-9_]+ \.\.\. / { cur = $2; if ($0 ~ / \.\.\. ok$/) { print cur; cur = "" }; next }
         /^ok$/ && cur != "" { print cur; cur = "" }' "$log")
 }
+# 255: stalled; a crash mid-run is kvm-host.sh's 125 with this message (its
+# other 125s, such as no /dev/kvm inside, are not retried).
+emulator_failed() {
+    ((status == 255)) || { ((status == 125)) &&
+        grep -q "stopped without reporting the command's status" "$work/attempt.log"; }
+}
+rm -rf "$out".attempt-*
 for ((attempt = 1; ; attempt++)); do
     say "running the suite inside the emulated KVM host (scripts/kvm-host.sh), attempt $attempt of $attempts${skip[*]:+, skipping what passed}"
     rm -rf "$out" && mkdir -p "$out"
     run_once
-    ((status == 255 && attempt < attempts)) || break
+    emulator_failed && ((attempt < attempts)) || break
+    ((status == 255)) || say "the emulated host stopped without reporting a status (QEMU TCG, not snapvm)"
+    mv "$out" "$out.attempt-$attempt"
 done
-if ((status == 255)); then
-    say "NOT COMPLETED: the emulated host wedged in all $attempts attempts (QEMU TCG, not snapvm);"
+if emulator_failed; then
+    say "NOT COMPLETED: the emulated host wedged or crashed in all $attempts attempts (QEMU TCG, not snapvm);"
     say "passed: $((${#skip[@]} / 2)) tests (above); these never ran to the end:"
     "$tests_bin" --list --ignored 2>/dev/null | sed -n 's/: test$//p' |
         while read -r t; do [[ " ${skip[*]} " == *" $t "* ]] || say "    $t"; done
