@@ -5,8 +5,8 @@
 # under QEMU TCG with nested SVM (-cpu max) and loads irqbypass, ccp, kvm
 # and kvm-amd; its /dev/kvm is the kvm_amd users run, only slower.
 #
-#   scripts/kvm-host.sh [--timeout SECS] [--mem MiB] [--smp N] [--payload DIR]
-#                       [--out DIR] -- COMMAND [ARG...]
+#   scripts/kvm-host.sh [--timeout SECS] [--stall SECS] [--mem MiB] [--smp N]
+#                       [--payload DIR] [--out DIR] -- COMMAND [ARG...]
 #
 # Inside, DIR (--payload) is /payload and the working directory; COMMAND
 # runs there as root with bash, GNU coreutils, grep, sed, util-linux's
@@ -15,7 +15,13 @@
 # /out comes back into --out DIR. Exit status: COMMAND's; 124 when the run
 # exceeded --timeout (default 900 s; QEMU is killed, nothing is left
 # running); 125 when the emulated host failed (no /dev/kvm inside, a
-# kernel panic, QEMU died), with the reason on stderr.
+# kernel panic, QEMU died, or it stopped making progress), with the reason
+# on stderr. Progress: the emulated host's user space prints a heartbeat on
+# its console every 10 s; QEMU TCG now and then wedges the whole emulated
+# host (soft lockups, then silence), and a console silent for --stall
+# seconds (default 120; 0 = never) or a kernel lockup report stops the
+# run. A command that hangs while the emulated host lives runs into its
+# own limits or --timeout instead: it is the command's failure.
 #
 # The kernel package and the base initramfs are cached under
 # $SNAPVM_CACHE/kvm-host (default ~/.cache/snapvm): IMAGE-KEY/{vmlinuz,
@@ -32,11 +38,12 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-timeout=900 mem=3072 smp=2 payload= out=
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+timeout=900 stall=120 mem=3072 smp=2 payload= out=
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
     --timeout) timeout=${2:?}; shift 2 ;;
+    --stall) stall=${2:?}; shift 2 ;;
     --mem) mem=${2:?}; shift 2 ;;
     --smp) smp=${2:?}; shift 2 ;;
     --payload) payload=${2:?}; shift 2 ;;
@@ -48,6 +55,7 @@ while (($#)); do
 done
 (($#)) || { echo "kvm-host: no command (usage: $0 [options] -- COMMAND [ARG...])" >&2; exit 2; }
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || { echo "kvm-host: --timeout must be seconds" >&2; exit 2; }
+[[ $stall =~ ^[0-9]+$ ]] || { echo "kvm-host: --stall must be seconds" >&2; exit 2; }
 [[ -z $payload || -d $payload ]] || { echo "kvm-host: --payload $payload is not a directory" >&2; exit 2; }
 
 t0=$SECONDS
@@ -103,8 +111,8 @@ else
 fi
 
 # --- Cache: the kernel, its modules, the base initramfs -----------------------------
-SCRIPT_KEY=7
-key=$(printf '%s\n' "$SCRIPT_KEY" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
+# (This whole script is in the key: any edit rebuilds, in about 10 s.)
+key=$(printf '%s\n' "$(sha256sum <"$0")" "$image_pkg $image_ver" "$(dpkg-query -W -f '${Version}' busybox-static)" |
     sha256sum | cut -c1-16)
 base=$cache/$image_pkg-$key
 mkdir -p "$cache"
@@ -184,6 +192,8 @@ if [ ! -c /dev/kvm ]; then
       dmesg | grep -iE 'kvm|svm|virtuali' | tail -n 20; } >/dev/ttyS1
     report 125
 fi
+# The heartbeat the host watches (a wedged emulated host stops printing).
+(while :; do echo "kvm-host: alive $(cut -d' ' -f1 /proc/uptime)"; sleep 10; done) >/dev/ttyS3 &
 cd /payload
 bash /command.sh </dev/null >/dev/ttyS0 2>/dev/ttyS1
 report $?
@@ -236,6 +246,11 @@ cleanup() {
     if [[ -n $qemu_pid ]]; then
         kill -TERM "$qemu_pid" 2>/dev/null || true
         wait "$qemu_pid" 2>/dev/null || true
+        # Stopped from outside mid-run (a caller's stall watchdog): keep
+        # the emulated host's console, as for any other failed run.
+        if [[ -n $out && -s $run/console ]]; then
+            mkdir -p "$out" && cp "$run/console" "$out/kvm-host-console.log" || true
+        fi
     fi
     rm -rf "$run"
 }
@@ -273,7 +288,9 @@ timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
 qemu_pid=$!
 # Once the report is complete the run is over: if the emulated host then
 # fails to power off (TCG now and then wedges; seen at "reboot: Power
-# down"), QEMU is stopped here rather than at the time limit.
+# down"), QEMU is stopped here rather than at the time limit. A wedged
+# emulated host (no heartbeat for $stall s, or its kernel reports a
+# lockup) is stopped too, and the reason left in $run/wedged.
 (
     while kill -0 "$qemu_pid" 2>/dev/null; do
         if [[ $(tail -n1 "$run/report" 2>/dev/null) == "kvm-host: end of report" ]]; then
@@ -282,7 +299,18 @@ qemu_pid=$!
             kill -TERM "$qemu_pid" 2>/dev/null
             exit 0
         fi
-        sleep 0.5
+        wedged=
+        if ((stall)) && (($(date +%s) - $(stat -c %Y "$run/console" 2>/dev/null || date +%s) > stall)); then
+            wedged="no heartbeat for ${stall}s"
+        elif grep -qE 'soft lockup|hard LOCKUP|rcu_.*self-detected stall' "$run/console" 2>/dev/null; then
+            wedged="its kernel reported a lockup"
+        fi
+        if [[ -n $wedged ]]; then
+            echo "$wedged" >"$run/wedged"
+            kill -TERM "$qemu_pid" 2>/dev/null
+            exit 0
+        fi
+        sleep 1
     done
 ) &
 watcher_pid=$!
@@ -295,7 +323,7 @@ wait # for the two cats
 # The emulated host's own console, shown and kept when it failed.
 console_tail() {
     echo "kvm-host: the emulated host's console ends with:" >&2
-    tail -n 40 "$run/console" >&2 || true
+    grep -v '^kvm-host: alive ' "$run/console" | tail -n 40 >&2 || true
     if [[ -n $out ]]; then
         mkdir -p "$out" && cp "$run/console" "$out/kvm-host-console.log" &&
             echo "kvm-host: its whole console: $out/kvm-host-console.log" >&2
@@ -305,6 +333,10 @@ if ((status == 124 || status == 137)); then
     console_tail
     echo "kvm-host: error: the run exceeded its limit of ${timeout}s; QEMU was stopped" >&2
     exit 124
+fi
+if [[ -f $run/wedged ]]; then
+    console_tail
+    die "the emulated host stopped making progress ($(cat "$run/wedged")); QEMU TCG wedged, QEMU was stopped"
 fi
 ((status == 0)) || { console_tail; die "QEMU failed (exit status $status)"; }
 first=$(head -n1 "$run/report")

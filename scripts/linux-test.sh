@@ -14,8 +14,9 @@
 # snapshot runs' consoles of a failed run are kept in target/linux-test/out.
 # Exit status: the suite's (0 passed), or kvm-host.sh's own when the
 # emulated host itself failed. --timeout bounds the QEMU run (default 1800);
-# a run that prints nothing for 4 minutes (QEMU wedged) or whose emulated
-# host crashes is run again, at most 4 times in all, skipping what passed.
+# a run whose emulated host wedges or crashes (QEMU TCG; kvm-host.sh tells
+# it from a failing test) is run again, at most 4 times in all, skipping
+# what passed.
 # --bench runs scripts/bench-linux.sh RUNS (default 5) inside instead of
 # the suite: cold starts of Linux functions.
 set -euo pipefail
@@ -32,7 +33,7 @@ while (($#)); do
         if [[ ${2:-} =~ ^[0-9]+$ ]]; then inside+=("$2"); shift; fi
         shift
         ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "linux-test: unknown argument '$1' (see -h)" >&2; exit 2 ;;
     esac
 done
@@ -99,56 +100,35 @@ put "$kernel" "$payload/vmlinux"
 say "payload: $(du -sh "$payload" | cut -f1)"
 
 # QEMU TCG emulating a whole KVM host now and then wedges (the emulated
-# kernel stops making progress: both emulated CPUs busy, or silence) or
-# crashes (a CI run saw the emulated Debian kernel overflow its stack in
-# its own page-fault handler, in a KVM vCPU thread), whatever runs in it,
-# about once in every few minutes of a run. A run that prints nothing for
-# $stall seconds, or whose emulated host stops without reporting the
-# command's status, is started again with the tests
-# that already passed skipped, at most $attempts times, saying so; each
-# such attempt's consoles are kept in $out.attempt-N. A test that fails
-# (any other exit status) is never retried. If the emulated host fails
-# every time, the tests that never ran are named and the suite ends
-# without failing: no snapvm code failed, and the tests that did run are
-# reported as they went.
-stall=${SNAPVM_LINUX_STALL:-240}
+# kernel stops making progress: soft lockups, then silence) or crashes (a
+# CI run saw the emulated Debian kernel overflow its stack in its own
+# page-fault handler, in a KVM vCPU thread), whatever runs in it, about
+# once in every few minutes of a run. kvm-host.sh tells those apart from a
+# command that fails or hangs (its heartbeat; see its -h) and exits 125
+# saying the emulated host stopped making progress or stopped without
+# reporting. Such a run is started again with the tests that already
+# passed skipped, at most $attempts times, saying so; each such attempt's
+# consoles are kept in $out.attempt-N. A test that fails or hangs (any
+# other exit status; kvm-host.sh's other 125s, such as no /dev/kvm
+# inside) is never retried. If the emulated host fails every time, the
+# tests that never ran are named and the suite ends without failing: no
+# snapvm code failed, and the tests that did run are reported as they
+# went.
 attempts=4
 skip=()
-run_once() { # -> sets status; 255 means stalled
-    local alive=$work/alive log=$work/attempt.log pid
-    : >"$alive"
-    : >"$log"
-    rm -f "$work/status"
-    # (set -e would end the subshell before it records a failure.)
-    (rc=0
-        scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
-            -- "${inside[@]}" "${skip[@]}" 2>&1 || rc=$?
-        echo "$rc" >"$work/status") |
-        while IFS= read -r line; do printf '%s\n' "$line"; printf '%s\n' "$line" >>"$log"; : >"$alive"; done &
-    pid=$!
-    status=
-    while kill -0 "$pid" 2>/dev/null; do
-        sleep 5
-        if (($(date +%s) - $(stat -c %Y "$alive") > stall)); then
-            say "no output for ${stall}s: the emulated host is wedged; stopping it"
-            pkill -TERM -f "kvm-host.sh --timeout $timeout --mem 4096 --out $out" || true
-            wait "$pid" 2>/dev/null || true
-            status=255
-            break
-        fi
-    done
-    [[ -n $status ]] || { wait "$pid" 2>/dev/null || true; status=$(cat "$work/status" 2>/dev/null || echo 125); }
+run_once() { # -> sets status
+    local log=$work/attempt.log
+    status=0
+    scripts/kvm-host.sh --timeout "$timeout" --mem 4096 --out "$out" --payload "$payload" \
+        -- "${inside[@]}" "${skip[@]}" 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
     # Passed tests are not run again. (With --nocapture a test's own lines
     # come between its "test NAME ... " and its "ok".)
     while read -r name; do skip+=(--skip "$name"); done < <(awk '
         /^test [a-z0-9_]+ \.\.\. / { cur = $2; if ($0 ~ / \.\.\. ok$/) { print cur; cur = "" }; next }
         /^ok$/ && cur != "" { print cur; cur = "" }' "$log")
 }
-# 255: stalled; a crash mid-run is kvm-host.sh's 125 with this message (its
-# other 125s, such as no /dev/kvm inside, are not retried).
 emulator_failed() {
-    ((status == 255)) || { ((status == 125)) &&
-        grep -q "stopped without reporting the command's status" "$work/attempt.log"; }
+    ((status == 125)) && grep -qE "kvm-host: error: the emulated host stopped (making progress|without reporting)" "$work/attempt.log"
 }
 rm -rf "$out".attempt-*
 for ((attempt = 1; ; attempt++)); do
@@ -156,7 +136,7 @@ for ((attempt = 1; ; attempt++)); do
     rm -rf "$out" && mkdir -p "$out"
     run_once
     emulator_failed && ((attempt < attempts)) || break
-    ((status == 255)) || say "the emulated host stopped without reporting a status (QEMU TCG, not snapvm)"
+    say "the emulated host failed (QEMU TCG, not snapvm); consoles kept in $out.attempt-$attempt"
     mv "$out" "$out.attempt-$attempt"
 done
 if emulator_failed; then
