@@ -232,6 +232,20 @@ impl Function {
         }
     }
 
+    /// Whether VMs of `self` and `other` are the same VM: everything but
+    /// the scheduling settings (limits, timeouts, queue, min_idle) agrees.
+    pub fn same_vm(&self, other: &Function) -> bool {
+        self.kernel == other.kernel
+            && self.cmdline == other.cmdline
+            && self.rootfs == other.rootfs
+            && self.appfs == other.appfs
+            && self.vcpus == other.vcpus
+            && self.memory_mib == other.memory_mib
+            && self.load_dir == other.load_dir
+            && (self.copy_base, self.copy_diff, self.load_ws)
+                == (other.copy_base, other.copy_diff, other.load_ws)
+    }
+
     /// The firerunner flags of one VM of this function, spelt by the
     /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
     /// control ones).

@@ -273,15 +273,14 @@ impl Api {
     }
 
     fn invoke(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
-        let Some(fi) = self.sched.function(name) else {
-            return Reply::error(404, format!("no function named {name:?}"), rid);
-        };
-        let mut reply = self.invoke_fn(req, fi, rid, t0);
-        reply.function = Some(name.to_string());
+        let mut reply = self.invoke_fn(req, name, rid, t0);
+        if reply.status != 404 {
+            reply.function = Some(name.to_string());
+        }
         reply
     }
 
-    fn invoke_fn(&self, req: &mut Request, fi: usize, rid: &str, t0: Instant) -> Reply {
+    fn invoke_fn(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
         let mut body = Vec::new();
         if let Err(e) = req
             .as_reader()
@@ -311,15 +310,13 @@ impl Api {
         if payload.len() > MAX_FRAME {
             return Reply::error(413, format!("request over the {MAX_FRAME}-byte limit"), rid);
         }
-        match self.sched.invoke(fi, &payload, rid) {
+        match self.sched.invoke(name, &payload, rid) {
             Ok(inv) => {
                 let is_error = serde_json::from_slice::<Value>(&inv.body)
                     .ok()
                     .is_some_and(|v| v.get("error").is_some());
                 if is_error {
-                    self.sched
-                        .metrics
-                        .function_error(&self.sched.config().functions[fi].name);
+                    self.sched.metrics.function_error(name);
                 }
                 if inv.start == Start::Warm && inv.queued.is_zero() {
                     self.sched

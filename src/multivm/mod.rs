@@ -149,7 +149,7 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
     let _ = std::io::stdout().flush();
     log::info!(
         "multivm: {} functions, budget {} MiB, listening on {bound}",
-        sched.config().functions.len(),
+        sched.functions().len(),
         opts.mem_mib
     );
 
