@@ -165,6 +165,16 @@ impl Metrics {
         self.lock().warm_starts.get(function).copied().unwrap_or(0)
     }
 
+    /// Invocations of `function` answered so far, whatever their status.
+    pub fn invocations(&self, function: &str) -> u64 {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|((f, _), _)| f == function)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// Cold starts of `function` so far, every launch kind.
     pub fn cold_starts(&self, function: &str) -> u64 {
         self.lock()

@@ -218,11 +218,12 @@ impl Scheduler {
             if st.shutting_down {
                 return Err(SchedulerError::ShuttingDown);
             }
-            st.check_fits(&spec, self.budget_mib)
-                .map_err(|reason| SchedulerError::Unfit {
-                    function: name.clone(),
+            if let Err(reason) = st.check_fits(&spec, self.budget_mib) {
+                return Err(SchedulerError::Unfit {
+                    function: name,
                     reason,
-                })?;
+                });
+            }
             let (_, old) = st.put_function(Arc::new(spec));
             self.pump(&mut st);
             old
@@ -237,6 +238,16 @@ impl Scheduler {
         }
         let _ = self.wake.try_send(());
         Ok(())
+    }
+
+    /// Whether `spec` could be deployed now (see [`pool::State::check_fits`]).
+    pub fn check_fits(&self, spec: &Function) -> Result<(), SchedulerError> {
+        self.lock()
+            .check_fits(spec, self.budget_mib)
+            .map_err(|reason| SchedulerError::Unfit {
+                function: spec.name.clone(),
+                reason,
+            })
     }
 
     /// Unregisters function `name`: its waiting requests are answered

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod daemon;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -294,18 +296,39 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh connection.
+/// One HTTP/1.1 exchange on a fresh connection, with a JSON body.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> Reply {
+    http_with(
+        addr,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+/// One HTTP/1.1 exchange with the given headers and body. A server that
+/// answers before reading the whole body (413) may close the connection
+/// while it is being written: the answer is read all the same.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect to multivm");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += &format!("Content-Length: {}\r\n\r\n", body.len());
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    let _ = s.write_all(&request);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the response");
+    let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
