@@ -216,11 +216,13 @@ fn faas_cli_deploys_lists_describes_invokes_scales_updates_and_removes() {
         record(&s, "hello").is_file(),
         "stored before it is answered"
     );
+    let mut not_ready = 0;
     let first = loop {
         let r = invoke(&d, "hello", r#"{"name": "cli"}"#);
         if r.status == 200 {
             break r;
         }
+        not_ready += 1;
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.json()["error"].as_str().unwrap().contains("prepared"));
         assert!(t.elapsed() < Duration::from_secs(30), "{}", d.log());
@@ -239,12 +241,34 @@ fn faas_cli_deploys_lists_describes_invokes_scales_updates_and_removes() {
     assert_eq!(st["annotations"]["note"], "x");
     assert_eq!(st["annotations"]["com.snapvm.state"], "ready");
     assert_eq!(st["annotations"]["com.snapvm.source"], "api");
-    assert_eq!(st["invocationCount"], 1);
+    // Every answered invocation counts, the 503s while preparing too.
+    assert_eq!(st["invocationCount"], 1 + not_ready);
     assert_eq!(
         (st["replicas"].as_u64(), st["availableReplicas"].as_u64()),
         (Some(1), Some(1))
     );
     assert_eq!(cli.describe("nope").status, 404);
+    // The OpenFaaS gateway's metrics beside snapvm's own.
+    assert_eq!(
+        d.metric(
+            "gateway_function_invocation_total{function_name=\"hello.openfaas-fn\",code=\"200\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "gateway_functions_seconds_count{function_name=\"hello.openfaas-fn\",code=\"200\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.metric("gateway_service_count{function_name=\"hello.openfaas-fn\"}"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("multivm_requests_total{function=\"hello\",code=\"200\"}"),
+        1.0
+    );
 
     // `faas-cli scale hello --replicas 2`: two warm VMs.
     let r = cli.req(
