@@ -333,11 +333,15 @@ impl Provider {
 
     fn spawn_prepare(self: &Arc<Self>, job: Job) {
         let me = Arc::clone(self);
+        let (name, version) = (job.name.clone(), job.version);
         let spawned = std::thread::Builder::new()
-            .name(format!("prepare-{}", job.name))
+            .name(format!("prepare-{name}"))
             .spawn(move || me.prepare(job));
         if let Err(e) = spawned {
             log::error!("cannot start a preparation thread: {e}");
+            if let Some(entry) = self.lock().get_mut(&name).filter(|e| e.version == version) {
+                entry.state = Prep::Failed(format!("cannot start its preparation: {e}"));
+            }
         }
     }
 
