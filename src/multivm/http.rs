@@ -4,6 +4,7 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `POST /function/{name}`, body = JSON request | 200 + the function's JSON response |
+//! | any method on `/function/{name}[/sub/path][?query]`, any body | the request in an envelope (envelope.rs); the function's status, headers and body when it answers with one |
 //! | `GET /healthz` | 200 `{"status":"ok"}`; 503 `{"status":"shutting down"}` |
 //! | `GET /metrics` | Prometheus text format (see metrics.rs) |
 //! | `GET /functions` | JSON array: config and live counts per function |
@@ -24,14 +25,15 @@
 //! A function error — the guest answered an object with an `"error"`
 //! field — is still the function's answer: 200 with that JSON, flagged by
 //! the header `X-Function-Error: true`. multivm's own failures are JSON
-//! `{"error": "...", "request_id": "..."}` with: 400 body is not JSON,
-//! 404 unknown function or path, 405 wrong method, 410 the function was
-//! removed while the request waited, 413 body over 4 MiB,
+//! `{"error": "...", "request_id": "..."}` with: 404 unknown function or
+//! path, 405 wrong method, 410 the function was
+//! removed while the request waited, 413 body over 4 MiB (over 3 MiB
+//! less 64 KiB when it travels in an envelope),
 //! 429 the function's queue is full, 503 no VM became free within the
 //! function's `request_timeout`, the function is still being prepared
 //! (or its preparation failed), or multivm is shutting down (all with
 //! `Retry-After`), 502 the VM failed to launch, died, or answered
-//! something that is not JSON, 504 the function ran past its
+//! something that is not JSON or a malformed response envelope, 504 the function ran past its
 //! `request_timeout` (its VM was killed).
 
 use std::io::Read;
@@ -44,6 +46,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response};
 
 use super::config::check_name;
+use super::envelope::{self, HttpRequest};
 use super::provider::auth::REALM;
 use super::provider::types::check_namespace;
 use super::provider::{Provider, ProviderError};
@@ -76,8 +79,8 @@ pub struct Api {
 struct Reply {
     status: u16,
     body: Vec<u8>,
-    content_type: &'static str,
-    headers: Vec<(&'static str, String)>,
+    content_type: String,
+    headers: Vec<(String, String)>,
     /// Function label for the request metrics (invocations only).
     function: Option<String>,
 }
@@ -87,7 +90,7 @@ impl Reply {
         Self {
             status,
             body: v.to_string().into_bytes(),
-            content_type: "application/json",
+            content_type: "application/json".into(),
             headers: Vec::new(),
             function: None,
         }
@@ -99,16 +102,16 @@ impl Reply {
             &json!({"error": msg.to_string(), "request_id": rid}),
         );
         if status == 429 || status == 503 {
-            r.headers.push(("Retry-After", "1".into()));
+            r.headers.push(("Retry-After".into(), "1".into()));
         }
         r
     }
 
-    fn text(status: u16, body: Vec<u8>, content_type: &'static str) -> Self {
+    fn text(status: u16, body: Vec<u8>, content_type: &str) -> Self {
         Self {
             status,
             body,
-            content_type,
+            content_type: content_type.to_string(),
             headers: Vec::new(),
             function: None,
         }
@@ -222,7 +225,7 @@ impl Api {
         let status = reply.status;
         let mut resp = Response::from_data(reply.body).with_status_code(status);
         for h in [
-            header("Content-Type", reply.content_type),
+            header("Content-Type", &reply.content_type),
             header("X-Request-Id", &rid),
         ]
         .into_iter()
@@ -255,8 +258,15 @@ impl Api {
         let get = *method == Method::Get || *method == Method::Head;
         match (parts.as_slice(), get) {
             (["system", rest @ ..], _) => self.system(req, method, rest, query, rid),
-            (["function", name], _) if *method == Method::Post => self.invoke(req, name, rid, t0),
-            (["function", _], _) => method_not_allowed("POST", rid),
+            (["function", name, ..], _) => {
+                // The path after /function/NAME, as received.
+                let sub = path
+                    .trim_start_matches('/')
+                    .strip_prefix("function/")
+                    .and_then(|p| p.strip_prefix(*name))
+                    .unwrap_or_default();
+                self.invoke(req, name, (sub, query), rid, t0)
+            }
             (["healthz"], true) => {
                 if self.sched.is_shutting_down() {
                     Reply::json(503, &json!({"status": "shutting down"}))
@@ -291,38 +301,81 @@ impl Api {
         }
     }
 
-    fn invoke(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
-        let mut reply = self.invoke_fn(req, name, rid, t0);
+    fn invoke(
+        &self,
+        req: &mut Request,
+        name: &str,
+        target: (&str, &str),
+        rid: &str,
+        t0: Instant,
+    ) -> Reply {
+        let mut reply = self.invoke_fn(req, name, target, rid, t0);
         if reply.status != 404 {
             reply.function = Some(name.to_string());
         }
         reply
     }
 
-    fn invoke_fn(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
+    /// An invocation: `(sub, query)` are the path after /function/NAME and
+    /// the query string; see envelope.rs for what reaches the guest.
+    fn invoke_fn(
+        &self,
+        req: &mut Request,
+        name: &str,
+        (sub, query): (&str, &str),
+        rid: &str,
+        t0: Instant,
+    ) -> Reply {
         let body = match read_body(req, MAX_FRAME, rid) {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Reply::error(400, format!("the request body is not JSON: {e}"), rid)
-                }
-            }
+        let method = req.method().as_str().to_ascii_uppercase();
+        let http = HttpRequest {
+            method: &method,
+            path: sub,
+            query,
+            headers: req
+                .headers()
+                .iter()
+                .map(|h| (h.field.to_string(), h.value.to_string()))
+                .collect(),
+            body: &body,
         };
-        let payload = request.to_string().into_bytes();
+        let frame = http.frame();
+        if frame.get(envelope::KEY).is_some() && body.len() > envelope::MAX_BODY {
+            return Reply::error(
+                413,
+                format!(
+                    "a body that is not JSON travels in base64: at most {} bytes",
+                    envelope::MAX_BODY
+                ),
+                rid,
+            );
+        }
+        let payload = frame.to_string().into_bytes();
         if payload.len() > MAX_FRAME {
             return Reply::error(413, format!("request over the {MAX_FRAME}-byte limit"), rid);
         }
         match self.sched.invoke(name, &payload, rid) {
             Ok(inv) => {
-                let is_error = serde_json::from_slice::<Value>(&inv.body)
-                    .ok()
-                    .is_some_and(|v| v.get("error").is_some());
+                let answer = serde_json::from_slice::<Value>(&inv.body).ok();
+                let mut r = match answer.as_ref().and_then(envelope::response) {
+                    Some(Ok(http)) => {
+                        let mut r = Reply::text(http.status, http.body, "application/octet-stream");
+                        for (k, v) in http.headers {
+                            if k == "content-type" {
+                                r.content_type = v;
+                            } else {
+                                r.headers.push((k, v));
+                            }
+                        }
+                        r
+                    }
+                    Some(Err(e)) => Reply::error(502, e, rid),
+                    None => Reply::text(200, inv.body, "application/json"),
+                };
+                let is_error = answer.is_some_and(|v| v.get("error").is_some());
                 if is_error {
                     self.sched.metrics.function_error(name);
                 }
@@ -339,11 +392,11 @@ impl Api {
                     inv.launch.as_micros(),
                     inv.guest.as_micros()
                 );
-                let mut r = Reply::text(200, inv.body, "application/json");
-                r.headers.push(("X-Vm-Id", inv.vm.to_string()));
-                r.headers.push(("X-Start", inv.start.as_str().to_string()));
+                r.headers.push(("X-Vm-Id".into(), inv.vm.to_string()));
+                r.headers
+                    .push(("X-Start".into(), inv.start.as_str().to_string()));
                 if is_error {
-                    r.headers.push(("X-Function-Error", "true".into()));
+                    r.headers.push(("X-Function-Error".into(), "true".into()));
                 }
                 r
             }
@@ -378,8 +431,10 @@ impl Api {
                 "/system/* needs HTTP basic authentication with the credentials of --basic_auth_dir",
                 rid,
             );
-            r.headers
-                .push(("WWW-Authenticate", format!("Basic realm=\"{REALM}\"")));
+            r.headers.push((
+                "WWW-Authenticate".into(),
+                format!("Basic realm=\"{REALM}\""),
+            ));
             return r;
         }
         let namespace = query
@@ -474,6 +529,6 @@ fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
 
 fn method_not_allowed(allow: &str, rid: &str) -> Reply {
     let mut r = Reply::error(405, format!("method not allowed; use {allow}"), rid);
-    r.headers.push(("Allow", allow.to_string()));
+    r.headers.push(("Allow".into(), allow.to_string()));
     r
 }

@@ -329,21 +329,51 @@ pub fn http_with(
     let _ = s.write_all(&request);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = raw.get(split + 4..).unwrap_or_default();
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response: {text:?}"));
-    let headers = lines
+        .unwrap_or_else(|| panic!("bad response: {head:?}"));
+    let headers: std::collections::BTreeMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
     Reply {
         status,
         headers,
-        body: body.to_string(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// The body of a `Transfer-Encoding: chunked` response.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            panic!("truncated chunked body");
+        };
+        let size = std::str::from_utf8(&raw[..eol]).unwrap_or_default();
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 2 + size + 2..];
     }
 }

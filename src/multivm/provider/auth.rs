@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use crate::multivm::base64;
+
 /// The realm in `WWW-Authenticate`.
 pub const REALM: &str = "snapvm";
 
@@ -57,7 +59,7 @@ impl Credentials {
         }) else {
             return false;
         };
-        let Some(decoded) = base64_decode(encoded) else {
+        let Some(decoded) = base64::decode(encoded) else {
             return false;
         };
         let Some(colon) = decoded.iter().position(|&b| b == b':') else {
@@ -79,41 +81,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// Standard base64 with padding (RFC 4648 §4), as `Authorization: Basic`
-/// uses it; `None` for anything else.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for (i, chunk) in s.chunks(4).enumerate() {
-        let last = i + 1 == s.len() / 4;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            n = (n << 6) | value(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..4 - pad]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,24 +89,6 @@ mod tests {
         Credentials {
             user: b"admin".to_vec(),
             password: b"s3cret".to_vec(),
-        }
-    }
-
-    #[test]
-    fn base64_decodes_rfc4648_vectors() {
-        for (enc, dec) in [
-            ("", ""),
-            ("Zg==", "f"),
-            ("Zm8=", "fo"),
-            ("Zm9v", "foo"),
-            ("Zm9vYg==", "foob"),
-            ("Zm9vYmE=", "fooba"),
-            ("Zm9vYmFy", "foobar"),
-        ] {
-            assert_eq!(base64_decode(enc).as_deref(), Some(dec.as_bytes()), "{enc}");
-        }
-        for bad in ["Zg=", "Z===", "Zg==Zg==", "Zm9v!A==", "===="] {
-            assert_eq!(base64_decode(bad), None, "{bad}");
         }
     }
 
