@@ -724,6 +724,39 @@ pub fn snapshot_state() -> Vec<Seed> {
     out
 }
 
+// ---- deployment ----------------------------------------------------------
+
+pub fn deployment() -> Vec<Seed> {
+    let with = |mode: u8, body: &str| {
+        let mut v = vec![mode];
+        v.extend_from_slice(body.as_bytes());
+        v
+    };
+    vec![
+        (
+            "faas_cli_deploy",
+            with(
+                0,
+                r#"{"service":"hello","image":"apps/hello.img","namespace":"openfaas-fn","envProcess":"","labels":{"com.snapvm.runtime":"testguest","team":"a"},"annotations":{"com.snapvm.min_idle":"1","com.snapvm.request_timeout":"2s","com.snapvm.concurrency_limit":"4","com.snapvm.max_queue":"8","com.snapvm.idle_timeout":"5m"},"limits":{"memory":"64Mi","cpu":"1"},"requests":null,"envVars":null,"secrets":[],"constraints":null,"readOnlyRootFilesystem":false}"#,
+            ),
+        ),
+        ("minimal_deploy", with(0, r#"{"service":"a","image":"b"}"#)),
+        (
+            "scale",
+            with(
+                1,
+                r#"{"serviceName":"hello","replicas":2,"namespace":"openfaas-fn"}"#,
+            ),
+        ),
+        (
+            "delete",
+            with(2, r#"{"functionName":"hello","namespace":"openfaas-fn"}"#),
+        ),
+        ("image", with(3, "team/hello.img")),
+        ("memory", with(3, "128Mi")),
+    ]
+}
+
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
@@ -733,11 +766,12 @@ pub type Seed = (&'static str, Vec<u8>);
 
 /// Writes every seed under `corpus/<target>/seed-<name>`.
 pub fn write_all(corpus: &Path) -> std::io::Result<()> {
-    let targets: [(&str, Vec<Seed>); 4] = [
+    let targets: [(&str, Vec<Seed>); 5] = [
         ("block_chain", block_chain()),
         ("vsock_packets", vsock_packets()),
         ("mmio_registers", mmio_registers()),
         ("snapshot_state", snapshot_state()),
+        ("deployment", deployment()),
     ];
     for (target, seeds) in targets {
         let dir = corpus.join(target);
@@ -765,6 +799,7 @@ mod tests {
             .chain(super::vsock_packets())
             .chain(super::mmio_registers())
             .chain(super::snapshot_state())
+            .chain(super::deployment())
         {
             assert!(s.len() < 16 << 10);
         }

@@ -17,6 +17,17 @@
  *      with one JSON object. When the connection drops (a snapshot restore
  *      resets it) the agent reconnects and expects a new init frame.
  *
+ * HTTP (multivm's envelope, README "Invocations as OpenFaaS makes them"): a
+ * request {"snapvm.http": {method, path, query, headers, body: base64}}
+ * goes to handleHttp(req) when workload.js exports it, with req.body a
+ * Buffer; it returns (or resolves to) {status (default 200), headers
+ * (object of strings), body (Buffer, string, or any JSON value, sent as
+ * JSON)}, which becomes the response envelope. handleHttp also takes plain
+ * JSON requests (as POST with that JSON as the body). Without it,
+ * handle(request) gets the envelope's body parsed as JSON, else as text
+ * (null when empty), and answers as always; a body that is not UTF-8 is an
+ * error then.
+ *
  * Node has no AF_VSOCK, so snapvm_vsock.node (a small N-API addon, see its
  * source) connects the socket and returns the file descriptor, which this
  * agent reads and writes with fs.read/fs.write; it also makes the init
@@ -121,9 +132,76 @@ async function loadApp() {
     log(e && e.stack ? e.stack : String(e));
     throw new Error(`loading workload.js threw ${errorText(e)}`);
   }
-  const handle = mod && (typeof mod.handle === 'function' ? mod.handle : mod.default && mod.default.handle);
-  if (typeof handle !== 'function') throw new Error('workload.js exports no handle(request) function');
-  return handle;
+  const exported = (name) => {
+    const f = mod && (typeof mod[name] === 'function' ? mod[name] : mod.default && mod.default[name]);
+    return typeof f === 'function' ? f : null;
+  };
+  const handle = exported('handle');
+  const handleHttp = exported('handleHttp');
+  if (handle === null && handleHttp === null) {
+    throw new Error('workload.js exports no handle(request) function');
+  }
+  return { handle, handleHttp };
+}
+
+const ENVELOPE = 'snapvm.http';
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+/* The request of an envelope, for handleHttp; throws on a bad one. */
+function httpRequest(env) {
+  if (!isObject(env)) throw new Error('the envelope is not an object');
+  const headers = env.headers === undefined ? {} : env.headers;
+  if (!isObject(headers) || !Object.values(headers).every((v) => typeof v === 'string')) {
+    throw new Error("the envelope's headers are not an object of strings");
+  }
+  const b64 = env.body === undefined ? '' : env.body;
+  if (typeof b64 !== 'string' || !BASE64.test(b64)) throw new Error("the envelope's body is not base64");
+  return {
+    method: String(env.method === undefined ? 'POST' : env.method),
+    path: String(env.path === undefined ? '' : env.path),
+    query: String(env.query === undefined ? '' : env.query),
+    headers,
+    body: Buffer.from(b64, 'base64'),
+  };
+}
+
+/* An envelope body as handle(request) sees it: JSON, else text. */
+function bodyValue(body) {
+  let text;
+  try {
+    text = utf8.decode(body);
+  } catch (e) {
+    throw new Error('a body that is not UTF-8 needs handleHttp(request)');
+  }
+  if (text.trim() === '') return null;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    return text;
+  }
+}
+
+/* handleHttp's result as a response envelope; throws on a bad one. */
+function httpResponse(result) {
+  if (!isObject(result)) throw new Error('handleHttp returned no object');
+  const status = result.status === undefined ? 200 : result.status;
+  if (!Number.isInteger(status) || status < 200 || status > 599) {
+    throw new Error("handleHttp's status must be an integer from 200 to 599");
+  }
+  const headers = Object.assign({}, result.headers || {});
+  let body = result.body === undefined ? Buffer.alloc(0) : result.body;
+  if (typeof body === 'string') {
+    body = Buffer.from(body, 'utf8');
+  } else if (!Buffer.isBuffer(body)) {
+    body = Buffer.from(JSON.stringify(body), 'utf8');
+    if (!Object.keys(headers).some((k) => k.toLowerCase() === 'content-type')) {
+      headers['content-type'] = 'application/json';
+    }
+  }
+  if (!Object.values(headers).every((v) => typeof v === 'string')) {
+    throw new Error("handleHttp's headers must be an object of strings");
+  }
+  return { [ENVELOPE]: { status, headers, body: body.toString('base64') } };
 }
 
 /* A connected stream socket as a file descriptor, read with fs.read (in
@@ -238,13 +316,38 @@ function applyInit(init, text) {
 class Agent {
   constructor() {
     this.handle = null;
+    this.handleHttp = null;
     this.failure = null;
   }
 
   async call(request) {
+    let envelope = null;
+    if (isObject(request) && Object.keys(request).length === 1 && ENVELOPE in request) {
+      envelope = request[ENVELOPE];
+    }
+    try {
+      if (this.handleHttp !== null) {
+        if (envelope === null) {
+          envelope = {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: Buffer.from(JSON.stringify(request), 'utf8').toString('base64'),
+          };
+        }
+        request = httpRequest(envelope);
+      } else if (envelope !== null) {
+        request = bodyValue(httpRequest(envelope).body);
+      }
+    } catch (e) {
+      return errorFrame(`bad HTTP request: ${e.message}`);
+    }
     let result;
     try {
-      result = await this.handle(request);
+      if (this.handleHttp !== null) {
+        result = httpResponse(await this.handleHttp(request));
+      } else {
+        result = await this.handle(request);
+      }
     } catch (e) {
       log(e && e.stack ? e.stack : String(e));
       return errorFrame(errorText(e));
@@ -334,7 +437,7 @@ async function main() {
   const agent = new Agent();
   snapshotPoint(); // language snapshot
   try {
-    agent.handle = await loadApp();
+    ({ handle: agent.handle, handleHttp: agent.handleHttp } = await loadApp());
   } catch (e) {
     agent.failure = e.message;
     log(`app load failed: ${e.message}`);

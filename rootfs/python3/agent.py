@@ -17,6 +17,17 @@ Follows the guest protocol of DESIGN.md, the same sequence as testguest:
    connection drops (a snapshot restore resets it) the agent reconnects
    and expects a new init frame.
 
+HTTP (multivm's envelope, README "Invocations as OpenFaaS makes them"): a
+request ``{"snapvm.http": {method, path, query, headers, body: base64}}``
+goes to ``handle_http(req)`` when workload.py defines it, with ``req`` a
+dict whose ``body`` is bytes; it returns a dict with ``status`` (default
+200), ``headers`` (dict of str) and ``body`` (bytes, str, or anything
+JSON-serialisable, sent as JSON), which becomes the response envelope.
+``handle_http`` also takes plain JSON requests (as POST with that JSON as
+the body). Without it, ``handle(request)`` gets the envelope's body parsed
+as JSON, else as text (``None`` when empty), and answers as always; a
+body that is not UTF-8 is an error then.
+
 The control port (through /dev/port) and the mount go through the static
 helper snapvm-guest (the standard library has no mount(2));
 the init frame is applied in-process (``fcntl.ioctl``,
@@ -29,6 +40,8 @@ operation append one line to FILE instead of happening (see
 rootfs/guest/guestops.h; the helper honours it too).
 """
 
+import base64
+import binascii
 import fcntl
 import gc
 import importlib.util
@@ -194,7 +207,8 @@ def control(cfg, value):
 
 
 def load_app(cfg):
-    """Mounts the appfs and imports workload.py; returns its handle."""
+    """Mounts the appfs and imports workload.py; returns its handle and
+    handle_http functions (either may be None, not both)."""
     try:
         run_helper(cfg, "mount-ro", cfg.appfs, cfg.appdir)
     except OSError as e:
@@ -213,9 +227,66 @@ def load_app(cfg):
         traceback.print_exc()
         raise AppLoadError(f"importing workload.py raised {type(e).__name__}: {e}") from None
     handle = getattr(module, "handle", None)
-    if not callable(handle):
+    handle_http = getattr(module, "handle_http", None)
+    handle = handle if callable(handle) else None
+    handle_http = handle_http if callable(handle_http) else None
+    if handle is None and handle_http is None:
         raise AppLoadError("workload.py defines no handle(request) function")
-    return handle
+    return handle, handle_http
+
+
+def http_request(env):
+    """The request of an envelope, for handle_http; raises ValueError."""
+    if not isinstance(env, dict):
+        raise ValueError("the envelope is not an object")
+    headers = env.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("the envelope's headers are not an object of strings")
+    try:
+        body = base64.b64decode(env.get("body", ""), validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ValueError("the envelope's body is not base64") from None
+    return {
+        "method": str(env.get("method", "POST")),
+        "path": str(env.get("path", "")),
+        "query": str(env.get("query", "")),
+        "headers": headers,
+        "body": body,
+    }
+
+
+def body_value(body):
+    """An envelope body as handle(request) sees it: JSON, else text."""
+    if not body.strip():
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("a body that is not UTF-8 needs handle_http(request)") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def http_response(result):
+    """handle_http's result as a response envelope; raises ValueError."""
+    if not isinstance(result, dict):
+        raise ValueError(f"handle_http returned {type(result).__name__}, not a dict")
+    status = result.get("status", 200)
+    if not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError("handle_http's status must be an int from 200 to 599")
+    headers = dict(result.get("headers") or {})
+    body = result.get("body", b"")
+    if isinstance(body, str):
+        body = body.encode()
+    elif not isinstance(body, (bytes, bytearray)):
+        body = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        headers.setdefault("content-type", "application/json")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ValueError("handle_http's headers must be a dict of str")
+    return {"snapvm.http": {"status": status, "headers": headers,
+                            "body": base64.b64encode(body).decode()}}
 
 
 class Agent:
@@ -223,6 +294,7 @@ class Agent:
         self.cfg = cfg
         self.ops = ops
         self.handle = None
+        self.handle_http = None
         self.failure = None
         self._loop = None
 
@@ -230,10 +302,25 @@ class Agent:
 
     def call(self, request):
         """Runs the function; returns the response as JSON bytes."""
+        envelope = None
+        if isinstance(request, dict) and len(request) == 1 and "snapvm.http" in request:
+            envelope = request["snapvm.http"]
         try:
-            result = self.handle(request)
+            if self.handle_http is not None:
+                if envelope is None:
+                    envelope = {"method": "POST", "headers": {"content-type": "application/json"},
+                                "body": base64.b64encode(json.dumps(request).encode()).decode()}
+                request = http_request(envelope)
+            elif envelope is not None:
+                request = body_value(http_request(envelope)["body"])
+        except ValueError as e:
+            return error(f"bad HTTP request: {e}")
+        try:
+            result = (self.handle_http or self.handle)(request)
             if inspect.isawaitable(result):
                 result = self._await(result)
+            if self.handle_http is not None:
+                result = http_response(result)
         except BaseException as e:  # noqa: B036 - a function error is a response, never a dead VM
             traceback.print_exc()
             return error(f"{type(e).__name__}: {e}")
@@ -377,7 +464,7 @@ def main():
     agent = Agent(cfg, FakeOps(cfg.fake) if cfg.fake else KernelOps())
     snapshot_point(cfg)  # language snapshot
     try:
-        agent.handle = load_app(cfg)
+        agent.handle, agent.handle_http = load_app(cfg)
     except AppLoadError as e:
         agent.failure = str(e)
         log(f"app load failed: {e}")

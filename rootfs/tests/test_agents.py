@@ -4,6 +4,7 @@ Each test starts one agent process over the stand-ins of harness.py and
 plays the host: the same tests run against both runtimes.
 """
 
+import base64
 import json
 import os
 import shutil
@@ -72,6 +73,36 @@ exports.handle = function handle(req) {
   return { request: req };
 };
 '''
+
+PY_HTTP_WORKLOAD = r'''
+def handle_http(req):
+    if req["path"] == "/json":
+        return {"status": 201, "body": {"method": req["method"], "query": req["query"],
+                                        "ct": req["headers"].get("content-type")}}
+    if req["path"] == "/bad":
+        return {"status": 99}
+    return {"headers": {"content-type": "application/octet-stream", "x-len": str(len(req["body"]))},
+            "body": bytes(reversed(req["body"]))}
+'''
+
+JS_HTTP_WORKLOAD = r'''
+exports.handleHttp = async function (req) {
+  if (req.path === '/json') {
+    return { status: 201, body: { method: req.method, query: req.query, ct: req.headers['content-type'] } };
+  }
+  if (req.path === '/bad') return { status: 99 };
+  return { headers: { 'content-type': 'application/octet-stream', 'x-len': String(req.body.length) },
+           body: Buffer.from(req.body).reverse() };
+};
+'''
+
+
+def envelope(body, method="POST", path="", query="", headers=None):
+    """multivm's request envelope (src/multivm/envelope.rs)."""
+    return {"snapvm.http": {"method": method, "path": path, "query": query,
+                            "headers": headers or {},
+                            "body": base64.b64encode(body).decode()}}
+
 
 SEED = "0123456789abcdef" * 4
 SEED_OPS = [
@@ -196,6 +227,41 @@ class AgentTests:
         conn = self.connect()
         self.assertEqual(conn.call({"op": "print"}), {"ok": True})
         self.assertIn("workload imported", self.host.output())
+
+    def test_envelope_bodies_reach_handle_as_json_or_text(self):
+        conn = self.connect()
+        ct = {"content-type": "text/plain"}
+        self.assertEqual(conn.call(envelope(b'{"op": "count"}', "PUT", "/x", "a=1", ct)), {"n": 1})
+        self.assertEqual(conn.call(envelope("héllo".encode(), "GET")), {"request": "héllo"})
+        self.assertEqual(conn.call(envelope(b"")), {"request": None})
+        r = conn.call(envelope(b"\xff\xfe"))
+        self.assertIn("UTF-8", r["error"])
+        r = conn.call({"snapvm.http": {"body": "%%%"}})
+        self.assertIn("bad HTTP request", r["error"])
+        # Only a lone "snapvm.http" key is an envelope.
+        other = {"snapvm.http": {}, "x": 1}
+        self.assertEqual(conn.call(other), {"request": other})
+
+    def test_handle_http_gets_method_path_query_headers_and_bytes(self):
+        http = PY_HTTP_WORKLOAD if self.runtime == "python3" else JS_HTTP_WORKLOAD
+        self.start({self.workload_name: http})
+        conn = self.host.accept()
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.init(), {"ready": True})
+        r = conn.call(envelope(b"\x00\xff\x10", "PUT", "/bin"))["snapvm.http"]
+        self.assertEqual(r["status"], 200)
+        self.assertEqual(r["headers"], {"content-type": "application/octet-stream", "x-len": "3"})
+        self.assertEqual(base64.b64decode(r["body"]), b"\x10\xff\x00")
+        r = conn.call(envelope(b"", "PATCH", "/json", "a=1", {"content-type": "text/plain"}))
+        r = r["snapvm.http"]
+        self.assertEqual(r["status"], 201)
+        self.assertEqual(r["headers"], {"content-type": "application/json"})
+        self.assertEqual(json.loads(base64.b64decode(r["body"])),
+                         {"method": "PATCH", "query": "a=1", "ct": "text/plain"})
+        # A plain JSON request is a POST with that JSON as its body.
+        r = conn.call({"k": [1]})["snapvm.http"]
+        self.assertEqual(json.loads(base64.b64decode(r["body"])[::-1]), {"k": [1]})
+        self.assertIn("status", conn.call(envelope(b"", path="/bad"))["error"])
 
     def test_function_runs_in_the_app_directory(self):
         conn = self.connect()

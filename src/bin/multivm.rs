@@ -33,6 +33,11 @@ struct Args {
         default_value_t = 30.0
     )]
     drain_timeout: f64,
+    /// Directory with `basic-auth-user` and `basic-auth-password` (as
+    /// OpenFaaS has them): the provider API under /system/ then requires
+    /// HTTP basic authentication with them.
+    #[arg(long = "basic_auth_dir", alias = "basic-auth-dir")]
+    basic_auth_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         drain_timeout,
         default_firerunner: default_firerunner(),
+        basic_auth_dir: args.basic_auth_dir,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

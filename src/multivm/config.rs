@@ -29,7 +29,23 @@
 //!     idle_timeout: 5m                 # idle VMs beyond min_idle are stopped after this
 //!     request_timeout: 30s             # queue wait limit, and run limit (kills the VM)
 //!     max_queue: 64                    # requests waiting for a VM; more get 429
+//! deploy:                              # functions deployed through /system/functions
+//!   state_dir: /var/lib/snapvm         # required: deployments and built images
+//!   image_dir: images/apps             # a deployment's `image` is a path under it; default appfs_dir
+//!   mkappfs: appfs/mkappfs             # builds an appfs from an `image` directory
+//!   default_runtime: python3           # when a deployment names none
+//!   runtimes:
+//!     python3:
+//!       runtimefs: python3.ext4        # required, under runtimefs_dir
+//!       kernel: vmlinux                # default kernel_path
+//!       cmdline: "quiet"               # default kernel_args
+//!       memory: 128                    # MiB; default 128 (limits.memory overrides)
+//!       vcpus: 1
+//!       snapshot: python3/base         # a language snapshot under snapshot_dir:
+//!                                      # preparation writes a diff layer, VMs restore
 //! ```
+//!
+//! `functions` may be empty when there is a `deploy` section.
 //!
 //! Durations are seconds (a number) or a string with a unit: `250ms`,
 //! `30s`, `5m`, `1h`. Relative paths are resolved against the directory of
@@ -44,7 +60,7 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 use crate::cli::{VmArgs, DEFAULT_CID};
 use crate::vmm::MAX_VCPUS;
@@ -59,11 +75,11 @@ use crate::vmm::MAX_VCPUS;
 pub const DEFAULT_VM_OVERHEAD_MIB: u64 = 8;
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_MAX_QUEUE: u64 = 64;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_QUEUE: u64 = 64;
 /// Smallest guest that can hold a kernel and an agent.
-const MIN_MEMORY_MIB: u64 = 4;
+pub const MIN_MEMORY_MIB: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -160,7 +176,31 @@ struct RawConfig {
     snapshot_dir: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<Seconds>>,
     vm_overhead: Option<Spanned<u64>>,
-    functions: Spanned<BTreeMap<String, Spanned<RawFunction>>>,
+    #[serde(default)]
+    functions: Option<Spanned<BTreeMap<String, Spanned<RawFunction>>>>,
+    deploy: Option<Spanned<RawDeploy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    state_dir: Spanned<String>,
+    image_dir: Option<Spanned<String>>,
+    mkappfs: Option<Spanned<String>>,
+    default_runtime: Option<Spanned<String>>,
+    #[serde(default)]
+    runtimes: BTreeMap<String, Spanned<RawRuntime>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    runtimefs: Spanned<String>,
+    kernel: Option<Spanned<String>>,
+    cmdline: Option<Spanned<String>>,
+    memory: Option<Spanned<u64>>,
+    vcpus: Option<Spanned<u64>>,
+    snapshot: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +272,25 @@ impl Function {
         }
     }
 
+    /// Whether VMs of `self` and `other` are the same VM: everything but
+    /// the scheduling settings (limits, timeouts, queue, min_idle) agrees.
+    pub fn same_vm(&self, other: &Function) -> bool {
+        self.kernel == other.kernel
+            && self.cmdline == other.cmdline
+            && self.rootfs == other.rootfs
+            && self.appfs == other.appfs
+            && self.vcpus == other.vcpus
+            && self.memory_mib == other.memory_mib
+            && self.load_dir == other.load_dir
+            && (self.copy_base, self.copy_diff, self.load_ws)
+                == (other.copy_base, other.copy_diff, other.load_ws)
+    }
+
+    /// Whether firerunner would accept this function's VM flags.
+    pub fn check(&self) -> Result<(), String> {
+        self.vm_args().check().map_err(|e| e.to_string())
+    }
+
     /// The firerunner flags of one VM of this function, spelt by the
     /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
     /// control ones).
@@ -270,6 +329,46 @@ pub struct Config {
     pub vm_overhead_mib: u64,
     /// Sorted by name.
     pub functions: Vec<Function>,
+    /// Deploying functions at run time (the provider API), if configured.
+    pub deploy: Option<DeployConfig>,
+}
+
+/// The `deploy` section: where deployments live and what they run on.
+#[derive(Clone, Debug)]
+pub struct DeployConfig {
+    pub state_dir: PathBuf,
+    pub image_dir: PathBuf,
+    pub mkappfs: Option<PathBuf>,
+    pub default_runtime: Option<String>,
+    pub runtimes: BTreeMap<String, Runtime>,
+}
+
+/// A runtime a deployment can name: what its VMs boot, absolute paths.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    pub kernel: PathBuf,
+    pub cmdline: Option<String>,
+    pub rootfs: PathBuf,
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    /// Language snapshot to restore from (and to write diff layers on).
+    pub snapshot: Option<PathBuf>,
+}
+
+/// A function name: 1 to 63 letters, digits, '_', '-' or '.', starting
+/// with a letter or a digit (so never `.` or `..`: names are URL path
+/// segments and file names).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err("a function name is 1 to 63 letters, digits, '_', '-' and '.', starting with a letter or digit".to_string())
+    }
 }
 
 impl Config {
@@ -453,22 +552,32 @@ impl Resolver<'_> {
             .vm_overhead
             .as_ref()
             .map_or(DEFAULT_VM_OVERHEAD_MIB, |s| s.value);
-        if raw.functions.value.is_empty() {
-            return Err(self.err(&raw.functions, "functions", "no function is configured"));
+        let deploy = raw
+            .deploy
+            .as_ref()
+            .map(|d| {
+                self.deploy(
+                    d,
+                    kernel.as_ref(),
+                    raw.kernel_args.as_ref(),
+                    [&runtimefs_dir, &appfs_dir, &snapshot_dir],
+                )
+            })
+            .transpose()?;
+        let empty = Spanned::new(BTreeMap::new(), Location::UNKNOWN, Location::UNKNOWN);
+        let raw_functions = raw.functions.as_ref().unwrap_or(&empty);
+        if raw_functions.value.is_empty() && deploy.is_none() {
+            return Err(self.err(
+                raw_functions,
+                "functions",
+                "no function is configured (and no deploy section to add some at run time)",
+            ));
         }
         let mut functions = Vec::new();
-        for (name, f) in &raw.functions.value {
+        for (name, f) in &raw_functions.value {
             let key = |k: &str| format!("functions.{name}.{k}");
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-            {
-                return Err(self.err(
-                    f,
-                    &format!("functions.{name}"),
-                    "a function name uses only letters, digits, '_', '-' and '.'",
-                ));
+            if let Err(message) = check_name(name) {
+                return Err(self.err(f, &format!("functions.{name}"), message));
             }
             let fv = &f.value;
             if let Some(n) = &fv.network {
@@ -635,8 +744,8 @@ impl Resolver<'_> {
                 max_queue,
             };
             // The one check of the VM flags firerunner and singlevm make.
-            if let Err(e) = function.vm_args().check() {
-                return Err(self.err(f, &format!("functions.{name}"), e.to_string()));
+            if let Err(e) = function.check() {
+                return Err(self.err(f, &format!("functions.{name}"), e));
             }
             functions.push(function);
         }
@@ -646,7 +755,7 @@ impl Resolver<'_> {
             .sum();
         if warm > budget_mib {
             return Err(self.err(
-                &raw.functions,
+                raw_functions,
                 "functions",
                 format!("the min_idle VMs together need {warm} MiB, more than the --mem budget of {budget_mib} MiB"),
             ));
@@ -656,6 +765,111 @@ impl Resolver<'_> {
             boot_timeout,
             vm_overhead_mib,
             functions,
+            deploy,
+        })
+    }
+
+    /// The `deploy` section; `dirs` are runtimefs_dir, appfs_dir and
+    /// snapshot_dir.
+    fn deploy(
+        &self,
+        d: &Spanned<RawDeploy>,
+        kernel: Option<&PathBuf>,
+        kernel_args: Option<&Spanned<String>>,
+        [runtimefs_dir, appfs_dir, snapshot_dir]: [&PathBuf; 3],
+    ) -> Result<DeployConfig, ConfigError> {
+        let d = &d.value;
+        if d.state_dir.value.trim().is_empty() {
+            return Err(self.err(&d.state_dir, "deploy.state_dir", "must not be empty"));
+        }
+        let state_dir = absolute(&self.base.join(&d.state_dir.value));
+        let image_dir = match &d.image_dir {
+            Some(_) => absolute(&self.dir(&d.image_dir, "deploy.image_dir")?),
+            None => absolute(appfs_dir),
+        };
+        let mkappfs = d
+            .mkappfs
+            .as_ref()
+            .map(|s| self.file_in(self.base, s, "deploy.mkappfs"))
+            .transpose()?;
+        let mut runtimes = BTreeMap::new();
+        for (name, r) in &d.runtimes {
+            let key = |k: &str| format!("deploy.runtimes.{name}.{k}");
+            let rv = &r.value;
+            let kernel = match (&rv.kernel, kernel) {
+                (Some(s), _) => self.file_in(self.base, s, &key("kernel"))?,
+                (None, Some(k)) => k.clone(),
+                (None, None) => {
+                    return Err(self.err(
+                        r,
+                        &key("kernel"),
+                        "no kernel: set kernel_path at the top or kernel in the runtime",
+                    ))
+                }
+            };
+            let memory_mib = match &rv.memory {
+                Some(s) if s.value < MIN_MEMORY_MIB => {
+                    return Err(self.err(
+                        s,
+                        &key("memory"),
+                        format!("a VM needs at least {MIN_MEMORY_MIB} MiB"),
+                    ))
+                }
+                Some(s) => s.value,
+                None => DEFAULT_MEMORY_MIB,
+            };
+            let vcpus = match &rv.vcpus {
+                Some(s) if s.value == 0 || s.value > u64::from(MAX_VCPUS) => {
+                    return Err(self.err(
+                        s,
+                        &key("vcpus"),
+                        format!("must be between 1 and {MAX_VCPUS}"),
+                    ))
+                }
+                Some(s) => s.value,
+                None => 1,
+            };
+            let snapshot = match &rv.snapshot {
+                Some(s) => {
+                    let p = snapshot_dir.join(&s.value);
+                    if !p.is_dir() {
+                        return Err(self.err(
+                            s,
+                            &key("snapshot"),
+                            format!("snapshot directory {} does not exist", p.display()),
+                        ));
+                    }
+                    Some(absolute(&p))
+                }
+                None => None,
+            };
+            runtimes.insert(
+                name.clone(),
+                Runtime {
+                    kernel,
+                    cmdline: rv.cmdline.as_ref().or(kernel_args).map(|s| s.value.clone()),
+                    rootfs: self.file_in(runtimefs_dir, &rv.runtimefs, &key("runtimefs"))?,
+                    memory_mib,
+                    vcpus,
+                    snapshot,
+                },
+            );
+        }
+        if let Some(s) = &d.default_runtime {
+            if !runtimes.contains_key(&s.value) {
+                return Err(self.err(
+                    s,
+                    "deploy.default_runtime",
+                    format!("no runtime {:?} under deploy.runtimes", s.value),
+                ));
+            }
+        }
+        Ok(DeployConfig {
+            state_dir,
+            image_dir,
+            mkappfs,
+            default_runtime: d.default_runtime.as_ref().map(|s| s.value.clone()),
+            runtimes,
         })
     }
 }
@@ -902,7 +1116,78 @@ functions:
     fn the_example_config_uses_only_known_keys() {
         let text = include_str!("../../resources/multivm/functions.yaml");
         let raw: RawConfig = serde_saphyr::from_str(text).unwrap();
-        assert!(raw.functions.value.contains_key("hello"));
+        assert!(raw.functions.unwrap().value.contains_key("hello"));
+    }
+
+    #[test]
+    fn the_deploy_section_resolves_runtimes_and_allows_no_functions() {
+        let d = fixture("deploy");
+        let yaml = "\
+kernel_path: vmlinux
+kernel_args: quiet
+snapshot_dir: snap
+deploy:
+  state_dir: state
+  mkappfs: app.img
+  default_runtime: tg
+  runtimes:
+    tg:
+      runtimefs: rootfs.img
+      memory: 32
+    restored:
+      runtimefs: rootfs.img
+      snapshot: base
+      cmdline: other
+";
+        let c = parse(&d, yaml, 1024).unwrap();
+        assert!(c.functions.is_empty());
+        let dep = c.deploy.unwrap();
+        assert_eq!(dep.state_dir, d.0.join("state"));
+        assert_eq!(dep.image_dir, d.0, "image_dir defaults to appfs_dir");
+        assert_eq!(dep.default_runtime.as_deref(), Some("tg"));
+        let tg = &dep.runtimes["tg"];
+        assert_eq!((tg.memory_mib, tg.vcpus), (32, 1));
+        assert_eq!(tg.cmdline.as_deref(), Some("quiet"));
+        assert!(tg.kernel.ends_with("vmlinux") && tg.snapshot.is_none());
+        let r = &dep.runtimes["restored"];
+        assert!(r.snapshot.as_ref().unwrap().ends_with("snap/base"));
+        assert_eq!(r.cmdline.as_deref(), Some("other"));
+        let (_, key, _) = invalid(parse(
+            &d,
+            &yaml.replace("default_runtime: tg", "default_runtime: x"),
+            1024,
+        ));
+        assert_eq!(key, "deploy.default_runtime");
+        let (_, key, _) = invalid(parse(
+            &d,
+            &yaml.replace("snapshot: base", "snapshot: gone"),
+            1024,
+        ));
+        assert_eq!(key, "deploy.runtimes.restored.snapshot");
+        let (_, key, _) = invalid(parse(&d, &yaml.replace("memory: 32", "memory: 1"), 1024));
+        assert_eq!(key, "deploy.runtimes.tg.memory");
+        let (_, msg) = syntax(parse(&d, &yaml.replace("memory: 32", "memroy: 32"), 1024));
+        assert!(msg.contains("memroy"), "{msg}");
+    }
+
+    #[test]
+    fn function_names_are_safe_path_segments() {
+        for good in ["a", "hello-python3", "A_1.b", &"x".repeat(63)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".a",
+            "-a",
+            "a/b",
+            "a b",
+            "a\0",
+            &"x".repeat(64),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,11 +4,19 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `POST /function/{name}`, body = JSON request | 200 + the function's JSON response |
+//! | any method on `/function/{name}[/sub/path][?query]`, any body | the request in an envelope (envelope.rs); the function's status, headers and body when it answers with one |
 //! | `GET /healthz` | 200 `{"status":"ok"}`; 503 `{"status":"shutting down"}` |
 //! | `GET /metrics` | Prometheus text format (see metrics.rs) |
 //! | `GET /functions` | JSON array: config and live counts per function |
 //! | `GET /vms` | JSON array: every VM (id, function, state, memory, ages) |
 //! | `GET /vms/{id}/log` | the VM's guest console, text, last MiB (also for the last 32 stopped VMs) |
+//! | `/system/...` | the OpenFaaS provider API (provider/mod.rs): `GET/POST/PUT/DELETE /system/functions`, `GET /system/function/{name}`, `POST /system/scale-function/{name}`, `GET /system/info`, `GET /system/namespaces` |
+//!
+//! `/system/*` needs HTTP basic auth when multivm has `--basic_auth_dir`
+//! (401 with `WWW-Authenticate: Basic realm="snapvm"` otherwise); the
+//! rest stays open. Its bodies are at most 1 MiB (413); its errors are
+//! 400 bad input, 404 unknown function, 409 exists already (POST) or
+//! declared in the config file, 501 no deploy section in the config.
 //!
 //! An empty body is the JSON `null`. Every answer carries `X-Request-Id`
 //! (also in the logs); invocations also carry `X-Vm-Id` and `X-Start`
@@ -17,12 +25,15 @@
 //! A function error — the guest answered an object with an `"error"`
 //! field — is still the function's answer: 200 with that JSON, flagged by
 //! the header `X-Function-Error: true`. multivm's own failures are JSON
-//! `{"error": "...", "request_id": "..."}` with: 400 body is not JSON,
-//! 404 unknown function or path, 405 wrong method, 413 body over 4 MiB,
+//! `{"error": "...", "request_id": "..."}` with: 404 unknown function or
+//! path, 405 wrong method, 410 the function was
+//! removed while the request waited, 413 body over 4 MiB (over 3 MiB
+//! less 64 KiB when it travels in an envelope),
 //! 429 the function's queue is full, 503 no VM became free within the
-//! function's `request_timeout` or multivm is shutting down (both with
+//! function's `request_timeout`, the function is still being prepared
+//! (or its preparation failed), or multivm is shutting down (all with
 //! `Retry-After`), 502 the VM failed to launch, died, or answered
-//! something that is not JSON, 504 the function ran past its
+//! something that is not JSON or a malformed response envelope, 504 the function ran past its
 //! `request_timeout` (its VM was killed).
 
 use std::io::Read;
@@ -34,7 +45,12 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response};
 
-use super::scheduler::{Scheduler, Start};
+use super::config::check_name;
+use super::envelope::{self, HttpRequest};
+use super::provider::auth::REALM;
+use super::provider::types::check_namespace;
+use super::provider::{Provider, ProviderError};
+use super::scheduler::{Scheduler, SchedulerError, Start};
 use crate::protocol::MAX_FRAME;
 
 /// Stack of a request thread: they only parse, copy and wait.
@@ -43,9 +59,12 @@ const HANDLER_STACK: usize = 256 << 10;
 const LOG_TAIL: u64 = 1 << 20;
 /// A worker thread with nothing to do for this long ends.
 const WORKER_IDLE: Duration = Duration::from_secs(10);
+/// Largest body of a `/system/*` request.
+const SYSTEM_BODY_MAX: usize = 1 << 20;
 
 pub struct Api {
     sched: Arc<Scheduler>,
+    provider: Arc<Provider>,
     rid_prefix: String,
     next_rid: AtomicU64,
     /// Requests being handled, for the drain at shutdown.
@@ -60,8 +79,8 @@ pub struct Api {
 struct Reply {
     status: u16,
     body: Vec<u8>,
-    content_type: &'static str,
-    headers: Vec<(&'static str, String)>,
+    content_type: String,
+    headers: Vec<(String, String)>,
     /// Function label for the request metrics (invocations only).
     function: Option<String>,
 }
@@ -71,7 +90,7 @@ impl Reply {
         Self {
             status,
             body: v.to_string().into_bytes(),
-            content_type: "application/json",
+            content_type: "application/json".into(),
             headers: Vec::new(),
             function: None,
         }
@@ -83,16 +102,16 @@ impl Reply {
             &json!({"error": msg.to_string(), "request_id": rid}),
         );
         if status == 429 || status == 503 {
-            r.headers.push(("Retry-After", "1".into()));
+            r.headers.push(("Retry-After".into(), "1".into()));
         }
         r
     }
 
-    fn text(status: u16, body: Vec<u8>, content_type: &'static str) -> Self {
+    fn text(status: u16, body: Vec<u8>, content_type: &str) -> Self {
         Self {
             status,
             body,
-            content_type,
+            content_type: content_type.to_string(),
             headers: Vec::new(),
             function: None,
         }
@@ -104,12 +123,13 @@ fn header(name: &str, value: &str) -> Option<Header> {
 }
 
 impl Api {
-    pub fn new(sched: Arc<Scheduler>) -> Arc<Self> {
+    pub fn new(sched: Arc<Scheduler>, provider: Arc<Provider>) -> Arc<Self> {
         let seed = crate::protocol::fresh_seed().unwrap_or([0; 32]);
         let rid_prefix: String = seed[..4].iter().map(|b| format!("{b:02x}")).collect();
         let (work_tx, work_rx) = unbounded();
         Arc::new(Self {
             sched,
+            provider,
             rid_prefix,
             next_rid: AtomicU64::new(1),
             active: Mutex::new(0),
@@ -198,13 +218,14 @@ impl Api {
             self.rid_prefix,
             self.next_rid.fetch_add(1, Ordering::Relaxed)
         );
-        let path = req.url().split('?').next().unwrap_or_default().to_string();
+        let (path, query) = req.url().split_once('?').unwrap_or((req.url(), ""));
+        let (path, query) = (path.to_string(), query.to_string());
         let method = req.method().clone();
-        let reply = self.route(&mut req, &method, &path, &rid, t0);
+        let reply = self.route(&mut req, &method, (&path, &query), &rid, t0);
         let status = reply.status;
         let mut resp = Response::from_data(reply.body).with_status_code(status);
         for h in [
-            header("Content-Type", reply.content_type),
+            header("Content-Type", &reply.content_type),
             header("X-Request-Id", &rid),
         ]
         .into_iter()
@@ -229,15 +250,23 @@ impl Api {
         &self,
         req: &mut Request,
         method: &Method,
-        path: &str,
+        (path, query): (&str, &str),
         rid: &str,
         t0: Instant,
     ) -> Reply {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let get = *method == Method::Get || *method == Method::Head;
         match (parts.as_slice(), get) {
-            (["function", name], _) if *method == Method::Post => self.invoke(req, name, rid, t0),
-            (["function", _], _) => method_not_allowed("POST", rid),
+            (["system", rest @ ..], _) => self.system(req, method, rest, query, rid),
+            (["function", name, ..], _) => {
+                // The path after /function/NAME, as received.
+                let sub = path
+                    .trim_start_matches('/')
+                    .strip_prefix("function/")
+                    .and_then(|p| p.strip_prefix(*name))
+                    .unwrap_or_default();
+                self.invoke(req, name, (sub, query), rid, t0)
+            }
             (["healthz"], true) => {
                 if self.sched.is_shutting_down() {
                     Reply::json(503, &json!({"status": "shutting down"}))
@@ -272,54 +301,83 @@ impl Api {
         }
     }
 
-    fn invoke(&self, req: &mut Request, name: &str, rid: &str, t0: Instant) -> Reply {
-        let Some(fi) = self.sched.function(name) else {
-            return Reply::error(404, format!("no function named {name:?}"), rid);
-        };
-        let mut reply = self.invoke_fn(req, fi, rid, t0);
-        reply.function = Some(name.to_string());
+    fn invoke(
+        &self,
+        req: &mut Request,
+        name: &str,
+        target: (&str, &str),
+        rid: &str,
+        t0: Instant,
+    ) -> Reply {
+        let mut reply = self.invoke_fn(req, name, target, rid, t0);
+        if reply.status != 404 {
+            reply.function = Some(name.to_string());
+        }
         reply
     }
 
-    fn invoke_fn(&self, req: &mut Request, fi: usize, rid: &str, t0: Instant) -> Reply {
-        let mut body = Vec::new();
-        if let Err(e) = req
-            .as_reader()
-            .take(MAX_FRAME as u64 + 1)
-            .read_to_end(&mut body)
-        {
-            return Reply::error(400, format!("cannot read the request body: {e}"), rid);
-        }
-        if body.len() > MAX_FRAME {
+    /// An invocation: `(sub, query)` are the path after /function/NAME and
+    /// the query string; see envelope.rs for what reaches the guest.
+    fn invoke_fn(
+        &self,
+        req: &mut Request,
+        name: &str,
+        (sub, query): (&str, &str),
+        rid: &str,
+        t0: Instant,
+    ) -> Reply {
+        let body = match read_body(req, MAX_FRAME, rid) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let method = req.method().as_str().to_ascii_uppercase();
+        let http = HttpRequest {
+            method: &method,
+            path: sub,
+            query,
+            headers: req
+                .headers()
+                .iter()
+                .map(|h| (h.field.to_string(), h.value.to_string()))
+                .collect(),
+            body: &body,
+        };
+        let frame = http.frame();
+        if frame.get(envelope::KEY).is_some() && body.len() > envelope::MAX_BODY {
             return Reply::error(
                 413,
-                format!("request body over the {MAX_FRAME}-byte limit"),
+                format!(
+                    "a body that is not JSON travels in base64: at most {} bytes",
+                    envelope::MAX_BODY
+                ),
                 rid,
             );
         }
-        let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Reply::error(400, format!("the request body is not JSON: {e}"), rid)
-                }
-            }
-        };
-        let payload = request.to_string().into_bytes();
+        let payload = frame.to_string().into_bytes();
         if payload.len() > MAX_FRAME {
             return Reply::error(413, format!("request over the {MAX_FRAME}-byte limit"), rid);
         }
-        match self.sched.invoke(fi, &payload, rid) {
+        match self.sched.invoke(name, &payload, rid) {
             Ok(inv) => {
-                let is_error = serde_json::from_slice::<Value>(&inv.body)
-                    .ok()
-                    .is_some_and(|v| v.get("error").is_some());
+                let answer = serde_json::from_slice::<Value>(&inv.body).ok();
+                let mut r = match answer.as_ref().and_then(envelope::response) {
+                    Some(Ok(http)) => {
+                        let mut r = Reply::text(http.status, http.body, "application/octet-stream");
+                        for (k, v) in http.headers {
+                            if k == "content-type" {
+                                r.content_type = v;
+                            } else {
+                                r.headers.push((k, v));
+                            }
+                        }
+                        r
+                    }
+                    Some(Err(e)) => Reply::error(502, e, rid),
+                    None => Reply::text(200, inv.body, "application/json"),
+                };
+                let is_error = answer.is_some_and(|v| v.get("error").is_some());
                 if is_error {
-                    self.sched
-                        .metrics
-                        .function_error(&self.sched.config().functions[fi].name);
+                    self.sched.metrics.function_error(name);
                 }
                 if inv.start == Start::Warm && inv.queued.is_zero() {
                     self.sched
@@ -334,13 +392,17 @@ impl Api {
                     inv.launch.as_micros(),
                     inv.guest.as_micros()
                 );
-                let mut r = Reply::text(200, inv.body, "application/json");
-                r.headers.push(("X-Vm-Id", inv.vm.to_string()));
-                r.headers.push(("X-Start", inv.start.as_str().to_string()));
+                r.headers.push(("X-Vm-Id".into(), inv.vm.to_string()));
+                r.headers
+                    .push(("X-Start".into(), inv.start.as_str().to_string()));
                 if is_error {
-                    r.headers.push(("X-Function-Error", "true".into()));
+                    r.headers.push(("X-Function-Error".into(), "true".into()));
                 }
                 r
+            }
+            Err(SchedulerError::NoSuchFunction(_)) if self.provider.not_ready(name).is_some() => {
+                let why = self.provider.not_ready(name).unwrap_or_default();
+                Reply::error(503, why, rid)
             }
             Err(e) => {
                 log::warn!("[{rid}] {e}");
@@ -348,6 +410,110 @@ impl Api {
             }
         }
     }
+
+    /// The provider API under `/system/` (`rest` is the path after it).
+    fn system(
+        &self,
+        req: &mut Request,
+        method: &Method,
+        rest: &[&str],
+        query: &str,
+        rid: &str,
+    ) -> Reply {
+        let authorization = req
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str().to_string());
+        if !self.provider.authorized(authorization.as_deref()) {
+            let mut r = Reply::error(
+                401,
+                "/system/* needs HTTP basic authentication with the credentials of --basic_auth_dir",
+                rid,
+            );
+            r.headers.push((
+                "WWW-Authenticate".into(),
+                format!("Basic realm=\"{REALM}\""),
+            ));
+            return r;
+        }
+        let namespace = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("namespace="));
+        if let Err(e) = check_namespace(namespace) {
+            return Reply::error(400, e, rid);
+        }
+        let get = *method == Method::Get || *method == Method::Head;
+        let p = &self.provider;
+        let result: Result<(u16, Value), ProviderError> = match (rest, method) {
+            (["functions"], _) if get => Ok((200, p.list())),
+            (["functions"], Method::Post | Method::Put | Method::Delete) => {
+                let body = match read_body(req, SYSTEM_BODY_MAX, rid) {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                match method {
+                    Method::Delete => p.delete(&body).map(|()| (200, json!({}))),
+                    m => p.deploy(&body, *m == Method::Put).map(|s| (202, s)),
+                }
+            }
+            (["function", name], _) if get => check_name(name)
+                .map_err(|e| ProviderError::Invalid(format!("function name {name:?}: {e}")))
+                .and_then(|()| p.status(name))
+                .map(|s| (200, s)),
+            (["scale-function", name], Method::Post) => {
+                let body = match read_body(req, SYSTEM_BODY_MAX, rid) {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                check_name(name)
+                    .map_err(|e| ProviderError::Invalid(format!("function name {name:?}: {e}")))
+                    .and_then(|()| p.scale(name, &body))
+                    .map(|()| (202, json!({})))
+            }
+            (["info"], _) if get => Ok((200, p.info())),
+            (["namespaces"], _) if get => Ok((200, p.namespaces())),
+            (["functions"], _) => return method_not_allowed("GET, POST, PUT, DELETE", rid),
+            (["function", _] | ["info"] | ["namespaces"], _) => {
+                return method_not_allowed("GET", rid)
+            }
+            (["scale-function", _], _) => return method_not_allowed("POST", rid),
+            _ => {
+                return Reply::error(
+                    404,
+                    format!("no such endpoint: /system/{}", rest.join("/")),
+                    rid,
+                )
+            }
+        };
+        match result {
+            Ok((status, v)) => Reply::json(status, &v),
+            Err(e) => {
+                log::info!("[{rid}] /system/{}: {e}", rest.join("/"));
+                Reply::error(e.status(), e, rid)
+            }
+        }
+    }
+}
+
+/// The request body, at most `max` bytes; otherwise the 400 or 413 reply.
+fn read_body(req: &mut Request, max: usize, rid: &str) -> Result<Vec<u8>, Reply> {
+    let mut body = Vec::new();
+    if let Err(e) = req.as_reader().take(max as u64 + 1).read_to_end(&mut body) {
+        return Err(Reply::error(
+            400,
+            format!("cannot read the request body: {e}"),
+            rid,
+        ));
+    }
+    if body.len() > max {
+        return Err(Reply::error(
+            413,
+            format!("request body over the {max}-byte limit"),
+            rid,
+        ));
+    }
+    Ok(body)
 }
 
 /// The last `max` bytes of a file.
@@ -363,6 +529,6 @@ fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
 
 fn method_not_allowed(allow: &str, rid: &str) -> Reply {
     let mut r = Reply::error(405, format!("method not allowed; use {allow}"), rid);
-    r.headers.push(("Allow", allow.to_string()));
+    r.headers.push(("Allow".into(), allow.to_string()));
     r
 }

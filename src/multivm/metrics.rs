@@ -1,10 +1,18 @@
 //! Counters and latency histograms, rendered in the Prometheus text format
-//! (version 0.0.4) together with the scheduler's gauges.
+//! (version 0.0.4) together with the scheduler's gauges: snapvm's own
+//! (`multivm_*`) and, beside them, the OpenFaaS gateway's names and labels
+//! (`gateway_function_invocation_total{function_name,code}`,
+//! `gateway_functions_seconds{function_name,code}`,
+//! `gateway_service_count{function_name}`) so OpenFaaS dashboards and
+//! alerts work unchanged. As in OpenFaaS, `function_name` is
+//! `NAME.NAMESPACE` (`hello.openfaas-fn`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use super::provider::types::NAMESPACE;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 22] = [
@@ -76,6 +84,8 @@ struct Inner {
     evictions: BTreeMap<(String, &'static str), u64>,
     queue_rejections: BTreeMap<String, u64>,
     request_seconds: BTreeMap<String, Histogram>,
+    /// The same requests by function and status (gateway_functions_seconds).
+    gateway_seconds: BTreeMap<(String, u16), Histogram>,
     launch_seconds: BTreeMap<(String, &'static str), Histogram>,
     queue_seconds: BTreeMap<String, Histogram>,
     overhead_seconds: Histogram,
@@ -118,6 +128,10 @@ impl Metrics {
             .or_default() += 1;
         m.request_seconds
             .entry(function.to_string())
+            .or_default()
+            .observe(took);
+        m.gateway_seconds
+            .entry((function.to_string(), status))
             .or_default()
             .observe(took);
     }
@@ -163,6 +177,16 @@ impl Metrics {
     /// Warm starts of `function` so far (tests, /functions).
     pub fn warm_starts(&self, function: &str) -> u64 {
         self.lock().warm_starts.get(function).copied().unwrap_or(0)
+    }
+
+    /// Invocations of `function` answered so far, whatever their status.
+    pub fn invocations(&self, function: &str) -> u64 {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|((f, _), _)| f == function)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Cold starts of `function` so far, every launch kind.
@@ -352,6 +376,52 @@ impl Metrics {
         );
         m.overhead_seconds
             .render(&mut o, "multivm_scheduler_overhead_seconds", "");
+
+        // The OpenFaaS gateway's metrics.
+        let of = |f: &str| esc(&format!("{f}.{NAMESPACE}"));
+        head(
+            &mut o,
+            "gateway_function_invocation_total",
+            "counter",
+            "Function invocations, by function and status code (OpenFaaS).",
+        );
+        for ((f, code), n) in &m.requests {
+            let _ = writeln!(
+                o,
+                "gateway_function_invocation_total{{function_name=\"{}\",code=\"{code}\"}} {n}",
+                of(f)
+            );
+        }
+        head(
+            &mut o,
+            "gateway_functions_seconds",
+            "histogram",
+            "Function invocation time, by function and status code (OpenFaaS).",
+        );
+        for ((f, code), h) in &m.gateway_seconds {
+            h.render(
+                &mut o,
+                "gateway_functions_seconds",
+                &format!("function_name=\"{}\",code=\"{code}\"", of(f)),
+            );
+        }
+        head(
+            &mut o,
+            "gateway_service_count",
+            "gauge",
+            "VMs of each function: launching, idle and busy (OpenFaaS replicas).",
+        );
+        let mut replicas: BTreeMap<&str, usize> = BTreeMap::new();
+        for (f, _, n) in &g.vms {
+            *replicas.entry(f).or_default() += n;
+        }
+        for (f, n) in replicas {
+            let _ = writeln!(
+                o,
+                "gateway_service_count{{function_name=\"{}\"}} {n}",
+                of(f)
+            );
+        }
         o
     }
 }
@@ -409,7 +479,7 @@ mod tests {
             memory_used_mib: 136,
             memory_budget_mib: 1024,
             memory_high_water_mib: 272,
-            vms: vec![("hello".into(), "idle", 1)],
+            vms: vec![("hello".into(), "idle", 1), ("hello".into(), "busy", 2)],
             queue_depth: vec![("hello".into(), 0)],
         });
         assert_eq!(
@@ -437,6 +507,36 @@ mod tests {
         );
         assert_eq!(m.cold_starts("hello"), 1);
         assert_eq!(m.warm_starts("hello"), 1);
+        assert_eq!(m.invocations("hello"), 2);
+        // The OpenFaaS names beside them.
+        assert_eq!(
+            sample(
+                &page,
+                "gateway_function_invocation_total{function_name=\"hello.openfaas-fn\",code=\"504\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "gateway_functions_seconds_count{function_name=\"hello.openfaas-fn\",code=\"200\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "gateway_functions_seconds_bucket{function_name=\"hello.openfaas-fn\",code=\"200\",le=\"0.0025\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "gateway_service_count{function_name=\"hello.openfaas-fn\"}"
+            ),
+            Some(3.0)
+        );
         // Every sample line is `name[{labels}] number`.
         for l in page.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = l.rsplit_once(' ').unwrap();

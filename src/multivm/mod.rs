@@ -16,10 +16,13 @@
 //! process group), which stop at once; their requests are answered 502.
 //! Send SIGTERM to multivm alone for a clean drain.
 
+mod base64;
 pub mod config;
+pub mod envelope;
 pub mod http;
 pub mod metrics;
 mod pool;
+pub mod provider;
 pub mod scheduler;
 pub mod vm;
 
@@ -35,6 +38,9 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::launcher::RuntimeDir;
 
 use config::{Config, ConfigError};
+use provider::auth::{AuthError, Credentials};
+use provider::store::StoreError;
+use provider::Provider;
 use scheduler::Scheduler;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +64,10 @@ pub enum MultiVmError {
     Thread(std::io::Error),
     #[error("the HTTP server failed: {0}")]
     Server(std::io::Error),
+    #[error("--basic_auth_dir: {0}")]
+    Auth(#[from] AuthError),
+    #[error("the deployed functions' state: {0}")]
+    Store(#[from] StoreError),
 }
 
 pub struct Options {
@@ -68,6 +78,9 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// firerunner to use when the config has no `firerunner_path`.
     pub default_firerunner: PathBuf,
+    /// Where `basic-auth-user` and `basic-auth-password` are: `/system/*`
+    /// then requires them.
+    pub basic_auth_dir: Option<PathBuf>,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -94,7 +107,16 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         return Err(MultiVmError::NoBudget);
     }
     let addr = parse_listen(&opts.listen)?;
-    let cfg = Config::load(&opts.config, opts.mem_mib, opts.default_firerunner.clone())?;
+    let cfg = Arc::new(Config::load(
+        &opts.config,
+        opts.mem_mib,
+        opts.default_firerunner.clone(),
+    )?);
+    let credentials = opts
+        .basic_auth_dir
+        .as_deref()
+        .map(Credentials::load)
+        .transpose()?;
     let name = format!("multivm-{}", std::process::id());
     let dir = RuntimeDir::create(&name)
         .map_err(|source| MultiVmError::RuntimeDir { path: name, source })?;
@@ -108,7 +130,8 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .to_ip()
         .map_or_else(|| addr.to_string(), |a| a.to_string());
 
-    let sched = Scheduler::new(Arc::new(cfg), opts.mem_mib, dir.path().to_path_buf());
+    let sched = Scheduler::new(Arc::clone(&cfg), opts.mem_mib, dir.path().to_path_buf());
+    let provider = Provider::start(Arc::clone(&sched), cfg, opts.mem_mib, credentials)?;
     let maintainer = {
         let s = Arc::clone(&sched);
         std::thread::Builder::new()
@@ -144,12 +167,12 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
             })
             .map_err(MultiVmError::Thread)?;
     }
-    let api = http::Api::new(Arc::clone(&sched));
+    let api = http::Api::new(Arc::clone(&sched), provider);
     println!("listening on http://{bound}");
     let _ = std::io::stdout().flush();
     log::info!(
         "multivm: {} functions, budget {} MiB, listening on {bound}",
-        sched.config().functions.len(),
+        sched.functions().len(),
         opts.mem_mib
     );
 

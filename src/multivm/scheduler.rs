@@ -16,6 +16,11 @@
 //! thread kills them before it spawns, so the processes alive at any time
 //! never need more than the budget. `high_water_mib` records the peak.
 //!
+//! Functions come and go at run time ([`Scheduler::deploy`],
+//! [`Scheduler::remove_function`]; see pool.rs for what an update and a
+//! removal do to VMs and waiters): every lookup of a function happens
+//! under the lock, and a VM carries the spec it was launched from.
+//!
 //! Locking: one mutex over [`State`], never held across a launch, a kill
 //! or any guest I/O. A maintainer thread pre-warms `min_idle` VMs (only
 //! from free memory, and only while nobody waits), stops VMs idle past
@@ -29,9 +34,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use serde_json::{json, Value};
 
-use super::config::{Config, LaunchKind};
+use super::config::{Config, Function, LaunchKind};
 use super::metrics::{Gauges, Metrics};
-use super::pool::{self, footprint, VmState};
+use super::pool::{self, FnId, VmState};
 
 type State = pool::State<FunctionVm>;
 type Grant = pool::Grant<FunctionVm>;
@@ -43,7 +48,13 @@ use super::vm::{FunctionVm, VmError, VmId};
 const PREWARM_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
 #[derive(Debug, thiserror::Error)]
-pub enum InvokeError {
+pub enum SchedulerError {
+    #[error("no function named {0:?}")]
+    NoSuchFunction(String),
+    #[error("function {function} was removed while this request waited for a VM")]
+    Removed { function: String },
+    #[error("function {function} cannot run within the budget: {reason}")]
+    Unfit { function: String, reason: String },
     #[error("function {function} has {max} requests waiting already; retry later")]
     QueueFull { function: String, max: usize },
     #[error("no VM of function {function} became free within {waited:?}; retry later")]
@@ -60,14 +71,17 @@ pub enum InvokeError {
     Vm { function: String, source: VmError },
 }
 
-impl InvokeError {
+impl SchedulerError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            InvokeError::QueueFull { .. } => 429,
-            InvokeError::QueueTimeout { .. } | InvokeError::ShuttingDown => 503,
-            InvokeError::Launch { .. } | InvokeError::Vm { .. } => 502,
-            InvokeError::Timeout { .. } => 504,
+            SchedulerError::NoSuchFunction(_) => 404,
+            SchedulerError::Removed { .. } => 410,
+            SchedulerError::Unfit { .. } => 400,
+            SchedulerError::QueueFull { .. } => 429,
+            SchedulerError::QueueTimeout { .. } | SchedulerError::ShuttingDown => 503,
+            SchedulerError::Launch { .. } | SchedulerError::Vm { .. } => 502,
+            SchedulerError::Timeout { .. } => 504,
         }
     }
 }
@@ -104,6 +118,16 @@ pub struct Invocation {
     pub guest: Duration,
 }
 
+/// A function as it is now: its spec and its VMs.
+#[derive(Clone, Debug)]
+pub struct FunctionLive {
+    pub spec: Arc<Function>,
+    pub launching: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub queued: usize,
+}
+
 pub struct Scheduler {
     cfg: Arc<Config>,
     budget_mib: u64,
@@ -125,10 +149,16 @@ fn reap(victims: Vec<FunctionVm>) {
 }
 
 impl Scheduler {
+    /// A scheduler serving the functions of `cfg` (more come and go
+    /// through [`Scheduler::deploy`] and [`Scheduler::remove_function`]).
     pub fn new(cfg: Arc<Config>, budget_mib: u64, log_dir: PathBuf) -> Arc<Self> {
         let (wake, wake_rx) = bounded(1);
+        let mut state = State::new(cfg.vm_overhead_mib);
+        for f in &cfg.functions {
+            state.put_function(Arc::new(f.clone()));
+        }
         Arc::new(Self {
-            state: Mutex::new(State::new(cfg.functions.len())),
+            state: Mutex::new(state),
             cfg,
             budget_mib,
             log_dir,
@@ -139,16 +169,12 @@ impl Scheduler {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pump(&self, st: &mut State) {
-        st.pump(&self.cfg, self.budget_mib, &self.metrics, &self.log_dir);
+        st.pump(self.budget_mib, &self.metrics, &self.log_dir);
         self.changed.notify_all();
         if self.maintainer_has_work(st) {
             let _ = self.wake.try_send(());
@@ -160,12 +186,12 @@ impl Scheduler {
     /// before its next timer. Keeps it asleep on the warm path.
     fn maintainer_has_work(&self, st: &State) -> bool {
         let now = Instant::now();
-        for (fi, f) in self.cfg.functions.iter().enumerate() {
-            let s = &st.fns[fi];
+        for s in st.fns.values() {
+            let f = &s.spec;
             if s.idle.iter().any(|i| !st.watched.contains(&i.vm.id)) {
                 return true;
             }
-            if let Some(at) = s.next_idle_expiry(f) {
+            if let Some(at) = s.next_idle_expiry() {
                 if st.maintainer_deadline.is_none_or(|d| at < d) {
                     return true;
                 }
@@ -173,7 +199,7 @@ impl Scheduler {
             if s.idle.len() + s.prewarming < f.min_idle
                 && st.queue.is_empty()
                 && s.vms < f.concurrency_limit
-                && st.used_mib + footprint(&self.cfg, fi) <= self.budget_mib
+                && st.used_mib + st.footprint(f) <= self.budget_mib
                 && s.prewarm_retry.is_none_or(|(at, _)| at <= now)
             {
                 return true;
@@ -182,73 +208,160 @@ impl Scheduler {
         false
     }
 
-    /// Index of the function called `name`.
-    pub fn function(&self, name: &str) -> Option<usize> {
-        self.cfg.functions.iter().position(|f| f.name == name)
+    /// Registers `spec`, or updates the function of its name (see
+    /// pool.rs: idle VMs of an old generation are stopped, busy ones when
+    /// their request ends). Refused when it cannot run within the budget.
+    pub fn deploy(&self, spec: Function) -> Result<(), SchedulerError> {
+        let name = spec.name.clone();
+        let old = {
+            let mut st = self.lock();
+            if st.shutting_down {
+                return Err(SchedulerError::ShuttingDown);
+            }
+            if let Err(reason) = st.check_fits(&spec, self.budget_mib) {
+                return Err(SchedulerError::Unfit {
+                    function: name,
+                    reason,
+                });
+            }
+            let (_, old) = st.put_function(Arc::new(spec));
+            self.pump(&mut st);
+            old
+        };
+        for vm in old {
+            log::info!(
+                "stopping idle VM {} of {name}: the function was updated",
+                vm.id
+            );
+            self.metrics.eviction(&name, "updated");
+            self.remove(vm);
+        }
+        let _ = self.wake.try_send(());
+        Ok(())
     }
 
-    /// Serves one request on a VM of function `function`.
+    /// Whether `spec` could be deployed now (see [`pool::State::check_fits`]).
+    pub fn check_fits(&self, spec: &Function) -> Result<(), SchedulerError> {
+        self.lock()
+            .check_fits(spec, self.budget_mib)
+            .map_err(|reason| SchedulerError::Unfit {
+                function: spec.name.clone(),
+                reason,
+            })
+    }
+
+    /// Unregisters function `name`: its waiting requests are answered
+    /// [`SchedulerError::Removed`], its idle VMs are stopped now and its
+    /// busy ones as their requests end.
+    pub fn remove_function(&self, name: &str) -> Result<(), SchedulerError> {
+        let idle = {
+            let mut st = self.lock();
+            let idle = st
+                .remove_function(name)
+                .ok_or_else(|| SchedulerError::NoSuchFunction(name.to_string()))?;
+            self.pump(&mut st);
+            idle
+        };
+        for vm in idle {
+            log::info!(
+                "stopping idle VM {} of {name}: the function was removed",
+                vm.id
+            );
+            self.metrics.eviction(name, "removed");
+            self.remove(vm);
+        }
+        Ok(())
+    }
+
+    /// Every function, by name, with its VMs.
+    pub fn functions(&self) -> Vec<FunctionLive> {
+        let st = self.lock();
+        let mut out: Vec<FunctionLive> = st
+            .names
+            .values()
+            .filter_map(|fid| st.fns.get(fid).map(|s| (fid, s)))
+            .map(|(fid, s)| {
+                let count = |state: VmState| {
+                    st.vms
+                        .values()
+                        .filter(|r| r.function == *fid && r.state == state)
+                        .count()
+                };
+                FunctionLive {
+                    spec: Arc::clone(&s.spec),
+                    launching: count(VmState::Launching),
+                    idle: count(VmState::Idle),
+                    busy: count(VmState::Busy),
+                    queued: s.queued,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        out
+    }
+
+    /// Serves one request on a VM of the function called `function`.
     pub fn invoke(
         &self,
-        function: usize,
+        function: &str,
         request: &[u8],
         rid: &str,
-    ) -> Result<Invocation, InvokeError> {
-        let f = &self.cfg.functions[function];
+    ) -> Result<Invocation, SchedulerError> {
         let arrived = Instant::now();
         let mut launch = Duration::ZERO;
         let (mut vm, start, queued) = loop {
-            let (grant, waited) = self.acquire(function, arrived)?;
+            let (grant, waited, fid, name) = self.acquire(function, arrived)?;
             let queued = if waited {
                 arrived.elapsed()
             } else {
                 Duration::ZERO
             };
             match grant {
-                Grant::Refused => return Err(InvokeError::ShuttingDown),
+                Grant::Refused => return Err(SchedulerError::ShuttingDown),
+                Grant::Removed => return Err(SchedulerError::Removed { function: name }),
                 Grant::Warm(mut vm) => {
                     if vm.is_healthy() {
                         break (vm, Start::Warm, queued);
                     }
-                    log::warn!(
-                        "[{rid}] idle VM {} of {} died; trying another",
-                        vm.id,
-                        f.name
-                    );
-                    self.metrics.crash(&f.name);
-                    self.metrics.eviction(&f.name, "crashed");
+                    log::warn!("[{rid}] idle VM {} of {name} died; trying another", vm.id);
+                    self.metrics.crash(&name);
+                    self.metrics.eviction(&name, "crashed");
                     self.remove(vm);
                 }
-                Grant::Launch { id, victims } => {
+                Grant::Launch {
+                    id,
+                    spec,
+                    generation,
+                    victims,
+                } => {
                     reap(victims);
                     let t = Instant::now();
                     let log = self.log_path(id);
-                    match FunctionVm::launch(&self.cfg, function, id, &log) {
+                    let kind = spec.launch_kind();
+                    match FunctionVm::launch(&self.cfg, (fid, generation, spec), id, &log) {
                         Ok(vm) => {
                             launch = t.elapsed();
-                            self.metrics
-                                .cold_start(&f.name, f.launch_kind().as_str(), launch);
+                            self.metrics.cold_start(&name, kind.as_str(), launch);
                             log::info!(
-                                "[{rid}] launched VM {id} of {} by {} in {} us",
-                                f.name,
-                                f.launch_kind().as_str(),
+                                "[{rid}] launched VM {id} of {name} by {} in {} us",
+                                kind.as_str(),
                                 launch.as_micros()
                             );
                             let mut st = self.lock();
                             if st.shutting_down {
                                 drop(st);
                                 self.remove(vm);
-                                return Err(InvokeError::ShuttingDown);
+                                return Err(SchedulerError::ShuttingDown);
                             }
                             st.set_state(id, VmState::Busy);
-                            break (vm, Start::Cold(f.launch_kind()), queued);
+                            break (vm, Start::Cold(kind), queued);
                         }
                         Err(source) => {
-                            log::warn!("[{rid}] launching VM {id} of {} failed: {source}", f.name);
-                            self.metrics.launch_failure(&f.name);
+                            log::warn!("[{rid}] launching VM {id} of {name} failed: {source}");
+                            self.metrics.launch_failure(&name);
                             self.release_reservation(id);
-                            return Err(InvokeError::Launch {
-                                function: f.name.clone(),
+                            return Err(SchedulerError::Launch {
+                                function: name,
                                 source,
                             });
                         }
@@ -256,11 +369,13 @@ impl Scheduler {
                 }
             }
         };
+        let spec = Arc::clone(&vm.spec);
+        let name = &spec.name;
         if start == Start::Warm {
-            self.metrics.warm_start(&f.name);
+            self.metrics.warm_start(name);
         }
         if !queued.is_zero() {
-            self.metrics.queued(&f.name, queued);
+            self.metrics.queued(name, queued);
         }
         {
             let mut st = self.lock();
@@ -270,9 +385,9 @@ impl Scheduler {
                 r.served += 1;
             }
         }
-        log::debug!("[{rid}] {} on VM {} ({})", f.name, vm.id, start.as_str());
+        log::debug!("[{rid}] {name} on VM {} ({})", vm.id, start.as_str());
         let t = Instant::now();
-        let result = vm.call(request, f.request_timeout);
+        let result = vm.call(request, spec.request_timeout);
         let guest = t.elapsed();
         match result {
             Ok(body) => {
@@ -290,30 +405,29 @@ impl Scheduler {
             Err(VmError::BadJson(e)) => {
                 // The frame was read whole: the VM is still in step.
                 self.release(vm);
-                Err(InvokeError::Vm {
-                    function: f.name.clone(),
+                Err(SchedulerError::Vm {
+                    function: name.clone(),
                     source: VmError::BadJson(e),
                 })
             }
             Err(VmError::Timeout(timeout)) => {
                 log::warn!(
-                    "[{rid}] {} timed out after {timeout:?}; stopping VM {}",
-                    f.name,
+                    "[{rid}] {name} timed out after {timeout:?}; stopping VM {}",
                     vm.id
                 );
-                self.metrics.timeout(&f.name);
+                self.metrics.timeout(name);
                 self.remove(vm);
-                Err(InvokeError::Timeout {
-                    function: f.name.clone(),
+                Err(SchedulerError::Timeout {
+                    function: name.clone(),
                     timeout,
                 })
             }
             Err(source) => {
-                log::warn!("[{rid}] VM {} of {} failed: {source}", vm.id, f.name);
-                self.metrics.crash(&f.name);
+                log::warn!("[{rid}] VM {} of {name} failed: {source}", vm.id);
+                self.metrics.crash(name);
                 self.remove(vm);
-                Err(InvokeError::Vm {
-                    function: f.name.clone(),
+                Err(SchedulerError::Vm {
+                    function: name.clone(),
                     source,
                 })
             }
@@ -321,56 +435,75 @@ impl Scheduler {
     }
 
     /// Waits for a grant: an idle VM or a launch reservation; `true` when
-    /// the request had to wait in the queue for it.
-    fn acquire(&self, function: usize, arrived: Instant) -> Result<(Grant, bool), InvokeError> {
-        let f = &self.cfg.functions[function];
+    /// the request had to wait in the queue for it; the function's
+    /// registration and name.
+    fn acquire(
+        &self,
+        name: &str,
+        arrived: Instant,
+    ) -> Result<(Grant, bool, FnId, String), SchedulerError> {
         let (tx, rx) = bounded(1);
         let wid;
+        let spec;
+        let fid;
         {
             let mut st = self.lock();
             if st.shutting_down {
-                return Err(InvokeError::ShuttingDown);
+                return Err(SchedulerError::ShuttingDown);
             }
+            let Some(function) = st.names.get(name).copied() else {
+                return Err(SchedulerError::NoSuchFunction(name.to_string()));
+            };
+            fid = function;
+            let Some(fs) = st.fns.get_mut(&function) else {
+                return Err(SchedulerError::NoSuchFunction(name.to_string()));
+            };
+            fs.queued += 1;
+            spec = Arc::clone(&fs.spec);
             wid = st.next_waiter;
             st.next_waiter += 1;
             st.queue.push_back(Waiter {
                 id: wid,
-                function,
+                function: fid,
                 tx,
             });
-            st.fns[function].queued += 1;
             self.pump(&mut st);
-            if st.queue.iter().any(|w| w.id == wid) && st.fns[function].queued > f.max_queue {
+            let waiting = st.queue.iter().any(|w| w.id == wid);
+            let full = |fs: &&mut pool::FnState<FunctionVm>| waiting && fs.queued > spec.max_queue;
+            if let Some(fs) = st.fns.get_mut(&fid).filter(full) {
+                fs.queued -= 1;
                 st.queue.retain(|w| w.id != wid);
-                st.fns[function].queued -= 1;
-                self.metrics.queue_rejection(&f.name);
-                return Err(InvokeError::QueueFull {
-                    function: f.name.clone(),
-                    max: f.max_queue,
+                self.metrics.queue_rejection(&spec.name);
+                return Err(SchedulerError::QueueFull {
+                    function: spec.name.clone(),
+                    max: spec.max_queue,
                 });
             }
         }
+        let name = spec.name.clone();
         if let Ok(g) = rx.try_recv() {
-            return Ok((g, false));
+            return Ok((g, false, fid, name));
         }
-        match rx.recv_deadline(arrived + f.request_timeout) {
-            Ok(g) => Ok((g, true)),
+        match rx.recv_deadline(arrived + spec.request_timeout) {
+            Ok(g) => Ok((g, true, fid, name)),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 let mut st = self.lock();
                 let before = st.queue.len();
                 st.queue.retain(|w| w.id != wid);
                 if st.queue.len() < before {
-                    st.fns[function].queued -= 1;
-                    return Err(InvokeError::QueueTimeout {
-                        function: f.name.clone(),
+                    if let Some(fs) = st.fns.get_mut(&fid) {
+                        fs.queued -= 1;
+                    }
+                    return Err(SchedulerError::QueueTimeout {
+                        function: name,
                         waited: arrived.elapsed(),
                     });
                 }
                 drop(st);
                 // Granted just as the deadline passed: take it.
                 rx.try_recv()
-                    .map(|g| (g, true))
-                    .map_err(|_| InvokeError::ShuttingDown)
+                    .map(|g| (g, true, fid, name))
+                    .map_err(|_| SchedulerError::ShuttingDown)
             }
         }
     }
@@ -379,42 +512,40 @@ impl Scheduler {
         self.log_dir.join(format!("vm-{id}.log"))
     }
 
-    /// Returns a healthy VM after a request: to its pool, or straight to a waiter.
+    /// Returns a healthy VM after a request: to its pool, or straight to a
+    /// waiter; a VM whose function was since updated or removed is stopped.
     fn release(&self, vm: FunctionVm) {
         let mut st = self.lock();
-        if st.shutting_down {
+        let current = st
+            .fns
+            .get(&vm.function)
+            .is_some_and(|fs| fs.generation == vm.generation);
+        if st.shutting_down || !current {
             drop(st);
             self.remove(vm);
             return;
         }
         st.set_state(vm.id, VmState::Idle);
-        let f = vm.function;
-        st.fns[f].idle.push(IdleVm {
-            vm,
-            since: Instant::now(),
-        });
+        if let Some(fs) = st.fns.get_mut(&vm.function) {
+            fs.idle.push(IdleVm {
+                vm,
+                since: Instant::now(),
+            });
+        }
         self.pump(&mut st);
     }
 
     /// Kills a VM and returns its memory.
     fn remove(&self, vm: FunctionVm) {
-        let (id, f) = (vm.id, vm.function);
+        let id = vm.id;
         vm.kill();
-        let mut st = self.lock();
-        st.fns[f].vms -= 1;
-        st.used_mib -= footprint(&self.cfg, f);
-        st.forget(id);
-        self.pump(&mut st);
+        self.release_reservation(id);
     }
 
-    /// Returns the memory of a launch that failed.
+    /// Returns the memory of a VM that is gone or never started.
     fn release_reservation(&self, id: VmId) {
         let mut st = self.lock();
-        if let Some(f) = st.vms.get(&id).map(|r| r.function) {
-            st.fns[f].vms -= 1;
-            st.used_mib -= footprint(&self.cfg, f);
-            st.forget(id);
-        }
+        st.drop_record(id);
         self.pump(&mut st);
     }
 
@@ -425,16 +556,22 @@ impl Scheduler {
             let now = Instant::now();
             let mut victims = Vec::new();
             let mut launches = Vec::new();
-            let mut watched: Vec<(VmId, usize, Receiver<crate::control::Event>)> = Vec::new();
+            let mut watched: Vec<(VmId, FnId, Receiver<crate::control::Event>)> = Vec::new();
             let mut next: Option<Instant> = None;
             {
                 let mut st = self.lock();
                 if st.shutting_down {
                     return;
                 }
-                for (fi, f) in self.cfg.functions.iter().enumerate() {
+                let fids: Vec<FnId> = st.fns.keys().copied().collect();
+                for fi in fids {
+                    let need = st.footprint(&st.fns[&fi].spec);
+                    let queue_empty = st.queue.is_empty();
+                    let Some(s) = st.fns.get_mut(&fi) else {
+                        continue;
+                    };
+                    let f = Arc::clone(&s.spec);
                     // Idle timeouts: the oldest beyond min_idle.
-                    let s = &mut st.fns[fi];
                     let spare = s.idle.len().saturating_sub(f.min_idle);
                     let expired = s
                         .idle
@@ -452,8 +589,7 @@ impl Scheduler {
                         self.metrics.eviction(&f.name, "idle_timeout");
                         victims.push(idle.vm);
                     }
-                    let s = &st.fns[fi];
-                    if let Some(at) = s.next_idle_expiry(f) {
+                    if let Some(at) = s.next_idle_expiry() {
                         next = Some(next.map_or(at, |n| n.min(at)));
                     }
                     // Pre-warming: free memory only, never while anyone waits.
@@ -463,44 +599,50 @@ impl Scheduler {
                         next = Some(next.map_or(at, |n| n.min(at)));
                     }
                     for _ in 0..want {
-                        let s = &st.fns[fi];
-                        let need = footprint(&self.cfg, fi);
+                        let vms = st.fns.get(&fi).map_or(usize::MAX, |s| s.vms);
                         if !retry_ok
-                            || !st.queue.is_empty()
-                            || s.vms >= f.concurrency_limit
+                            || !queue_empty
+                            || vms >= f.concurrency_limit
                             || st.used_mib + need > self.budget_mib
                         {
                             break;
                         }
-                        let id = st.new_record(&self.cfg, fi, &self.log_dir);
-                        st.fns[fi].prewarming += 1;
-                        launches.push((fi, id));
+                        let Some(id) = st.new_record(fi, &self.log_dir) else {
+                            break;
+                        };
+                        let Some(s) = st.fns.get_mut(&fi) else {
+                            break;
+                        };
+                        s.prewarming += 1;
+                        launches.push((fi, s.generation, Arc::clone(&f), id));
                     }
                 }
                 st.watched.clear();
-                for fi in 0..st.fns.len() {
-                    for i in 0..st.fns[fi].idle.len() {
-                        let vm = &st.fns[fi].idle[i].vm;
-                        watched.push((vm.id, vm.function, vm.events()));
-                        let id = vm.id;
-                        st.watched.insert(id);
+                let mut ids = Vec::new();
+                for (fi, s) in &st.fns {
+                    for i in &s.idle {
+                        watched.push((i.vm.id, *fi, i.vm.events()));
+                        ids.push(i.vm.id);
                     }
                 }
+                st.watched.extend(ids);
                 st.maintainer_deadline = next;
             }
             // Their memory returns once each is reaped.
             for vm in victims {
                 self.remove(vm);
             }
-            for (fi, id) in launches {
+            for (fi, generation, spec, id) in launches {
                 let me = Arc::clone(self);
                 let spawned = std::thread::Builder::new()
                     .name(format!("prewarm-{id}"))
-                    .spawn(move || me.prewarm(fi, id));
+                    .spawn(move || me.prewarm((fi, generation, spec), id));
                 if let Err(e) = spawned {
                     log::error!("cannot start a pre-warm thread: {e}");
                     let mut st = self.lock();
-                    st.fns[fi].prewarming -= 1;
+                    if let Some(s) = st.fns.get_mut(&fi) {
+                        s.prewarming -= 1;
+                    }
                     drop(st);
                     self.release_reservation(id);
                 }
@@ -539,49 +681,55 @@ impl Scheduler {
     }
 
     /// Removes idle VM `id` whose firerunner has exited.
-    fn drop_dead_idle(&self, id: VmId, fi: usize) {
+    fn drop_dead_idle(&self, id: VmId, fi: FnId) {
         let vm = {
             let mut st = self.lock();
-            let Some(pos) = st.fns[fi].idle.iter().position(|i| i.vm.id == id) else {
+            let Some(s) = st.fns.get_mut(&fi) else {
                 return;
             };
-            st.fns[fi].idle.remove(pos).vm
+            let Some(pos) = s.idle.iter().position(|i| i.vm.id == id) else {
+                return;
+            };
+            s.idle.remove(pos).vm
         };
-        let name = &self.cfg.functions[fi].name;
+        let name = vm.spec.name.clone();
         log::warn!("idle VM {id} of {name} exited; removing it");
-        self.metrics.crash(name);
-        self.metrics.eviction(name, "crashed");
+        self.metrics.crash(&name);
+        self.metrics.eviction(&name, "crashed");
         self.remove(vm);
     }
 
     /// Launches one pre-warmed VM into the idle pool.
-    fn prewarm(&self, fi: usize, id: VmId) {
-        let f = &self.cfg.functions[fi];
+    fn prewarm(&self, (fi, generation, spec): (FnId, u64, Arc<Function>), id: VmId) {
         let t = Instant::now();
-        match FunctionVm::launch(&self.cfg, fi, id, &self.log_path(id)) {
+        let name = spec.name.clone();
+        let kind = spec.launch_kind();
+        match FunctionVm::launch(&self.cfg, (fi, generation, spec), id, &self.log_path(id)) {
             Ok(vm) => {
-                self.metrics
-                    .cold_start(&f.name, f.launch_kind().as_str(), t.elapsed());
+                self.metrics.cold_start(&name, kind.as_str(), t.elapsed());
                 log::info!(
-                    "pre-warmed VM {id} of {} in {} us",
-                    f.name,
+                    "pre-warmed VM {id} of {name} in {} us",
                     t.elapsed().as_micros()
                 );
                 let mut st = self.lock();
-                st.fns[fi].prewarming -= 1;
-                st.fns[fi].prewarm_retry = None;
+                if let Some(s) = st.fns.get_mut(&fi) {
+                    s.prewarming -= 1;
+                    s.prewarm_retry = None;
+                }
                 drop(st);
                 self.release(vm);
             }
             Err(e) => {
-                log::warn!("pre-warming a VM of {} failed: {e}", f.name);
-                self.metrics.launch_failure(&f.name);
+                log::warn!("pre-warming a VM of {name} failed: {e}");
+                self.metrics.launch_failure(&name);
                 let mut st = self.lock();
-                st.fns[fi].prewarming -= 1;
-                let pause = st.fns[fi]
-                    .prewarm_retry
-                    .map_or(PREWARM_BACKOFF.0, |(_, p)| (p * 2).min(PREWARM_BACKOFF.1));
-                st.fns[fi].prewarm_retry = Some((Instant::now() + pause, pause));
+                if let Some(s) = st.fns.get_mut(&fi) {
+                    s.prewarming -= 1;
+                    let pause = s
+                        .prewarm_retry
+                        .map_or(PREWARM_BACKOFF.0, |(_, p)| (p * 2).min(PREWARM_BACKOFF.1));
+                    s.prewarm_retry = Some((Instant::now() + pause, pause));
+                }
                 drop(st);
                 self.release_reservation(id);
             }
@@ -606,7 +754,7 @@ impl Scheduler {
                 let _ = w.tx.send(Grant::Refused);
             }
             let mut v = Vec::new();
-            for fs in &mut st.fns {
+            for fs in st.fns.values_mut() {
                 fs.queued = 0;
                 v.extend(fs.idle.drain(..).map(|i| i.vm));
             }
@@ -650,19 +798,16 @@ impl Scheduler {
 
     /// Live numbers for /metrics.
     pub fn gauges(&self) -> Gauges {
+        let fns = self.functions();
         let st = self.lock();
         let mut vms = Vec::new();
         let mut queue_depth = Vec::new();
-        for (fi, f) in self.cfg.functions.iter().enumerate() {
-            for state in [VmState::Launching, VmState::Idle, VmState::Busy] {
-                let n = st
-                    .vms
-                    .values()
-                    .filter(|r| r.function == fi && r.state == state)
-                    .count();
-                vms.push((f.name.clone(), state.as_str(), n));
-            }
-            queue_depth.push((f.name.clone(), st.fns[fi].queued));
+        for f in fns {
+            let name = &f.spec.name;
+            vms.push((name.clone(), VmState::Launching.as_str(), f.launching));
+            vms.push((name.clone(), VmState::Idle.as_str(), f.idle));
+            vms.push((name.clone(), VmState::Busy.as_str(), f.busy));
+            queue_depth.push((name.clone(), f.queued));
         }
         Gauges {
             memory_used_mib: st.used_mib,
@@ -683,7 +828,7 @@ impl Scheduler {
                 .map(|(id, r)| {
                     json!({
                         "id": id,
-                        "function": self.cfg.functions[r.function].name,
+                        "function": r.name,
                         "state": r.state.as_str(),
                         "launch": r.kind.as_str(),
                         "memory_mib": r.mib,
@@ -698,19 +843,11 @@ impl Scheduler {
 
     /// GET /functions.
     pub fn functions_json(&self) -> Value {
-        let st = self.lock();
         Value::Array(
-            self.cfg
-                .functions
-                .iter()
-                .enumerate()
-                .map(|(fi, f)| {
-                    let count = |s: VmState| {
-                        st.vms
-                            .values()
-                            .filter(|r| r.function == fi && r.state == s)
-                            .count()
-                    };
+            self.functions()
+                .into_iter()
+                .map(|l| {
+                    let f = &l.spec;
                     json!({
                         "name": f.name,
                         "launch": f.launch_kind().as_str(),
@@ -722,11 +859,11 @@ impl Scheduler {
                         "idle_timeout_ms": f.idle_timeout.as_millis() as u64,
                         "request_timeout_ms": f.request_timeout.as_millis() as u64,
                         "vms": {
-                            "launching": count(VmState::Launching),
-                            "idle": count(VmState::Idle),
-                            "busy": count(VmState::Busy),
+                            "launching": l.launching,
+                            "idle": l.idle,
+                            "busy": l.busy,
                         },
-                        "queued": st.fns[fi].queued,
+                        "queued": l.queued,
                         "warm_starts": self.metrics.warm_starts(&f.name),
                         "cold_starts": self.metrics.cold_starts(&f.name),
                     })

@@ -4,6 +4,7 @@
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -13,6 +14,7 @@ use crate::launcher::{self, CallError, Launch, VmProcess};
 use crate::protocol::ProtocolError;
 
 use super::config::{Config, Function};
+use super::pool::FnId;
 
 pub type VmId = u64;
 
@@ -35,25 +37,26 @@ pub enum VmError {
 /// A launched VM whose guest agent is connected and initialised.
 pub struct FunctionVm {
     pub id: VmId,
-    /// Index of its function in the config.
-    pub function: usize,
+    pub function: FnId,
+    /// The function's generation and spec this VM was launched from.
+    pub generation: u64,
+    pub spec: Arc<Function>,
     vm: VmProcess,
     stream: UnixStream,
 }
 
 impl FunctionVm {
-    /// Starts a VM of `f` (restore when it has `load_dir`, boot otherwise)
-    /// with its console in `console`, and waits for its agent.
+    /// Starts a VM of `spec` (restore when it has `load_dir`, boot
+    /// otherwise) with its console in `console`, and waits for its agent.
     pub fn launch(
         cfg: &Config,
-        function: usize,
+        (function, generation, spec): (FnId, u64, Arc<Function>),
         id: VmId,
         console: &Path,
     ) -> Result<Self, VmError> {
-        let f: &Function = &cfg.functions[function];
         let launch = Launch {
             firerunner: cfg.firerunner.clone(),
-            vm_args: f.firerunner_args(),
+            vm_args: spec.firerunner_args(),
             console: Some(console.to_path_buf()),
         };
         let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
@@ -71,6 +74,8 @@ impl FunctionVm {
         Ok(Self {
             id,
             function,
+            generation,
+            spec,
             vm,
             stream,
         })

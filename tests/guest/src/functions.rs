@@ -19,6 +19,7 @@ pub enum Func {
     Random,
     Discard,
     Count,
+    Http,
 }
 
 impl Func {
@@ -32,6 +33,7 @@ impl Func {
             b"random" => Func::Random,
             b"discard" => Func::Discard,
             b"count" => Func::Count,
+            b"http" => Func::Http,
             _ => return None,
         })
     }
@@ -78,7 +80,45 @@ pub fn run(f: Func, req: &[u8], frame_len: usize, env: &mut Env, out: &mut Write
             let _ = write!(out, "{{\"bytes\": {}}}", frame_len);
         }
         Func::Count => count(out),
+        Func::Http => http(req, out),
     }
+}
+
+/// A JSON string value, or `""`.
+fn string_or_empty(v: Option<&[u8]>) -> &[u8] {
+    v.filter(|v| json::str_inner(v).is_some()).unwrap_or(b"\"\"")
+}
+
+/// `http`: answers a request envelope (multivm's envelope.rs) with a
+/// response envelope that echoes it: the same body (still base64), the
+/// request's content type, its method, path and query as `x-method`,
+/// `x-path`, `x-query`, and the status its `x-status` header asks for
+/// (default 200). A plain JSON request is answered `{"plain": request}`.
+fn http(req: &[u8], out: &mut Writer) {
+    let Some(env) = json::field(req, "snapvm.http").filter(|v| json::is_object(v)) else {
+        out.raw(b"{\"plain\": ");
+        out.raw(req);
+        out.raw(b"}");
+        return;
+    };
+    let headers = json::field(env, "headers").filter(|v| json::is_object(v));
+    let header = |k: &str| headers.and_then(|h| json::field(h, k));
+    let status = header("x-status")
+        .and_then(json::str_inner)
+        .and_then(crate::cmdline::parse_u64)
+        .filter(|s| (200..600).contains(s))
+        .unwrap_or(200);
+    let _ = write!(out, "{{\"snapvm.http\": {{\"status\": {}, \"headers\": {{\"content-type\": ", status);
+    out.raw(header("content-type").filter(|v| json::str_inner(v).is_some()).unwrap_or(&b"\"application/octet-stream\""[..]));
+    out.raw(b", \"x-method\": ");
+    out.raw(string_or_empty(json::field(env, "method")));
+    out.raw(b", \"x-path\": ");
+    out.raw(string_or_empty(json::field(env, "path")));
+    out.raw(b", \"x-query\": ");
+    out.raw(string_or_empty(json::field(env, "query")));
+    out.raw(b"}, \"body\": ");
+    out.raw(string_or_empty(json::field(env, "body")));
+    out.raw(b"}}");
 }
 
 /// `count`'s state, in guest memory like any app's: the requests served
