@@ -26,9 +26,10 @@
 
 use std::collections::BTreeMap;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::base64;
 use crate::protocol::MAX_FRAME;
 
 /// The key of both envelopes.
@@ -102,7 +103,7 @@ impl HttpRequest<'_> {
             "path": self.path,
             "query": self.query,
             "headers": headers,
-            "body": base64::encode(self.body),
+            "body": BASE64.encode(self.body),
         }})
     }
 }
@@ -150,7 +151,7 @@ fn parse_response(env: &Value) -> Result<HttpResponse, EnvelopeError> {
         None => Vec::new(),
         Some(b) => b
             .as_str()
-            .and_then(base64::decode)
+            .and_then(|b| BASE64.decode(b).ok())
             .ok_or_else(|| bad("body must be a base64 string"))?,
     };
     Ok(HttpResponse {
@@ -200,7 +201,7 @@ mod tests {
             assert_eq!(e["method"], m);
             assert_eq!(e["path"], p);
             assert_eq!(e["query"], q);
-            assert_eq!(base64::decode(e["body"].as_str().unwrap()).unwrap(), b);
+            assert_eq!(BASE64.decode(e["body"].as_str().unwrap()).unwrap(), b);
             assert_eq!(e["headers"]["content-type"], "text/plain");
             assert_eq!(e["headers"]["x-a"], "1, 2", "repeated headers are joined");
             assert!(e["headers"].get("content-length").is_none());
@@ -213,7 +214,7 @@ mod tests {
         assert!(response(&json!({KEY: {}, "other": 1})).is_none());
         let r = response(
             &json!({KEY: {"status": 201, "headers": {"Content-Type": "text/csv", "Connection": "x"},
-            "body": base64::encode(b"a,b\n")}}),
+            "body": BASE64.encode(b"a,b\n")}}),
         )
         .unwrap()
         .unwrap();

@@ -16,7 +16,6 @@
 //! process group), which stop at once; their requests are answered 502.
 //! Send SIGTERM to multivm alone for a clean drain.
 
-mod base64;
 pub mod config;
 pub mod envelope;
 pub mod http;

@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use crate::multivm::base64;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 
 /// The realm in `WWW-Authenticate`.
 pub const REALM: &str = "snapvm";
@@ -59,7 +60,7 @@ impl Credentials {
         }) else {
             return false;
         };
-        let Some(decoded) = base64::decode(encoded) else {
+        let Ok(decoded) = BASE64.decode(encoded) else {
             return false;
         };
         let Some(colon) = decoded.iter().position(|&b| b == b':') else {
