@@ -257,6 +257,7 @@ impl Function {
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,
             cpu_template: None,
+            no_seccomp: false,
         }
     }
 }
