@@ -121,86 +121,22 @@ impl ThreadClass {
 macro_rules! named {
     ($($sys:ident),* $(,)?) => { &[$((libc::$sys, stringify!($sys))),*] };
 }
+#[rustfmt::skip]
 const NAMES: &[(i64, &str)] = named![
-    SYS_mincore,
-    SYS_access,
-    SYS_flock,
-    SYS_read,
+    // In some allow-list.
+    SYS_access, SYS_accept4, SYS_brk, SYS_clock_gettime, SYS_close, SYS_connect,
+    SYS_epoll_ctl, SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fcntl, SYS_flock,
+    SYS_fsync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getsockopt,
+    SYS_gettid, SYS_ioctl, SYS_madvise, SYS_mincore, SYS_mkdir, SYS_mmap, SYS_mprotect,
+    SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_poll, SYS_pread64,
+    SYS_pwrite64, SYS_read, SYS_recvfrom, SYS_rename, SYS_renameat2, SYS_rt_sigprocmask,
+    SYS_rt_sigreturn, SYS_sched_yield, SYS_sendto, SYS_shutdown, SYS_sigaltstack,
+    SYS_socket, SYS_statx, SYS_tgkill, SYS_timerfd_settime, SYS_unlink, SYS_unlinkat,
     SYS_write,
-    SYS_close,
-    SYS_fstat,
-    SYS_lseek,
-    SYS_mmap,
-    SYS_mprotect,
-    SYS_munmap,
-    SYS_brk,
-    SYS_rt_sigprocmask,
-    SYS_rt_sigreturn,
-    SYS_ioctl,
-    SYS_pread64,
-    SYS_pwrite64,
-    SYS_readv,
-    SYS_writev,
-    SYS_sched_yield,
-    SYS_mremap,
-    SYS_madvise,
-    SYS_getpid,
-    SYS_socket,
-    SYS_connect,
-    SYS_accept,
-    SYS_sendto,
-    SYS_recvfrom,
-    SYS_sendmsg,
-    SYS_recvmsg,
-    SYS_shutdown,
-    SYS_getsockopt,
-    SYS_fcntl,
-    SYS_fsync,
-    SYS_fdatasync,
-    SYS_ftruncate,
-    SYS_getdents64,
-    SYS_rename,
-    SYS_mkdir,
-    SYS_rmdir,
-    SYS_unlink,
-    SYS_sigaltstack,
-    SYS_futex,
-    SYS_exit,
-    SYS_exit_group,
-    SYS_epoll_wait,
-    SYS_epoll_ctl,
-    SYS_tgkill,
-    SYS_openat,
-    SYS_mkdirat,
-    SYS_newfstatat,
-    SYS_unlinkat,
-    SYS_renameat,
-    SYS_renameat2,
-    SYS_fallocate,
-    SYS_accept4,
-    SYS_timerfd_settime,
-    SYS_epoll_pwait,
-    SYS_poll,
-    SYS_ppoll,
-    SYS_clock_gettime,
-    SYS_clock_nanosleep,
-    SYS_getrandom,
-    SYS_statx,
-    SYS_open,
-    SYS_execve,
-    SYS_execveat,
-    SYS_fork,
-    SYS_vfork,
-    SYS_clone,
-    SYS_clone3,
-    SYS_kill,
-    SYS_ptrace,
-    SYS_mount,
-    SYS_getppid,
-    SYS_prctl,
-    SYS_seccomp,
-    SYS_bind,
-    SYS_listen,
+    // In none, and worth naming.
+    SYS_accept, SYS_bind, SYS_clone, SYS_clone3, SYS_execve, SYS_execveat, SYS_fork,
+    SYS_getppid, SYS_kill, SYS_listen, SYS_mount, SYS_open, SYS_prctl, SYS_ptrace,
+    SYS_recvmsg, SYS_seccomp, SYS_sendmsg, SYS_vfork,
 ];
 
 /// The name of syscall `nr`, if [`NAMES`] has it.
@@ -236,6 +172,16 @@ fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Backe
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
 }
 
+/// `tgkill` of a thread of this process with `signal`. (The process id is
+/// taken when the filter is built: the one this process has in its pid
+/// namespace, as `getpid` returns it to glibc.)
+fn tgkill(signal: i32) -> Result<Vec<SeccompRule>, BackendError> {
+    Ok(vec![SeccompRule::new(vec![
+        cond(0, SeccompCmpOp::Eq, u64::from(std::process::id()))?,
+        cond(2, SeccompCmpOp::Eq, signal as u64)?,
+    ])?])
+}
+
 /// `ioctl` with one of these request numbers (compared as 32 bits).
 fn ioctls(list: &mut AllowList, requests: &[u64]) -> Result<(), BackendError> {
     let rules = requests
@@ -253,7 +199,9 @@ fn ioctls(list: &mut AllowList, requests: &[u64]) -> Result<(), BackendError> {
 /// the kernel, a signal handler's return, and thread and process exit
 /// (std and glibc release the thread's stacks: `sigaltstack`, `munmap`,
 /// `madvise`; glibc blocks signals first: `rt_sigprocmask`, as
-/// `pthread_kill` does around its `tgkill`).
+/// `pthread_kill` does around its `tgkill`), and a panic's `abort()`,
+/// which must stay a `SIGABRT` (`getpid`, `gettid`, `tgkill` to this
+/// process with `SIGABRT`).
 fn base() -> Result<AllowList, BackendError> {
     let mut list = AllowList::new();
     for nr in [
@@ -268,9 +216,12 @@ fn base() -> Result<AllowList, BackendError> {
         libc::SYS_sigaltstack,
         libc::SYS_exit,
         libc::SYS_exit_group,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
     ] {
         any(&mut list, nr);
     }
+    when(&mut list, libc::SYS_tgkill, tgkill(libc::SIGABRT)?);
     let no_exec = |arg| -> Result<Vec<SeccompRule>, BackendError> {
         let exec = libc::PROT_EXEC as u64;
         Ok(vec![SeccompRule::new(vec![cond(
@@ -353,9 +304,9 @@ fn vcpu() -> Result<AllowList, BackendError> {
 /// The event loop (firerunner's main thread): epoll; eventfds, the
 /// signalfd and the controller's socket; virtio-blk reads; vsock's Unix
 /// sockets (accepting host clients, connecting to `<uds>_P` — only Unix
-/// stream sockets — `FIONBIO`, shutting down and closing them), its
-/// timerfd, and removing its listener at teardown (`statx`, `unlink`);
-/// kicking the vCPUs (`getpid` and `tgkill` to this process with the kick
+/// stream sockets — `FIONBIO`, a stream's error, shutting down and closing
+/// them), its timerfd, and removing its listener at teardown (`statx`,
+/// `unlink`); kicking the vCPUs (`tgkill` to this process with the kick
 /// signal, as `pthread_kill` does) and joining them; growing buffers
 /// (`mremap`).
 fn event_loop() -> Result<AllowList, BackendError> {
@@ -374,7 +325,6 @@ fn event_loop() -> Result<AllowList, BackendError> {
         libc::SYS_timerfd_settime,
         libc::SYS_statx,
         libc::SYS_unlink,
-        libc::SYS_getpid,
         libc::SYS_mremap,
     ] {
         any(&mut list, nr);
@@ -387,12 +337,14 @@ fn event_loop() -> Result<AllowList, BackendError> {
             cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_STREAM as u64)?,
         ])?],
     );
+    when(&mut list, libc::SYS_tgkill, tgkill(kick_signal())?);
+    // A vsock host stream's pending error, on EPOLLERR (`take_error`).
     when(
         &mut list,
-        libc::SYS_tgkill,
+        libc::SYS_getsockopt,
         vec![SeccompRule::new(vec![
-            cond(0, SeccompCmpOp::Eq, u64::from(std::process::id()))?,
-            cond(2, SeccompCmpOp::Eq, kick_signal() as u64)?,
+            cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+            cond(2, SeccompCmpOp::Eq, libc::SO_ERROR as u64)?,
         ])?],
     );
     ioctls(&mut list, &[libc::FIONBIO])?;
@@ -512,6 +464,23 @@ pub fn allow_list(class: ThreadClass, writes: bool) -> Result<AllowList, Seccomp
     })
 }
 
+/// `class`'s filter: its allow-list, everything else traps.
+fn compile(class: ThreadClass, writes: bool) -> Result<BpfProgram, SeccompError> {
+    let err = |source| SeccompError::Build {
+        class: class.name(),
+        source,
+    };
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(err)?;
+    let filter = SeccompFilter::new(
+        allow_list(class, writes)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(err)?;
+    BpfProgram::try_from(filter).map_err(err)
+}
+
 /// The compiled filters of this process, set once by [`enable`].
 struct Filters {
     /// In the order of [`ThreadClass::ALL`] (the enum's).
@@ -528,27 +497,9 @@ static FILTERS: OnceLock<Filters> = OnceLock::new();
 /// from then on each thread's [`install`] confines it. `writes`: this VM
 /// writes a snapshot or working set (see [`allow_list`]).
 pub fn enable(writes: bool) -> Result<(), SeccompError> {
-    let arch =
-        TargetArch::try_from(std::env::consts::ARCH).map_err(|source| SeccompError::Build {
-            class: "any",
-            source,
-        })?;
     let programs = ThreadClass::ALL
         .iter()
-        .map(|&class| {
-            let err = |source| SeccompError::Build {
-                class: class.name(),
-                source,
-            };
-            let filter = SeccompFilter::new(
-                allow_list(class, writes)?,
-                SeccompAction::Trap,
-                SeccompAction::Allow,
-                arch,
-            )
-            .map_err(err)?;
-            BpfProgram::try_from(filter).map_err(err)
-        })
+        .map(|&class| compile(class, writes))
         .collect::<Result<Vec<_>, SeccompError>>()?;
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
         .map_err(SeccompError::Handler)?;
@@ -682,7 +633,6 @@ mod tests {
 
     #[test]
     fn every_list_compiles_and_names_its_calls() {
-        let arch = TargetArch::try_from(std::env::consts::ARCH).unwrap();
         // `Filters::programs` is indexed by the enum's value.
         for (i, class) in ThreadClass::ALL.into_iter().enumerate() {
             assert_eq!(class as usize, i);
@@ -696,14 +646,60 @@ mod tests {
                         "{class:?}: syscall {nr} unnamed"
                     );
                 }
-                assert!(!list.contains_key(&libc::SYS_clone));
-                assert!(!list.contains_key(&libc::SYS_clone3));
-                assert!(!list.contains_key(&libc::SYS_execve));
-                let filter =
-                    SeccompFilter::new(list, SeccompAction::Trap, SeccompAction::Allow, arch)
-                        .unwrap();
-                assert!(!BpfProgram::try_from(filter).unwrap().is_empty());
+                for nr in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_execve] {
+                    assert!(!list.contains_key(&nr), "{class:?} allows {nr}");
+                }
+                assert!(!compile(class, writes).unwrap().is_empty());
             }
+        }
+    }
+
+    /// Runs `f` in a forked child confined by `class`'s filter (no SIGSYS
+    /// handler: a trap kills it with SIGSYS) and returns the signal that
+    /// ended the child, if one did.
+    fn in_confined_child(class: ThreadClass, f: fn()) -> Option<i32> {
+        // SAFETY: the child only builds and installs the filter (in its own
+        // process: the filter names its pid; glibc's malloc works after a
+        // fork) and runs `f`, then exits without returning into the test
+        // harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let installed = compile(class, false)
+                .ok()
+                .is_some_and(|p| seccompiler::apply_filter(&p).is_ok());
+            if !installed {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(2) };
+            }
+            f();
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) || libc::WEXITSTATUS(status) == 0,
+            "the child exited {}",
+            libc::WEXITSTATUS(status)
+        );
+        libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status))
+    }
+
+    #[test]
+    fn a_forbidden_call_traps_and_a_panics_abort_still_aborts() {
+        let forbidden = || {
+            // SAFETY: getppid takes no arguments and has no side effects.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        };
+        for class in ThreadClass::ALL {
+            assert_eq!(in_confined_child(class, forbidden), Some(libc::SIGSYS));
+            assert_eq!(
+                in_confined_child(class, || std::process::abort()),
+                Some(libc::SIGABRT),
+                "{class:?}"
+            );
         }
     }
 
