@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{app_image, firerunner, run_with_deadline, run_with_input, singlevm, testguest};
-use common::{collect, Scratch};
+use common::{collect, thread_modes, Scratch};
 use serde_json::{json, Value};
 use snapvm::vmm::seccomp::{hooks, VIOLATION_EXIT_CODE};
 
@@ -142,26 +142,6 @@ fn serve_one(mut cmd: Command, uds: &Path) -> Serving {
     let answer: Value = snapvm::protocol::read_json(&mut conn).unwrap();
     assert_eq!(answer, json!({"message": "hello, world"}));
     Serving { child, _conn: conn }
-}
-
-/// (name, `Seccomp:` mode) of every thread of process `pid`.
-fn thread_modes(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        out.push((field("Name:"), field("Seccomp:")));
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -33,6 +33,10 @@ struct Args {
         default_value_t = 30.0
     )]
     drain_timeout: f64,
+    /// Run every firerunner with --no_seccomp: without its per-thread
+    /// seccomp filters (for debugging only).
+    #[arg(long = "no_seccomp", alias = "no-seccomp")]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         drain_timeout,
         default_firerunner: default_firerunner(),
+        no_seccomp: args.no_seccomp,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -234,13 +234,13 @@ impl Function {
 
     /// The firerunner flags of one VM of this function, spelt by the
     /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
-    /// control ones).
-    pub fn firerunner_args(&self) -> Vec<OsString> {
-        self.vm_args().to_firerunner_args()
+    /// control ones); `no_seccomp` as multivm was told.
+    pub fn firerunner_args(&self, no_seccomp: bool) -> Vec<OsString> {
+        self.vm_args(no_seccomp).to_firerunner_args()
     }
 
     /// The VM flags of this function, as firerunner would parse them.
-    fn vm_args(&self) -> VmArgs {
+    fn vm_args(&self, no_seccomp: bool) -> VmArgs {
         VmArgs {
             kernel: self.kernel.clone(),
             kernel_args: self.cmdline.clone(),
@@ -257,7 +257,7 @@ impl Function {
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,
             cpu_template: None,
-            no_seccomp: false,
+            no_seccomp,
         }
     }
 }
@@ -271,6 +271,8 @@ pub struct Config {
     pub vm_overhead_mib: u64,
     /// Sorted by name.
     pub functions: Vec<Function>,
+    /// Run every firerunner with `--no_seccomp` (multivm's own flag).
+    pub no_seccomp: bool,
 }
 
 impl Config {
@@ -636,7 +638,7 @@ impl Resolver<'_> {
                 max_queue,
             };
             // The one check of the VM flags firerunner and singlevm make.
-            if let Err(e) = function.vm_args().check() {
+            if let Err(e) = function.vm_args(false).check() {
                 return Err(self.err(f, &format!("functions.{name}"), e.to_string()));
             }
             functions.push(function);
@@ -657,6 +659,7 @@ impl Resolver<'_> {
             boot_timeout,
             vm_overhead_mib,
             functions,
+            no_seccomp: false,
         })
     }
 }
@@ -767,7 +770,7 @@ functions:
             vm: crate::cli::VmArgs,
         }
         let mut argv: Vec<OsString> = vec!["firerunner".into()];
-        argv.extend(r.firerunner_args());
+        argv.extend(r.firerunner_args(false));
         let vm = <Firerunner as clap::Parser>::try_parse_from(argv)
             .unwrap()
             .vm;

@@ -68,6 +68,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// firerunner to use when the config has no `firerunner_path`.
     pub default_firerunner: PathBuf,
+    /// Run every firerunner without its seccomp filters (debugging).
+    pub no_seccomp: bool,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -94,7 +96,8 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         return Err(MultiVmError::NoBudget);
     }
     let addr = parse_listen(&opts.listen)?;
-    let cfg = Config::load(&opts.config, opts.mem_mib, opts.default_firerunner.clone())?;
+    let mut cfg = Config::load(&opts.config, opts.mem_mib, opts.default_firerunner.clone())?;
+    cfg.no_seccomp = opts.no_seccomp;
     let name = format!("multivm-{}", std::process::id());
     let dir = RuntimeDir::create(&name)
         .map_err(|source| MultiVmError::RuntimeDir { path: name, source })?;

@@ -353,6 +353,7 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             vm_overhead_mib: OVERHEAD,
             functions: vec![function("a", 90, 2), function("b", 40, 8)],
+            no_seccomp: false,
         }
     }
 

@@ -53,7 +53,7 @@ impl FunctionVm {
         let f: &Function = &cfg.functions[function];
         let launch = Launch {
             firerunner: cfg.firerunner.clone(),
-            vm_args: f.firerunner_args(),
+            vm_args: f.firerunner_args(cfg.no_seccomp),
             console: Some(console.to_path_buf()),
         };
         let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
