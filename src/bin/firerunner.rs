@@ -66,8 +66,12 @@ fn main() -> ExitCode {
     // its steady-state loop.
     if args.vm.no_seccomp {
         log::warn!("--no_seccomp: the VMM's threads run without seccomp filters");
-    } else if let Err(e) = seccomp::enable(config.writes_files()) {
-        return fail(e.to_string());
+    } else {
+        let t = Instant::now();
+        if let Err(e) = seccomp::enable(config.writes_files()) {
+            return fail(e.to_string());
+        }
+        log::info!("seccomp filters built in {} us", t.elapsed().as_micros());
     }
     let exit = match runner::run(&config, start, control.clone()) {
         Ok(exit) => exit,
