@@ -26,8 +26,10 @@
 //! Arguments are checked where they matter: `ioctl` request numbers
 //! (compared as 32-bit values, as the kernel's `ioctl` takes an
 //! `unsigned int`) per class, `mmap`/`mprotect` never with `PROT_EXEC`,
-//! `tgkill` only to this process's own threads with the vCPU kick signal,
-//! `socket` only for Unix stream sockets.
+//! `madvise` only `MADV_DONTNEED`, `tgkill` only to this process's own
+//! threads with the vCPU kick signal or `SIGABRT` (a panic's abort),
+//! `socket` only for Unix stream sockets, `getsockopt` only `SO_ERROR`,
+//! `fcntl` only `F_GETFL`/`F_SETFD`.
 //!
 //! A forbidden call traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler writes
 //! one line naming the call and the thread to stderr and ends the process
@@ -444,7 +446,7 @@ fn rootfs_hash() -> Result<AllowList, BackendError> {
 
 /// The allow-list of `class`; the event loop's with the writer's calls when
 /// `writes` (the VM writes a snapshot or a working set).
-pub fn allow_list(class: ThreadClass, writes: bool) -> Result<AllowList, SeccompError> {
+fn allow_list(class: ThreadClass, writes: bool) -> Result<AllowList, SeccompError> {
     let build = || match class {
         ThreadClass::Vcpu => vcpu(),
         ThreadClass::EventLoop => {
