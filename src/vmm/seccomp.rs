@@ -29,7 +29,7 @@
 //! `madvise` only `MADV_DONTNEED`, `tgkill` only to this process's own
 //! threads with the vCPU kick signal or `SIGABRT` (a panic's abort),
 //! `socket` only for Unix stream sockets, `getsockopt` only `SO_ERROR`,
-//! `fcntl` only `F_GETFL`/`F_SETFD`.
+//! `fcntl` only `F_GETFD`/`F_GETFL`/`F_SETFD`.
 //!
 //! A forbidden call traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler writes
 //! one line naming the call and the thread to stderr and ends the process
@@ -184,6 +184,14 @@ fn tgkill(signal: i32) -> Result<Vec<SeccompRule>, BackendError> {
     ])?])
 }
 
+/// `fcntl` with one of these commands.
+fn fcntl(commands: &[i32]) -> Result<Vec<SeccompRule>, BackendError> {
+    commands
+        .iter()
+        .map(|&c| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, c as u64)?]))
+        .collect()
+}
+
 /// `ioctl` with one of these request numbers (compared as 32 bits).
 fn ioctls(list: &mut AllowList, requests: &[u64]) -> Result<(), BackendError> {
     let rules = requests
@@ -201,9 +209,11 @@ fn ioctls(list: &mut AllowList, requests: &[u64]) -> Result<(), BackendError> {
 /// the kernel, a signal handler's return, and thread and process exit
 /// (std and glibc release the thread's stacks: `sigaltstack`, `munmap`,
 /// `madvise`; glibc blocks signals first: `rt_sigprocmask`, as
-/// `pthread_kill` does around its `tgkill`), and a panic's `abort()`,
-/// which must stay a `SIGABRT` (`getpid`, `gettid`, `tgkill` to this
-/// process with `SIGABRT`).
+/// `pthread_kill` does around its `tgkill`), a panic's `abort()`, which
+/// must stay a `SIGABRT` (`getpid`, `gettid`, `tgkill` to this process
+/// with `SIGABRT`), and `fcntl(F_GETFD)`, with which std's debug builds
+/// check that an fd is open before they close it (allowed in every build:
+/// the lists are the same in all).
 fn base() -> Result<AllowList, BackendError> {
     let mut list = AllowList::new();
     for nr in [
@@ -224,6 +234,7 @@ fn base() -> Result<AllowList, BackendError> {
         any(&mut list, nr);
     }
     when(&mut list, libc::SYS_tgkill, tgkill(libc::SIGABRT)?);
+    when(&mut list, libc::SYS_fcntl, fcntl(&[libc::F_GETFD])?);
     let no_exec = |arg| -> Result<Vec<SeccompRule>, BackendError> {
         let exec = libc::PROT_EXEC as u64;
         Ok(vec![SeccompRule::new(vec![cond(
@@ -383,10 +394,7 @@ fn writer(list: &mut AllowList) -> Result<(), BackendError> {
     when(
         list,
         libc::SYS_fcntl,
-        [libc::F_GETFL, libc::F_SETFD]
-            .iter()
-            .map(|&c| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, c as u64)?]))
-            .collect::<Result<_, _>>()?,
+        fcntl(&[libc::F_GETFL, libc::F_SETFD])?,
     );
     ioctls(
         list,
@@ -654,6 +662,23 @@ mod tests {
                 assert!(!compile(class, writes).unwrap().is_empty());
             }
         }
+    }
+
+    #[test]
+    fn the_lists_have_the_sizes_the_readme_gives() {
+        // README, Security / seccomp: change both together.
+        let size = |class, writes| allow_list(class, writes).unwrap().len();
+        assert_eq!(base().unwrap().len(), 18);
+        assert_eq!(size(ThreadClass::Vcpu, false), 21);
+        assert_eq!(size(ThreadClass::EventLoop, false), 35);
+        assert_eq!(size(ThreadClass::EventLoop, true), 48);
+        assert_eq!(size(ThreadClass::FaultHandler, false), 22);
+        assert_eq!(size(ThreadClass::Prefetch, false), 21);
+        assert_eq!(size(ThreadClass::RootfsHash, false), 21);
+        let ioctls = |class, writes| allow_list(class, writes).unwrap()[&libc::SYS_ioctl].len();
+        assert_eq!(ioctls(ThreadClass::Vcpu, false), 14);
+        assert_eq!(ioctls(ThreadClass::EventLoop, false), 1);
+        assert_eq!(ioctls(ThreadClass::EventLoop, true), 5);
     }
 
     /// Runs `f` in a forked child confined by `class`'s filter (no SIGSYS
