@@ -1,6 +1,7 @@
 //! firerunner's per-thread seccomp filters on real KVM with testguest:
 //! every thread of a running firerunner — booted, restored lazily, restored
-//! with its working set — is filtered; a forbidden call from any thread
+//! with its working set — is filtered; a 64 MiB working set records and
+//! loads under the filters; a forbidden call from any thread
 //! class ends firerunner with exit code 148 and one line naming the call
 //! and the thread; `--no_seccomp` (also through singlevm) runs without.
 
@@ -17,9 +18,10 @@ use serde_json::{json, Value};
 use snapvm::vmm::seccomp::{hooks, VIOLATION_EXIT_CODE};
 
 const LIMIT: Duration = Duration::from_secs(120);
+const HELLO: &[&str] = &["fn=hello"];
 
-/// A rootfs, the `hello` app, and a SnapFaaS stack: the language snapshot
-/// `base`, the app's diff layer `diff` with its recorded working set.
+/// A rootfs, an app, and a SnapFaaS stack: the language snapshot `base`,
+/// the app's diff layer `diff` with the working set of one request.
 struct Stack {
     root: PathBuf,
     app: PathBuf,
@@ -51,11 +53,12 @@ fn expect_ok(what: &str, out: &common::Outcome) {
     assert_eq!(out.code(), Some(0), "{what} failed:\n{}", out.stderr);
 }
 
-/// Builds the [`Stack`] in `s` (with the filters on all along).
-fn stack(s: &Scratch) -> Stack {
+/// Builds the [`Stack`] of `app` (manifest lines) in `s`, recording the
+/// working set of `request` (with the filters on all along).
+fn stack(s: &Scratch, app: &[&str], request: &str) -> Stack {
     let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 31 % 251) as u8).collect();
     let root = s.file("rootfs.img", &data);
-    let app = app_image(s, "hello.img", &["fn=hello"]);
+    let app = app_image(s, "app.img", app);
     let (base, diff) = (s.path("base"), s.path("diff"));
     let mut cmd = firerunner_on(&root, &s.file("empty.img", b""), &s.path("base.vsock"));
     cmd.arg("--dump_dir").arg(&base);
@@ -80,7 +83,7 @@ fn stack(s: &Scratch) -> Stack {
         .arg("--dump_ws")
         .env("TMPDIR", &s.0)
         .env_remove("XDG_RUNTIME_DIR");
-    let out = run_with_input(cmd, b"{}\n".to_vec(), LIMIT);
+    let out = run_with_input(cmd, format!("{request}\n").into_bytes(), LIMIT);
     expect_ok("recording the working set", &out);
     assert!(diff.join("ws").is_file(), "no working set written");
     Stack {
@@ -147,7 +150,7 @@ fn serve_one(mut cmd: Command, uds: &Path) -> Serving {
 #[test]
 fn every_thread_of_a_booted_and_a_restored_firerunner_is_filtered() {
     let s = Scratch::new("seccomp-threads");
-    let st = stack(&s);
+    let st = stack(&s, HELLO, "{}");
     let layers = st.layers();
     let cases: [(&str, &[&str], &[&str]); 3] = [
         (
@@ -215,7 +218,7 @@ fn expect_violation(s: &Scratch, st: &Stack, class: &str, thread: &str, args: &[
 #[test]
 fn a_forbidden_call_from_each_thread_class_ends_firerunner_with_148() {
     let s = Scratch::new("seccomp-violation");
-    let st = stack(&s);
+    let st = stack(&s, HELLO, "{}");
     let layers = st.layers();
     let dump = s.path("dump").display().to_string();
     let ws: &[&str] = &["--load_dir", &layers, "--load_ws"];
@@ -238,7 +241,7 @@ fn a_forbidden_call_from_each_thread_class_ends_firerunner_with_148() {
 #[test]
 fn no_seccomp_runs_unfiltered_and_singlevm_passes_it_on() {
     let s = Scratch::new("seccomp-off");
-    let st = stack(&s);
+    let st = stack(&s, HELLO, "{}");
     let layers = st.layers();
 
     // Unfiltered, the armed hook's call is just a call: the VM serves.
@@ -284,4 +287,26 @@ fn no_seccomp_runs_unfiltered_and_singlevm_passes_it_on() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--no_seccomp"), "{help}");
     assert!(help.contains(&VIOLATION_EXIT_CODE.to_string()), "{help}");
+}
+
+/// A 64 MiB working set: the fault handler's recording outgrows glibc's
+/// heap (its `realloc` then moves the block with `mremap`) and the
+/// prefetch places every page, with the filters on.
+#[test]
+fn a_64_mib_working_set_records_and_loads_under_the_filters() {
+    let s = Scratch::new("seccomp-bigws");
+    let request = r#"{"mib": 64}"#;
+    let st = stack(&s, &["fn=touch", "mib=64"], request);
+    let mut cmd = Command::new(singlevm());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .args(["--rootfs", &st.root.display().to_string()])
+        .args(["--appfs", &st.app.display().to_string()])
+        .args(["--load_dir", &st.layers(), "--load_ws"])
+        .env("TMPDIR", &s.0)
+        .env_remove("XDG_RUNTIME_DIR");
+    let out = run_with_input(cmd, format!("{request}\n").into_bytes(), LIMIT);
+    expect_ok("serving from the 64 MiB working set", &out);
+    let answer: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(answer["touched_mib"], 64, "{}", out.stdout);
 }

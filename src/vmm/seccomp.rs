@@ -81,6 +81,8 @@ pub enum SeccompError {
     Handler(vmm_sys_util::errno::Error),
     #[error("seccomp filters were already enabled in this process")]
     AlreadyEnabled,
+    #[error("cannot turn off heap trimming (mallopt), which filtered threads cannot do")]
+    Malloc,
     #[error("cannot install the {class} seccomp filter: {source}")]
     Install {
         class: &'static str,
@@ -204,7 +206,9 @@ fn ioctls(list: &mut AllowList, requests: &[u64]) -> Result<(), BackendError> {
 
 /// What every filtered thread needs to live, allocate, log and end:
 /// locks and channels (`futex`, `sched_yield`), the allocator (`mmap` and
-/// `mprotect` never executable, `munmap`, `brk`, `madvise(MADV_DONTNEED)`),
+/// `mprotect` never executable, `munmap`, `mremap` — glibc's `realloc` of a
+/// large block, e.g. the fault handler's growing recording — `brk`,
+/// `madvise(MADV_DONTNEED)`),
 /// log lines on stderr (`write`), the clock where the vDSO falls back to
 /// the kernel, a signal handler's return, and thread and process exit
 /// (std and glibc release the thread's stacks: `sigaltstack`, `munmap`,
@@ -220,6 +224,7 @@ fn base() -> Result<AllowList, BackendError> {
         libc::SYS_futex,
         libc::SYS_sched_yield,
         libc::SYS_munmap,
+        libc::SYS_mremap,
         libc::SYS_brk,
         libc::SYS_write,
         libc::SYS_clock_gettime,
@@ -320,8 +325,7 @@ fn vcpu() -> Result<AllowList, BackendError> {
 /// stream sockets — `FIONBIO`, a stream's error, shutting down and closing
 /// them), its timerfd, and removing its listener at teardown (`statx`,
 /// `unlink`); kicking the vCPUs (`tgkill` to this process with the kick
-/// signal, as `pthread_kill` does) and joining them; growing buffers
-/// (`mremap`).
+/// signal, as `pthread_kill` does) and joining them.
 fn event_loop() -> Result<AllowList, BackendError> {
     let mut list = base()?;
     for nr in [
@@ -338,7 +342,6 @@ fn event_loop() -> Result<AllowList, BackendError> {
         libc::SYS_timerfd_settime,
         libc::SYS_statx,
         libc::SYS_unlink,
-        libc::SYS_mremap,
     ] {
         any(&mut list, nr);
     }
@@ -502,8 +505,9 @@ struct Filters {
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
-/// Turns the filters on for this process: compiles every class's filter
-/// and installs the `SIGSYS` handler. Call it before any thread starts;
+/// Turns the filters on for this process: compiles every class's filter,
+/// turns off heap trimming (see below) and installs the `SIGSYS` handler.
+/// Call it before any thread starts;
 /// from then on each thread's [`install`] confines it. `writes`: this VM
 /// writes a snapshot or working set (see [`allow_list`]).
 pub fn enable(writes: bool) -> Result<(), SeccompError> {
@@ -511,6 +515,15 @@ pub fn enable(writes: bool) -> Result<(), SeccompError> {
         .iter()
         .map(|&class| compile(class, writes))
         .collect::<Result<Vec<_>, SeccompError>>()?;
+    // glibc opens /proc/sys/vm/overcommit_memory the first time it gives
+    // the top of a thread's heap back to the kernel (`shrink_heap`), which
+    // no filtered thread may. Never trimming heaps avoids it; it also pins
+    // the mmap threshold at its default, so large blocks are still
+    // unmapped when freed and only small ones stay in the heaps.
+    // SAFETY: mallopt only sets malloc's tunables; no other thread exists.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+        return Err(SeccompError::Malloc);
+    }
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
         .map_err(SeccompError::Handler)?;
     FILTERS
@@ -668,13 +681,13 @@ mod tests {
     fn the_lists_have_the_sizes_the_readme_gives() {
         // README, Security / seccomp: change both together.
         let size = |class, writes| allow_list(class, writes).unwrap().len();
-        assert_eq!(base().unwrap().len(), 18);
-        assert_eq!(size(ThreadClass::Vcpu, false), 21);
+        assert_eq!(base().unwrap().len(), 19);
+        assert_eq!(size(ThreadClass::Vcpu, false), 22);
         assert_eq!(size(ThreadClass::EventLoop, false), 35);
         assert_eq!(size(ThreadClass::EventLoop, true), 48);
-        assert_eq!(size(ThreadClass::FaultHandler, false), 22);
-        assert_eq!(size(ThreadClass::Prefetch, false), 21);
-        assert_eq!(size(ThreadClass::RootfsHash, false), 21);
+        assert_eq!(size(ThreadClass::FaultHandler, false), 23);
+        assert_eq!(size(ThreadClass::Prefetch, false), 22);
+        assert_eq!(size(ThreadClass::RootfsHash, false), 22);
         let ioctls = |class, writes| allow_list(class, writes).unwrap()[&libc::SYS_ioctl].len();
         assert_eq!(ioctls(ThreadClass::Vcpu, false), 14);
         assert_eq!(ioctls(ThreadClass::EventLoop, false), 1);
