@@ -16,6 +16,10 @@ Sections (--only picks some; each replaces its own rows in results.json):
   multivm   warm throughput and p50/p99 at 1, 4 and 16 clients.
   density   idle restored VMs under multivm until their PSS sums to 4 GiB
             (or the host's pid space runs short).
+  isolation what firerunner's walls cost: exec -> first response of the
+            `hello` function with its seccomp filters and with
+            --no_seccomp, booted and restored (lazy, and with its working
+            set), 128 MiB.
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -44,7 +48,7 @@ import tempfile
 import time
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "density")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "density", "isolation")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -716,6 +720,50 @@ def bench_ladder(b):
             b.results.add("ladder", "snapvm", name, "resident_after_drop", "MiB", g["resident"], **p)
 
 
+# --------------------------------------------------------- isolation
+
+
+def bench_isolation(b):
+    """exec -> first response with and without the seccomp filters, each
+    rung run both ways back to back (interleaved): a boot, and the language
+    snapshot + `hello` diff layer restored lazily and with its working set."""
+    mem = 128
+    app = b.app("iso-hello.img", ["fn=hello"])
+    base, diff = b.path("iso-base"), b.path("iso-diff")
+    b.snapvm_snapshot(mem, b.app("iso-empty.img", []), base)
+    snapvm_diff_snapshot(b, mem, app, base, diff)
+    layers = f"{base},{diff}"
+    request = {"name": "bench"}
+    record_working_set(b, mem, app, layers, request)
+    rungs = [("boot", ["--appfs", app]),
+             ("restore_lazy", ["--appfs", app, "--load_dir", layers]),
+             ("restore_ws", ["--appfs", app, "--load_dir", layers, "--load_ws"])]
+    walls = [("seccomp", []), ("no_seccomp", ["--no_seccomp"])]
+    got = {}
+    for i in range(b.n):
+        for name, extra in rungs:
+            # Either order in turn, so that neither side always goes first.
+            for wall, flags in (walls if i % 2 == 0 else walls[::-1]):
+                t, _, _, resp, _ = b.first_response(mem, extra + flags, request)
+                if resp != {"message": "hello, bench"}:
+                    raise BenchError(f"isolation {name} {wall}: unexpected response {resp}")
+                got.setdefault((name, wall), []).append(t)
+        log(f"isolation {i + 1}/{b.n}: " + ", ".join(
+            f"{name} {got[(name, 'seccomp')][-1]:.1f}/{got[(name, 'no_seccomp')][-1]:.1f} ms"
+            for name, _ in rungs))
+    for (name, wall), samples in got.items():
+        b.results.add("isolation", "snapvm", f"{name}_{wall}", "exec_to_first_response", "ms", samples,
+                      mem_mib=mem)
+    for name, _ in rungs:
+        on, off = sorted(got[(name, "seccomp")]), sorted(got[(name, "no_seccomp")])
+        # On a loaded host the medians mostly measure the load; the fastest
+        # runs (min, p10) are the least disturbed.
+        log(f"isolation {name}: with / without seccomp, ms: min {on[0]:.2f} / {off[0]:.2f}, "
+            f"p10 {quantile(on, 0.1):.2f} / {quantile(off, 0.1):.2f}, median "
+            f"{statistics.median(on):.2f} / {statistics.median(off):.2f} "
+            f"(x{statistics.median(on) / statistics.median(off):.3f})")
+
+
 # ----------------------------------------------------------- multivm
 
 
@@ -1117,7 +1165,7 @@ def main():
 
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
-             "multivm": bench_multivm, "density": bench_density}
+             "multivm": bench_multivm, "density": bench_density, "isolation": bench_isolation}
     started = time.monotonic()
     try:
         for s in sections:

@@ -111,6 +111,12 @@ pub struct VmArgs {
     /// every vCPU; see src/vmm/x86_64/cpu_template.rs.
     #[arg(long = "cpu_template", alias = "cpu-template")]
     pub cpu_template: Option<PathBuf>,
+    /// Run firerunner without its per-thread seccomp filters (for
+    /// debugging only). With them, a thread that makes a system call
+    /// outside its allow-list ends firerunner with exit code 148 and one
+    /// line on stderr naming the call and the thread.
+    #[arg(long = "no_seccomp", alias = "no-seccomp")]
+    pub no_seccomp: bool,
 }
 
 impl VmArgs {
@@ -249,6 +255,7 @@ impl VmArgs {
             (self.load_ws, "--load_ws"),
             (self.copy_base, "--copy_base"),
             (self.copy_diff, "--copy_diff"),
+            (self.no_seccomp, "--no_seccomp"),
         ] {
             if set {
                 a.push(name.into());

@@ -1,7 +1,8 @@
 //! multivm end to end on real KVM with testguest, over loopback HTTP:
 //! config errors, warm reuse, the memory budget under load, LRU eviction,
-//! idle timeouts, queueing, timeouts, dead VMs, launch failures and a
-//! clean SIGTERM. Every wait is bounded.
+//! idle timeouts, queueing, timeouts, dead VMs, launch failures, a
+//! clean SIGTERM, and seccomp-filtered VMs unless `--no_seccomp`. Every
+//! wait is bounded.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::{multivm_bin, Daemon};
-use common::{app_image, testguest, Scratch};
+use common::{app_image, testguest, thread_modes, Scratch};
 use serde_json::json;
 
 /// Guest memory of every test function (MiB) and the VMM overhead the
@@ -727,4 +728,22 @@ fn openfaas_style_invocations_carry_method_path_query_headers_and_raw_bodies() {
     assert_eq!(r.status, 413, "{}", &r.body[..r.body.len().min(200)]);
     assert!(r.json()["error"].as_str().unwrap().contains("base64"));
     assert_eq!(d.post("http", "{}").status, 200, "the daemon keeps serving");
+}
+
+#[test]
+fn vms_run_with_their_seccomp_filters_unless_multivm_has_no_seccomp() {
+    for (extra, mode) in [(&[][..], "2"), (&["--no_seccomp"][..], "0")] {
+        let s = Scratch::new("mv-seccomp");
+        let cfg = config(&s, &[("hello", "hello", "")]);
+        let d = Daemon::start(&s, &cfg, 10 * VM_MIB, extra);
+        let r = d.post("hello", "");
+        assert_eq!(r.status, 200, "{extra:?}: {}\n{}", r.body, d.log());
+        let pids = d.firerunners();
+        assert_eq!(pids.len(), 1, "{extra:?}: {pids:?}");
+        let modes = thread_modes(pids[0]);
+        assert!(modes.iter().any(|(n, _)| n == "vcpu0"), "{modes:?}");
+        for (thread, m) in &modes {
+            assert_eq!(m, mode, "{extra:?}: thread {thread}: {modes:?}");
+        }
+    }
 }

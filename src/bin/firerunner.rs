@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 use snapvm::cli::VmArgs;
 use snapvm::control::{Channel, Event};
-use snapvm::vmm::{runner, VmExit};
+use snapvm::vmm::{runner, seccomp, VmExit};
 
 /// Exit code for a configuration or start-up error.
 const EXIT_CONFIG: u8 = 1;
@@ -62,6 +62,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
+    // Before any other thread starts: each confines itself as it starts
+    // its steady-state loop.
+    if args.vm.no_seccomp {
+        log::warn!("--no_seccomp: the VMM's threads run without seccomp filters");
+    } else {
+        let t = Instant::now();
+        if let Err(e) = seccomp::enable(config.writes_files()) {
+            return fail(e.to_string());
+        }
+        log::info!("seccomp filters built in {} us", t.elapsed().as_micros());
+    }
     let exit = match runner::run(&config, start, control.clone()) {
         Ok(exit) => exit,
         Err(e) => return fail(e.to_string()),

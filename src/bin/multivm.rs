@@ -38,6 +38,10 @@ struct Args {
     /// HTTP basic authentication with them.
     #[arg(long = "basic_auth_dir", alias = "basic-auth-dir")]
     basic_auth_dir: Option<PathBuf>,
+    /// Run every firerunner with --no_seccomp: without its per-thread
+    /// seccomp filters (for debugging only).
+    #[arg(long = "no_seccomp", alias = "no-seccomp")]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         drain_timeout,
         default_firerunner: default_firerunner(),
         basic_auth_dir: args.basic_auth_dir,
+        no_seccomp: args.no_seccomp,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -288,18 +288,18 @@ impl Function {
 
     /// Whether firerunner would accept this function's VM flags.
     pub fn check(&self) -> Result<(), String> {
-        self.vm_args().check().map_err(|e| e.to_string())
+        self.vm_args(false).check().map_err(|e| e.to_string())
     }
 
     /// The firerunner flags of one VM of this function, spelt by the
     /// VmArgs of src/cli.rs (the launcher adds the vsock, console and
-    /// control ones).
-    pub fn firerunner_args(&self) -> Vec<OsString> {
-        self.vm_args().to_firerunner_args()
+    /// control ones); `no_seccomp` as multivm was told.
+    pub fn firerunner_args(&self, no_seccomp: bool) -> Vec<OsString> {
+        self.vm_args(no_seccomp).to_firerunner_args()
     }
 
     /// The VM flags of this function, as firerunner would parse them.
-    fn vm_args(&self) -> VmArgs {
+    fn vm_args(&self, no_seccomp: bool) -> VmArgs {
         VmArgs {
             kernel: self.kernel.clone(),
             kernel_args: self.cmdline.clone(),
@@ -316,6 +316,7 @@ impl Function {
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,
             cpu_template: None,
+            no_seccomp,
         }
     }
 }
@@ -331,6 +332,8 @@ pub struct Config {
     pub functions: Vec<Function>,
     /// Deploying functions at run time (the provider API), if configured.
     pub deploy: Option<DeployConfig>,
+    /// Run every firerunner with `--no_seccomp` (multivm's own flag).
+    pub no_seccomp: bool,
 }
 
 /// The `deploy` section: where deployments live and what they run on.
@@ -766,6 +769,7 @@ impl Resolver<'_> {
             vm_overhead_mib,
             functions,
             deploy,
+            no_seccomp: false,
         })
     }
 
@@ -980,7 +984,7 @@ functions:
             vm: crate::cli::VmArgs,
         }
         let mut argv: Vec<OsString> = vec!["firerunner".into()];
-        argv.extend(r.firerunner_args());
+        argv.extend(r.firerunner_args(false));
         let vm = <Firerunner as clap::Parser>::try_parse_from(argv)
             .unwrap()
             .vm;

@@ -80,6 +80,8 @@ pub struct Options {
     /// Where `basic-auth-user` and `basic-auth-password` are: `/system/*`
     /// then requires them.
     pub basic_auth_dir: Option<PathBuf>,
+    /// Run every firerunner without its seccomp filters (debugging).
+    pub no_seccomp: bool,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -106,11 +108,9 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         return Err(MultiVmError::NoBudget);
     }
     let addr = parse_listen(&opts.listen)?;
-    let cfg = Arc::new(Config::load(
-        &opts.config,
-        opts.mem_mib,
-        opts.default_firerunner.clone(),
-    )?);
+    let mut cfg = Config::load(&opts.config, opts.mem_mib, opts.default_firerunner.clone())?;
+    cfg.no_seccomp = opts.no_seccomp;
+    let cfg = Arc::new(cfg);
     let credentials = opts
         .basic_auth_dir
         .as_deref()

@@ -56,7 +56,7 @@ impl FunctionVm {
     ) -> Result<Self, VmError> {
         let launch = Launch {
             firerunner: cfg.firerunner.clone(),
-            vm_args: spec.firerunner_args(),
+            vm_args: spec.firerunner_args(cfg.no_seccomp),
             console: Some(console.to_path_buf()),
         };
         let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;

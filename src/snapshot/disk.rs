@@ -28,6 +28,10 @@ pub enum DiskError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot start the rootfs hashing thread: {0}")]
+    Thread(std::io::Error),
+    #[error("rootfs hashing thread: {0}")]
+    Confine(String),
     #[error(
         "--rootfs {path} is not the image the snapshot was taken with ({what}); restore with \
          the snapshot's rootfs ({recorded})"
@@ -78,16 +82,35 @@ fn sample_hash(file: &File, size: u64) -> std::io::Result<u64> {
 
 /// The identity of the image at `path` (reads all of it).
 pub fn identify(path: &Path) -> Result<DiskIdentity, DiskError> {
+    let (file, meta) = open(path)?;
+    identify_open(path, &file, &meta)
+}
+
+/// The image at `path`, opened, and its metadata.
+fn open(path: &Path) -> Result<(File, std::fs::Metadata), DiskError> {
     let err = |source| DiskError::Read {
         path: path.display().to_string(),
         source,
     };
     let file = File::open(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
+    Ok((file, meta))
+}
+
+/// [`identify`] of the image at `path`, already open as `file`.
+fn identify_open(
+    path: &Path,
+    file: &File,
+    meta: &std::fs::Metadata,
+) -> Result<DiskIdentity, DiskError> {
+    let err = |source| DiskError::Read {
+        path: path.display().to_string(),
+        source,
+    };
     let size = meta.len();
-    let sample = sample_hash(&file, size).map_err(err)?;
+    let sample = sample_hash(file, size).map_err(err)?;
     let t = Instant::now();
-    let content = xxh64_reader(&file).map_err(err)?;
+    let content = xxh64_reader(file).map_err(err)?;
     log::debug!(
         "rootfs {} ({size} bytes) hashed in {} us",
         path.display(),
@@ -96,8 +119,8 @@ pub fn identify(path: &Path) -> Result<DiskIdentity, DiskError> {
     Ok(DiskIdentity {
         path: path.to_owned(),
         size,
-        mtime_ns: mtime_ns(&meta),
-        file_id: file_id(&meta),
+        mtime_ns: mtime_ns(meta),
+        file_id: file_id(meta),
         sample_hash: format!("{sample:016x}"),
         content_hash: format!("{content:016x}"),
     })
@@ -117,12 +140,22 @@ enum Pending {
 }
 
 impl IdentityJob {
-    /// Starts hashing `path` on its own thread.
-    pub fn start(path: &Path) -> std::io::Result<Self> {
+    /// Opens `path` and starts hashing it on its own thread, which first
+    /// calls `confine` (the thread's seccomp filter: it only reads the
+    /// open file from then on).
+    pub fn start<E: std::fmt::Display>(
+        path: &Path,
+        confine: impl FnOnce() -> Result<(), E> + Send + 'static,
+    ) -> Result<Self, DiskError> {
+        let (file, meta) = open(path)?;
         let p = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("rootfs-hash".into())
-            .spawn(move || identify(&p))?;
+            .spawn(move || {
+                confine().map_err(|e| DiskError::Confine(e.to_string()))?;
+                identify_open(&p, &file, &meta)
+            })
+            .map_err(DiskError::Thread)?;
         Ok(Self {
             path: path.to_owned(),
             pending: std::sync::Mutex::new(Some(Pending::Hashing(thread))),
@@ -249,9 +282,9 @@ mod tests {
         assert!(e.to_string().contains("4096 bytes"), "{e}");
 
         // The background job gives the same identity, and notices a change.
-        let job = IdentityJob::start(&a).unwrap();
+        let job = IdentityJob::start(&a, || Ok::<(), String>(())).unwrap();
         assert_eq!(job.finish().unwrap(), id);
-        let job = IdentityJob::start(&b).unwrap();
+        let job = IdentityJob::start(&b, || Ok::<(), String>(())).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&b, &data).unwrap();
         assert_eq!(job.finish().unwrap().content_hash, id.content_hash);

@@ -134,7 +134,7 @@ pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError>
             hooks::STALL_ENV
         );
         loop {
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::park();
         }
     }
 

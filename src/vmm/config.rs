@@ -111,6 +111,18 @@ impl VmConfig {
         }
     }
 
+    /// Whether the VM writes files while it runs: a snapshot
+    /// (`--dump_dir`) or a working set (`--dump_ws`).
+    pub fn writes_files(&self) -> bool {
+        self.dump_dir.is_some() || self.records_working_set()
+    }
+
+    /// Whether the VM records its working set (`--dump_ws`).
+    pub fn records_working_set(&self) -> bool {
+        self.restore()
+            .is_some_and(|r| matches!(r.memory, RestoreMemory::RecordWorkingSet { .. }))
+    }
+
     /// Where the vsock device listens (`--vsock_uds`, else a per-process
     /// path).
     pub fn vsock_path(&self) -> PathBuf {

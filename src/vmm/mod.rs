@@ -20,6 +20,7 @@ pub mod memory;
 pub mod persist;
 pub(crate) mod restore;
 pub mod runner;
+pub mod seccomp;
 pub(crate) mod vcpu;
 pub(crate) mod vm;
 pub(crate) mod x86_64;

@@ -8,7 +8,9 @@
 //! guest's snapshot point or the controller's `ws_done` asks, between two
 //! events. The working-set machinery adds its fault handler (and, while it
 //! loads, a prefetch thread); hashing a booted VM's rootfs for its
-//! snapshot adds one thread until it is done.
+//! snapshot adds one thread until it is done. Each of them confines itself
+//! to its own seccomp allow-list once set up ([`super::seccomp`]); this
+//! one does so just before it reports the VM ready.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +34,7 @@ use super::event_loop::{EventManager, Subscriber, Wake, Waker};
 use super::layout;
 use super::memory::{GuestMemoryMmap, WsRuntime};
 use super::restore::{self, RestoreError};
+use super::seccomp::{self, SeccompError, ThreadClass};
 use super::vcpu::{self, Vcpu, VcpuContext, VcpuError, Vcpus};
 use super::vm::KvmVm;
 use super::VmExit;
@@ -67,6 +70,10 @@ pub enum StartError {
     Waker(std::io::Error),
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Rootfs(#[from] disk::DiskError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 fn host_ram_mib() -> u64 {
@@ -149,13 +156,7 @@ pub fn run(
     if let Some(dir) = &config.dump_dir {
         snapshot::dir::check_target(dir)?;
     }
-    let ws_record = config.restore().is_some_and(|r| {
-        matches!(
-            r.memory,
-            super::config::RestoreMemory::RecordWorkingSet { .. }
-        )
-    });
-    if ws_record && control.is_none() {
+    if config.records_working_set() && control.is_none() {
         return Err(StartError::WsWithoutController);
     }
 
@@ -186,7 +187,9 @@ pub fn run(
             // A restored VM's rootfs was verified against the snapshot.
             Some(id) => disk::IdentityJob::known(id),
             // Hash it while the guest runs towards its snapshot point.
-            None => disk::IdentityJob::start(&config.rootfs).map_err(StartError::Thread)?,
+            None => disk::IdentityJob::start(&config.rootfs, || {
+                seccomp::install(ThreadClass::RootfsHash)
+            })?,
         });
     }
 
@@ -217,6 +220,9 @@ pub fn run(
         event_manager.add_subscriber(sub);
     }
 
+    // Every thread is started and set up: from here on this one only
+    // serves events (and, with --dump_dir/--dump_ws, writes files).
+    seccomp::install(ThreadClass::EventLoop)?;
     if let Some(c) = &control {
         c.send(&Event::Ready {
             us: start.elapsed().as_micros() as u64,

@@ -35,6 +35,7 @@ use super::bus::Bus;
 use super::event_loop::Wake;
 use super::memory::GuestMemoryMmap;
 use super::persist::Persist;
+use super::seccomp::{self, ThreadClass};
 use super::x86_64::{cpu_template, cpuid, msr, regs};
 use super::VmExit;
 
@@ -546,6 +547,9 @@ impl Vcpu {
 
     /// The thread's state machine.
     fn run(mut self, mut ctx: VcpuContext, events: Receiver<VcpuEvent>, out: Sender<VcpuResponse>) {
+        if let Err(e) = seccomp::install(ThreadClass::Vcpu) {
+            return self.stop(&ctx, VmExit::Fatal(format!("vcpu{}: {e}", self.id)));
+        }
         let mut paused = false;
         if let Some(f) = ctx.on_first_run.take() {
             f();

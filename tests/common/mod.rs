@@ -248,6 +248,26 @@ pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
     out
 }
 
+/// (name, `Seccomp:` mode) of every thread of process `pid`.
+pub fn thread_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out.sort();
+    out
+}
+
 /// FNV-1a 64 of `bytes`, as testguest reports disk contents.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -426,7 +426,7 @@ impl Provider {
         if let Some(base) = &job.runtime.snapshot {
             let diff = dir.join("diff");
             spec.load_dir = Some(base.display().to_string());
-            let mut vm_args = spec.firerunner_args();
+            let mut vm_args = spec.firerunner_args(self.cfg.no_seccomp);
             vm_args.push("--dump_dir".into());
             vm_args.push(diff.clone().into());
             let launch = Launch {

@@ -23,6 +23,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use super::uffd::{sys, Uffd, UffdError};
 use super::{GuestMemoryMmap, PAGE_SIZE};
 use crate::snapshot::layers::PageSource;
+use crate::vmm::seccomp::{self, SeccompError, ThreadClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -49,6 +50,8 @@ pub enum FaultError {
     EventFd(io::Error),
     #[error("the userfaultfd handler thread panicked")]
     HandlerPanicked,
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// What a zero page is copied from when it must be a private page.
@@ -295,7 +298,9 @@ impl FaultHandler {
             std::thread::Builder::new()
                 .name("uffd-handler".into())
                 .spawn(move || {
-                    let result = shared.serve(&stop);
+                    let result = seccomp::install(ThreadClass::FaultHandler)
+                        .map_err(FaultError::from)
+                        .and_then(|()| shared.serve(&stop));
                     if let Err(e) = &result {
                         log::error!("guest memory fault handler stopped: {e}");
                         // The owner learns it from `failure`; nothing more

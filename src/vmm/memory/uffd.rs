@@ -32,7 +32,7 @@ pub enum UffdError {
 /// The userfaultfd uAPI (`<linux/userfaultfd.h>`), the part used here.
 /// Written out because the `userfaultfd` crate generates its bindings with
 /// bindgen at build time, which needs libclang on every build machine.
-pub(super) mod sys {
+pub(crate) mod sys {
     #![allow(non_camel_case_types)]
 
     const UFFDIO: u32 = 0xAA;

@@ -15,6 +15,7 @@ use super::fault_handler::{
 use super::GuestMemoryMmap;
 use crate::snapshot::layers::PageSource;
 use crate::snapshot::ws::WorkingSet;
+use crate::vmm::seccomp::{self, ThreadClass};
 
 /// Bytes read from `ws` per `pread`. Large enough that the read calls cost
 /// nothing next to the copying, small enough that the staging buffer stays
@@ -125,6 +126,12 @@ pub fn load(
     let thread = std::thread::Builder::new()
         .name("ws-prefetch".into())
         .spawn(move || {
+            // A prefetch that cannot be confined does not run: the fault
+            // handler serves every page instead.
+            if let Err(e) = seccomp::install(ThreadClass::Prefetch) {
+                log::warn!("working-set prefetch not started: {e}");
+                return;
+            }
             let t = std::time::Instant::now();
             // A failed prefetch costs only speed: the fault handler
             // serves whatever it did not place.
