@@ -63,17 +63,30 @@ say() { printf 'kvm-host [%4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
 die() { echo "kvm-host: error: $*" >&2; exit 125; }
 
 # --- Packages ------------------------------------------------------------------
-missing=()
-for p in qemu-system-x86 busybox-static cpio; do
+# QEMU 10 or newer: Debian 12's own QEMU 7.2 wedged the emulated host (no
+# progress, both TCG threads busy) in most runs of the Linux suite; 10.0
+# from bookworm-backports has not so far (see the README's Tests). On
+# Debian 12 it comes from bookworm-backports, which this adds to apt's
+# sources; newer releases carry it.
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+missing=() from=()
+for p in busybox-static cpio; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+if (($(qemu_major || true) + 0 < 10)); then
+    missing+=(qemu-system-x86)
+    if [[ $(. /etc/os-release && echo "${VERSION_CODENAME:-}") == bookworm ]]; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" >/etc/apt/sources.list.d/snapvm-backports.list
+        from=(-t bookworm-backports)
+    fi
+fi
 if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
+    say "installing ${missing[*]}${from[*]:+ (QEMU from ${from[1]})}"
     apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${from[@]}" "${missing[@]}" >&2 ||
         die "cannot install ${missing[*]}"
 fi
-command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing although qemu-system-x86 is installed"
+(($(qemu_major || true) + 0 >= 10)) || die "QEMU 10 or newer is needed (qemu-system-x86_64 --version: $(qemu-system-x86_64 --version 2>&1 | head -n1))"
 
 # linux-image-amd64 is a metapackage: the image is what it depends on.
 # apt-cache takes over a second, so the answer is remembered for as long as
