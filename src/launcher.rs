@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
 use crate::control::{self, Event};
+use crate::jail::{self, JailError, JailOptions, Slot};
 use crate::protocol::{self, ProtocolError, AGENT_PORT};
 
 /// The fd number firerunner receives its control channel on.
@@ -51,6 +52,8 @@ pub enum LaunchError {
     ConnectedBeforeExit(String),
     #[error("waiting for the guest failed: {0}")]
     Wait(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 /// Why a call to the guest agent got no response.
@@ -155,6 +158,8 @@ pub struct Launch {
     /// Keep the guest console here; otherwise it goes to the runtime dir
     /// and is shown (tail) when the VM fails to start.
     pub console: Option<PathBuf>,
+    /// Run firerunner in a jail (src/jail/) through the jailer.
+    pub jail: Option<JailOptions>,
 }
 
 /// A running firerunner and its sockets. Dropping it kills the VM and
@@ -167,7 +172,10 @@ pub struct VmProcess {
     listener: UnixListener,
     console: PathBuf,
     pub spawned_at: Instant,
-    /// Removed after the VM is killed (fields drop after `Drop::drop`).
+    /// The jail's slot: dropped after the VM is killed, it removes what
+    /// is left of the jail (fields drop after `Drop::drop`).
+    _jail: Option<Slot>,
+    /// Removed after the VM is killed.
     _runtime_dir: RuntimeDir,
 }
 
@@ -201,16 +209,39 @@ impl VmProcess {
         let (ours, theirs) = UnixStream::pair().map_err(LaunchError::Control)?;
         let theirs_fd = theirs.as_raw_fd();
 
-        let mut cmd = Command::new(&launch.firerunner);
-        cmd.args(&launch.vm_args)
-            .arg("--vsock_uds")
-            .arg(&uds)
-            .arg("--console")
-            .arg(&console)
-            .arg("--control_fd")
-            .arg(CONTROL_FD.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        let mut args = launch.vm_args.clone();
+        args.extend([
+            "--vsock_uds".into(),
+            uds.into_os_string(),
+            "--console".into(),
+            console.clone().into_os_string(),
+            "--control_fd".into(),
+            CONTROL_FD.to_string().into(),
+        ]);
+        let (mut cmd, slot) = match &launch.jail {
+            Some(opts) => {
+                let slot = Slot::acquire(opts)?;
+                // The VM binds its vsock socket here and connects to ours.
+                slot.hand_over(dir)?;
+                slot.hand_over(&agent_path)?;
+                let libs = jail::libraries(&launch.firerunner)?;
+                let mut cmd = Command::new(&opts.jailer);
+                cmd.args(jail::jailer_args(
+                    &slot,
+                    opts,
+                    &libs,
+                    &launch.firerunner,
+                    args,
+                ));
+                (cmd, Some(slot))
+            }
+            None => {
+                let mut cmd = Command::new(&launch.firerunner);
+                cmd.args(args);
+                (cmd, None)
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on fds this process
         // owns; `theirs` stays open in the parent until after spawn.
@@ -229,7 +260,7 @@ impl VmProcess {
         }
         let spawned_at = Instant::now();
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            path: launch.firerunner.display().to_string(),
+            path: cmd.get_program().to_string_lossy().into_owned(),
             source,
         })?;
         drop(theirs);
@@ -261,6 +292,7 @@ impl VmProcess {
             listener,
             console,
             spawned_at,
+            _jail: slot,
             _runtime_dir: runtime_dir,
         })
     }
@@ -469,10 +501,11 @@ enum Watched {
     TimedOut,
 }
 
-/// firerunner next to the running executable (how the binaries ship).
-pub fn default_firerunner() -> PathBuf {
+/// The binary `name` (firerunner, jailer) next to the running executable
+/// (how the binaries ship).
+pub fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("firerunner")))
-        .unwrap_or_else(|| PathBuf::from("firerunner"))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use snapvm::launcher::default_firerunner;
+use snapvm::cli::JailArgs;
+use snapvm::launcher::beside_exe;
 use snapvm::multivm::{self, Options};
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,8 @@ struct Args {
         default_value_t = 30.0
     )]
     drain_timeout: f64,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 fn main() -> ExitCode {
@@ -49,7 +52,8 @@ fn main() -> ExitCode {
         mem_mib: args.mem,
         listen: args.listen,
         drain_timeout,
-        default_firerunner: default_firerunner(),
+        default_firerunner: beside_exe("firerunner"),
+        jail: args.jail,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@
 //! allow_network: false                 # accepted; snapvm VMs have no network
 //! boot_timeout: 30s                    # launch (boot or restore) deadline
 //! vm_overhead: 8                       # MiB accounted per VM on top of `memory`
+//! jail: true                           # jail each VM (as root); false = --no_jail
 //! functions:
 //!   hello:
 //!     runtimefs: python3.ext4          # required
@@ -160,6 +161,7 @@ struct RawConfig {
     snapshot_dir: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<Seconds>>,
     vm_overhead: Option<Spanned<u64>>,
+    jail: Option<Spanned<bool>>,
     functions: Spanned<BTreeMap<String, Spanned<RawFunction>>>,
 }
 
@@ -266,8 +268,12 @@ impl Function {
 pub struct Config {
     pub firerunner: PathBuf,
     pub boot_timeout: Duration,
-    /// MiB accounted per VM on top of its guest memory.
+    /// MiB accounted per VM on top of its guest memory; also what a
+    /// jailed VM's cgroup allows on top of it.
     pub vm_overhead_mib: u64,
+    /// Whether VMs are jailed (when multivm runs as root and without
+    /// --no_jail).
+    pub jail: bool,
     /// Sorted by name.
     pub functions: Vec<Function>,
 }
@@ -655,6 +661,7 @@ impl Resolver<'_> {
             firerunner,
             boot_timeout,
             vm_overhead_mib,
+            jail: raw.jail.as_ref().is_none_or(|j| j.value),
             functions,
         })
     }

@@ -32,7 +32,8 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::launcher::RuntimeDir;
+use crate::cli::JailArgs;
+use crate::launcher::{beside_exe, RuntimeDir};
 
 use config::{Config, ConfigError};
 use scheduler::Scheduler;
@@ -68,6 +69,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// firerunner to use when the config has no `firerunner_path`.
     pub default_firerunner: PathBuf,
+    /// How to jail the VMs (the config's `jail: false` also turns it off).
+    pub jail: JailArgs,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -108,7 +111,12 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .to_ip()
         .map_or_else(|| addr.to_string(), |a| a.to_string());
 
-    let sched = Scheduler::new(Arc::new(cfg), opts.mem_mib, dir.path().to_path_buf());
+    // A VM's cgroup allows exactly what the budget counts for it.
+    let jail = cfg
+        .jail
+        .then(|| opts.jail.options(beside_exe("jailer"), cfg.vm_overhead_mib))
+        .flatten();
+    let sched = Scheduler::new(Arc::new(cfg), jail, opts.mem_mib, dir.path().to_path_buf());
     let maintainer = {
         let s = Arc::clone(&sched);
         std::thread::Builder::new()

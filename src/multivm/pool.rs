@@ -352,6 +352,7 @@ mod tests {
             firerunner: PathBuf::from("firerunner"),
             boot_timeout: Duration::from_secs(1),
             vm_overhead_mib: OVERHEAD,
+            jail: false,
             functions: vec![function("a", 90, 2), function("b", 40, 8)],
         }
     }

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use serde_json::{json, Value};
 
+use crate::jail::JailOptions;
+
 use super::config::{Config, LaunchKind};
 use super::metrics::{Gauges, Metrics};
 use super::pool::{self, footprint, VmState};
@@ -106,6 +108,8 @@ pub struct Invocation {
 
 pub struct Scheduler {
     cfg: Arc<Config>,
+    /// How VMs are jailed (none: unjailed).
+    jail: Option<JailOptions>,
     budget_mib: u64,
     log_dir: PathBuf,
     state: Mutex<State>,
@@ -125,11 +129,17 @@ fn reap(victims: Vec<FunctionVm>) {
 }
 
 impl Scheduler {
-    pub fn new(cfg: Arc<Config>, budget_mib: u64, log_dir: PathBuf) -> Arc<Self> {
+    pub fn new(
+        cfg: Arc<Config>,
+        jail: Option<JailOptions>,
+        budget_mib: u64,
+        log_dir: PathBuf,
+    ) -> Arc<Self> {
         let (wake, wake_rx) = bounded(1);
         Arc::new(Self {
             state: Mutex::new(State::new(cfg.functions.len())),
             cfg,
+            jail,
             budget_mib,
             log_dir,
             changed: Condvar::new(),
@@ -223,7 +233,7 @@ impl Scheduler {
                     reap(victims);
                     let t = Instant::now();
                     let log = self.log_path(id);
-                    match FunctionVm::launch(&self.cfg, function, id, &log) {
+                    match FunctionVm::launch(&self.cfg, self.jail.as_ref(), function, id, &log) {
                         Ok(vm) => {
                             launch = t.elapsed();
                             self.metrics
@@ -558,7 +568,7 @@ impl Scheduler {
     fn prewarm(&self, fi: usize, id: VmId) {
         let f = &self.cfg.functions[fi];
         let t = Instant::now();
-        match FunctionVm::launch(&self.cfg, fi, id, &self.log_path(id)) {
+        match FunctionVm::launch(&self.cfg, self.jail.as_ref(), fi, id, &self.log_path(id)) {
             Ok(vm) => {
                 self.metrics
                     .cold_start(&f.name, f.launch_kind().as_str(), t.elapsed());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use crate::control::Event;
+use crate::jail::JailOptions;
 use crate::launcher::{self, CallError, Launch, VmProcess};
 use crate::protocol::ProtocolError;
 
@@ -46,6 +47,7 @@ impl FunctionVm {
     /// with its console in `console`, and waits for its agent.
     pub fn launch(
         cfg: &Config,
+        jail: Option<&JailOptions>,
         function: usize,
         id: VmId,
         console: &Path,
@@ -55,6 +57,7 @@ impl FunctionVm {
             firerunner: cfg.firerunner.clone(),
             vm_args: f.firerunner_args(),
             console: Some(console.to_path_buf()),
+            jail: jail.cloned(),
         };
         let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
         let stream = match vm.wait_for_guest(cfg.boot_timeout) {
