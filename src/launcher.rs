@@ -22,6 +22,8 @@ use crate::protocol::{self, ProtocolError, AGENT_PORT};
 const CONTROL_FD: i32 = 3;
 /// How long a VM gets to stop after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a jailer gets to reap its killed VM and remove the jail.
+const JAILER_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -174,7 +176,7 @@ pub struct VmProcess {
     pub spawned_at: Instant,
     /// The jail's slot: dropped after the VM is killed, it removes what
     /// is left of the jail (fields drop after `Drop::drop`).
-    _jail: Option<Slot>,
+    jail: Option<Slot>,
     /// Removed after the VM is killed.
     _runtime_dir: RuntimeDir,
 }
@@ -292,7 +294,7 @@ impl VmProcess {
             listener,
             console,
             spawned_at,
-            _jail: slot,
+            jail: slot,
             _runtime_dir: runtime_dir,
         })
     }
@@ -461,12 +463,24 @@ impl VmProcess {
         Ok(s)
     }
 
-    /// Kills firerunner now (SIGKILL) and reaps it.
+    /// Kills firerunner now (SIGKILL) and reaps it. A jailed one is killed
+    /// through its cgroup, so that its jailer reaps it and removes the
+    /// jail; the jailer is killed too if it has not exited soon after.
     pub fn kill(&mut self) {
+        if self.try_status().is_some() {
+            return;
+        }
+        if let Some(slot) = &self.jail {
+            slot.kill_vm();
+            let deadline = Instant::now() + JAILER_GRACE;
+            while self.try_status().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         if self.try_status().is_none() {
             let _ = self.child.kill();
-            let _ = self.wait();
         }
+        let _ = self.wait();
     }
 
     /// Sends `cmd` to firerunner over the control channel.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{app_image, children_named, collect, http, testguest, Reply, Scratch};
+use common::{app_image, collect, descendants_named, http, testguest, Reply, Scratch};
 use serde_json::{json, Value};
 
 /// Guest memory of every test function (MiB) and the VMM overhead the
@@ -109,9 +109,9 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// firerunner processes whose parent is this daemon.
+    /// firerunner processes this daemon started (children of its jailers).
     fn firerunners(&self) -> Vec<u32> {
-        children_named(self.child.id(), "firerunner")
+        descendants_named(self.child.id(), "firerunner")
     }
 
     /// SIGTERM, then the exit status within `limit`.

@@ -302,6 +302,19 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
+    /// Sends SIGKILL to every process in the cgroup.
+    pub fn kill(&self) {
+        for dir in &self.dirs {
+            let procs = fs::read_to_string(dir.join("cgroup.procs"));
+            for pid in procs.unwrap_or_default().split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+                }
+            }
+        }
+    }
+
     /// Kills whatever still runs in the cgroup and removes it; a cgroup
     /// that does not exist is fine.
     pub fn remove(&self) {
@@ -316,13 +329,7 @@ impl Cgroup {
                         break;
                     }
                     Err(_) => {
-                        let procs = fs::read_to_string(dir.join("cgroup.procs"));
-                        for pid in procs.unwrap_or_default().split_whitespace() {
-                            if let Ok(pid) = pid.parse() {
-                                let pid = nix::unistd::Pid::from_raw(pid);
-                                let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
-                            }
-                        }
+                        self.kill();
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }

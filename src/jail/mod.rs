@@ -140,6 +140,15 @@ impl Slot {
         })
     }
 
+    /// Kills the VM: every process in the jail's cgroup. Its jailer then
+    /// reaps it, removes the jail and dies of the same signal.
+    pub fn kill_vm(&self) {
+        match Cgroup::named(&self.n.to_string()) {
+            Ok(cg) => cg.kill(),
+            Err(e) => log::warn!("cannot kill the jailed VM: {e}"),
+        }
+    }
+
     /// Removes the jail's cgroup (killing what runs in it), its staging
     /// directories and its directory.
     fn remove_jail(&self) {
