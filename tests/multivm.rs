@@ -36,6 +36,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(s: &Scratch, config: &str, mem: u64, extra: &[&str]) -> Daemon {
+        Self::start_env(s, config, mem, extra, &[])
+    }
+
+    /// As `start`, with `env` added to the daemon's environment.
+    fn start_env(
+        s: &Scratch,
+        config: &str,
+        mem: u64,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let cfg = s.file("multivm.yaml", config.as_bytes());
         let runtime = s.path("run");
         std::fs::create_dir_all(&runtime).unwrap();
@@ -45,6 +56,7 @@ impl Daemon {
             .args(extra)
             .env("XDG_RUNTIME_DIR", &runtime)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -787,4 +799,42 @@ fn sigterm_drains_and_leaves_no_processes_or_files() {
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "left behind in the runtime dir: {left:?}");
+}
+
+#[test]
+fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
+    use snapvm::vmm::runner::hooks::{HOG_AFTER_MS_ENV, HOG_MIB_ENV};
+    assert!(nix::unistd::geteuid().is_root(), "the jail needs root");
+    let s = Scratch::new("mv-oom");
+    let cfg = config(
+        &s,
+        &[
+            ("spin", "spin", "request_timeout: 60s"),
+            ("hello", "hello", ""),
+        ],
+    );
+    // Every VM's firerunner (test hook) writes 64 MiB of its own memory
+    // 1.5 s after it starts: more than its cgroup's 32 + 8 MiB.
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        4 * VM_MIB,
+        &[],
+        &[(HOG_MIB_ENV, "64"), (HOG_AFTER_MS_ENV, "1500")],
+    );
+    let t = Instant::now();
+    let r = d.post("spin", "{}");
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("SIGKILL"), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let limit = format!("killed by its cgroup's memory limit ({VM_MIB} MiB)");
+    d.wait_for("the jailer's OOM report", Duration::from_secs(5), |d| {
+        d.log().contains(&limit)
+    });
+    // The daemon stays up and serves (a new VM answers before its hook).
+    let r = d.post("hello", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"message": "hello, world"}));
+    let (code, log) = d.terminate(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{log}");
 }

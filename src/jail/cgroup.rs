@@ -267,23 +267,29 @@ impl Cgroup {
             .try_for_each(|d| write(&d.join("cgroup.procs"), "0"))
     }
 
-    /// The directory holding the memory controller's files.
-    pub fn memory_dir(&self) -> &Path {
-        &self.dirs[0]
-    }
-
-    /// The memory limit in force, in bytes.
-    pub fn memory_limit(&self) -> Result<u64, CgroupError> {
-        let file = if self.v2 {
-            "memory.max"
-        } else {
-            "memory.limit_in_bytes"
+    /// The limits in force, read back (cpu weight on v2's scale).
+    pub fn limits(&self) -> Result<Limits, CgroupError> {
+        let number = |dir: &Path, file: &str| {
+            let path = dir.join(file);
+            let text = read(&path)?;
+            text.trim().parse::<u64>().map_err(|_| CgroupError::Read {
+                path,
+                source: std::io::Error::other(format!("not a number: {text:?}")),
+            })
         };
-        let path = self.dirs[0].join(file);
-        let text = read(&path)?;
-        text.trim().parse().map_err(|_| CgroupError::Read {
-            path,
-            source: std::io::Error::other(format!("not a number: {text:?}")),
+        Ok(if self.v2 {
+            let dir = &self.dirs[0];
+            Limits {
+                memory_bytes: number(dir, "memory.max")?,
+                pids: number(dir, "pids.max")?,
+                cpu_weight: number(dir, "cpu.weight")?,
+            }
+        } else {
+            Limits {
+                memory_bytes: number(&self.dirs[0], "memory.limit_in_bytes")?,
+                pids: number(&self.dirs[1], "pids.max")?,
+                cpu_weight: number(&self.dirs[2], "cpu.shares")? * 100 / 1024,
+            }
         })
     }
 

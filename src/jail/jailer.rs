@@ -89,6 +89,10 @@ pub enum JailerError {
     NotRoot,
     #[error("bad firerunner arguments: {0}")]
     Args(clap::Error),
+    #[error(
+        "a jailed firerunner needs --vsock_uds: its default lies in /tmp, which a jail has not"
+    )]
+    NoVsockPath,
     #[error("{0} has no file name to stage it under")]
     NoFileName(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -260,17 +264,17 @@ impl Jail {
         }
         let mem = vm.mem_size << 20;
         let vcpus = vm.vcpu_count;
-        if let Some(uds) = &fr.vsock_uds {
-            let name = uds
-                .file_name()
-                .ok_or_else(|| JailerError::NoFileName(uds.clone()))?;
-            let dir = uds.parent().unwrap_or(Path::new("."));
-            binds.push(Bind {
-                writable: true,
-                ..ro(dir, "/vsock")
-            });
-            fr.vsock_uds = Some(Path::new("/vsock").join(name));
-        }
+        let Some(uds) = &fr.vsock_uds else {
+            return Err(JailerError::NoVsockPath);
+        };
+        let name = uds
+            .file_name()
+            .ok_or_else(|| JailerError::NoFileName(uds.clone()))?;
+        binds.push(Bind {
+            writable: true,
+            ..ro(uds.parent().unwrap_or(Path::new(".")), "/vsock")
+        });
+        fr.vsock_uds = Some(Path::new("/vsock").join(name));
         let console = match fr.console.take() {
             Some(c) => Some(File::create(&c).map_err(io("cannot create the console", &c))?),
             None => None,
@@ -553,7 +557,7 @@ pub fn run(args: JailerArgs) -> ExitCode {
     if matches!(ended, Ended::Signal(Signal::SIGKILL)) && jail.cgroup.oom_kills() > 0 {
         log::error!(
             "firerunner was killed by its cgroup's memory limit ({} MiB)",
-            jail.cgroup.memory_limit().unwrap_or(0) >> 20
+            jail.cgroup.limits().map_or(0, |l| l.memory_bytes >> 20)
         );
     }
     if let Err(e) = jail.deliver(matches!(ended, Ended::Code(_)).then_some(i32::from(code))) {

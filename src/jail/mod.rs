@@ -4,14 +4,15 @@
 //! needs, rlimits and a cgroup. See the README's Security section.
 //!
 //! The controller side is here: a [`Slot`] (a uid from the configured range,
-//! held with a lock file for the VM's life, which also names the jail
+//! held with a lock file for the VM's life; the uid also names the jail
 //! directory and the cgroup) and the command line of the `jailer` binary.
 //! The jailer itself (jailer.rs) sets the jail up and execs firerunner.
 //!
-//! Layout: `<base>/slots/<n>.lock` (the locks), `<base>/<n>/root` (the
+//! Layout: `<base>/slots/<uid>.lock` (the locks), `<base>/<uid>/root` (the
 //! mount point of the jail's root, empty outside the jail's mount
-//! namespace) and `<base>/<n>/staging` (the writable directories made for
-//! the VM's output, one path a line, so that a leftover is found).
+//! namespace) and `<base>/<uid>/staging` (the writable directories made for
+//! the VM's output, one path a line, so that a leftover is found); the
+//! cgroup is `snapvm/<uid>`.
 
 pub mod cgroup;
 pub mod jailer;
@@ -67,13 +68,12 @@ pub struct JailOptions {
 }
 
 /// A jail slot: uid and gid `uid_base + n`, the jail directory
-/// `<base>/<n>` and the cgroup `snapvm/<n>`, held until dropped. Taking
+/// `<base>/<uid>` and the cgroup `snapvm/<uid>`, held until dropped. Taking
 /// one removes what a previous holder left (a killed jailer); dropping
 /// one removes the jail's directory and cgroup, killing what still runs
 /// there.
 #[derive(Debug)]
 pub struct Slot {
-    n: u32,
     uid: u32,
     base: PathBuf,
     _lock: Flock<File>,
@@ -94,8 +94,10 @@ impl Slot {
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(std::process::id().wrapping_mul(7919));
         for i in 0..opts.uid_count {
-            let n = start.wrapping_add(i) % opts.uid_count;
-            let path = locks.join(format!("{n}.lock"));
+            let uid = opts
+                .uid_base
+                .saturating_add(start.wrapping_add(i) % opts.uid_count);
+            let path = locks.join(format!("{uid}.lock"));
             let file = OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -107,8 +109,7 @@ impl Slot {
                 })?;
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 let slot = Slot {
-                    n,
-                    uid: opts.uid_base + n,
+                    uid,
                     base: opts.base.clone(),
                     _lock: lock,
                 };
@@ -126,7 +127,7 @@ impl Slot {
 
     /// The jail directory.
     pub fn dir(&self) -> PathBuf {
-        self.base.join(self.n.to_string())
+        self.base.join(self.uid.to_string())
     }
 
     /// Gives the VM's uid `path` (a directory or socket of the controller's
@@ -143,7 +144,7 @@ impl Slot {
     /// Kills the VM: every process in the jail's cgroup. Its jailer then
     /// reaps it, removes the jail and dies of the same signal.
     pub fn kill_vm(&self) {
-        match Cgroup::named(&self.n.to_string()) {
+        match Cgroup::named(&self.uid.to_string()) {
             Ok(cg) => cg.kill(),
             Err(e) => log::warn!("cannot kill the jailed VM: {e}"),
         }
