@@ -252,6 +252,11 @@ impl Cgroup {
             write(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
         } else {
             write(&cg.dirs[0].join("memory.limit_in_bytes"), &memory)?;
+            // Memory + swap no more than memory: no swapping past the limit.
+            let memsw = cg.dirs[0].join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write(&memsw, &memory)?;
+            }
             write(&cg.dirs[1].join("pids.max"), &pids)?;
             let shares = limits.cpu_weight * 1024 / 100;
             write(&cg.dirs[2].join("cpu.shares"), &shares.to_string())?;
@@ -259,12 +264,16 @@ impl Cgroup {
         Ok(cg)
     }
 
-    /// Moves the calling process into the cgroup.
+    /// Moves the calling process, which must be single-threaded, into the
+    /// cgroup.
     pub fn join(&self) -> Result<(), CgroupError> {
-        // "0" is the writer itself, whatever its pid namespace.
-        self.dirs
-            .iter()
-            .try_for_each(|d| write(&d.join("cgroup.procs"), "0"))
+        // "0" is the writer itself, whatever its pid namespace. v1's
+        // `tasks` moves that one thread, which for a single-threaded
+        // process is all of it, without the global threadgroup lock whose
+        // write side waits an RCU grace period (measured here: 0.1 ms
+        // against 5-13 ms for `cgroup.procs`).
+        let file = if self.v2 { "cgroup.procs" } else { "tasks" };
+        self.dirs.iter().try_for_each(|d| write(&d.join(file), "0"))
     }
 
     /// The limits in force, read back (cpu weight on v2's scale).
