@@ -226,7 +226,7 @@ impl VmProcess {
                 // The VM binds its vsock socket here and connects to ours.
                 slot.hand_over(dir)?;
                 slot.hand_over(&agent_path)?;
-                let libs = jail::libraries(&launch.firerunner)?;
+                let libs = jail::libraries(&launch.firerunner, &opts.base)?;
                 let mut cmd = Command::new(&opts.jailer);
                 cmd.args(jail::jailer_args(
                     &slot,

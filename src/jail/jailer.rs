@@ -32,6 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -309,7 +310,7 @@ impl Jail {
     }
 
     /// In the child: everything from joining the cgroup to the exec.
-    fn enter(&self) -> Result<std::convert::Infallible, JailerError> {
+    fn enter(&self, start: Instant) -> Result<std::convert::Infallible, JailerError> {
         self.cgroup.join()?;
         unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
             .map_err(sys("cannot unshare the mount, ipc and uts namespaces"))?;
@@ -367,6 +368,7 @@ impl Jail {
             None::<&str>,
         )
         .map_err(sys("cannot make the jail's root read-only"))?;
+        log::debug!("jail set up in {} us", start.elapsed().as_micros());
         self.drop_everything()
     }
 
@@ -516,6 +518,7 @@ enum Ended {
 /// Runs the jailer (see the module doc) and returns its exit code, or
 /// dies of firerunner's signal.
 pub fn run(args: JailerArgs) -> ExitCode {
+    let start = Instant::now();
     let fr = FirerunnerArgs::try_parse_from(&args.firerunner);
     let control = fr.as_ref().ok().and_then(|f| f.control_fd);
     let fail = |e: JailerError| {
@@ -543,7 +546,7 @@ pub fn run(args: JailerArgs) -> ExitCode {
             return fail(e);
         }
     };
-    let ended = match spawn(&jail, control) {
+    let ended = match spawn(&jail, control, start) {
         Ok(ended) => ended,
         Err(e) => {
             super::remove(&args.jail_dir);
@@ -564,7 +567,9 @@ pub fn run(args: JailerArgs) -> ExitCode {
         eprintln!("jailer: error: {e}");
         code = EXIT_SETUP;
     }
+    let t = Instant::now();
     super::remove(&args.jail_dir);
+    log::debug!("jail removed in {} us", t.elapsed().as_micros());
     if let (Ended::Signal(s), true) = (ended, code != EXIT_SETUP) {
         die_of(s);
     }
@@ -573,7 +578,7 @@ pub fn run(args: JailerArgs) -> ExitCode {
 
 /// Forks firerunner's pid 1 into a new pid namespace, then waits for it,
 /// forwarding termination signals.
-fn spawn(jail: &Jail, control: Option<RawFd>) -> Result<Ended, JailerError> {
+fn spawn(jail: &Jail, control: Option<RawFd>, start: Instant) -> Result<Ended, JailerError> {
     let mut waited = SigSet::empty();
     for s in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
         waited.add(s);
@@ -584,7 +589,7 @@ fn spawn(jail: &Jail, control: Option<RawFd>) -> Result<Ended, JailerError> {
     // after the fork; it only sets up the jail and execs (or exits).
     let child = match unsafe { fork() }.map_err(sys("cannot fork"))? {
         ForkResult::Child => {
-            let Err(e) = jail.enter();
+            let Err(e) = jail.enter(start);
             eprintln!("jailer: error: {e}");
             if let Some(c) = control.and_then(|fd| Channel::from_fd(fd).ok()) {
                 c.send(&Event::Exit {

@@ -20,10 +20,11 @@ pub mod jailer;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -195,16 +196,36 @@ fn remove_tree(path: &Path) {
 
 /// The shared libraries `binary` loads, as its dynamic loader resolves
 /// them, and the loader itself: what must be in a jail to exec it. None
-/// for a static binary. Asked once per binary and process (the loader
-/// runs as a process of its own).
-pub fn libraries(binary: &Path) -> Result<Vec<PathBuf>, JailError> {
-    static KNOWN: Mutex<Vec<(PathBuf, Vec<PathBuf>)>> = Mutex::new(Vec::new());
-    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, libs)) = known.iter().find(|(b, _)| b == binary) {
-        return Ok(libs.clone());
+/// for a static binary. The loader runs as a process of its own (a few
+/// ms), so its answer is kept in `cache_dir`, named after the binary's
+/// device, inode, size and modification time.
+pub fn libraries(binary: &Path, cache_dir: &Path) -> Result<Vec<PathBuf>, JailError> {
+    let fail = |reason: String| JailError::Libraries {
+        path: binary.to_owned(),
+        reason,
+    };
+    let m = fs::metadata(binary).map_err(|e| fail(e.to_string()))?;
+    let cache = cache_dir.join(format!(
+        "libraries-{}-{}-{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ));
+    if let Ok(text) = fs::read_to_string(&cache) {
+        return Ok(text.lines().map(PathBuf::from).collect());
     }
     let libs = ask_loader(binary)?;
-    known.push((binary.to_owned(), libs.clone()));
+    let text: String = libs.iter().map(|l| format!("{}\n", l.display())).collect();
+    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    // A cache that cannot be written is only slower.
+    if fs::write(&tmp, text)
+        .and_then(|()| fs::rename(&tmp, &cache))
+        .is_err()
+    {
+        let _ = fs::remove_file(&tmp);
+    }
     Ok(libs)
 }
 
@@ -213,8 +234,13 @@ fn ask_loader(binary: &Path) -> Result<Vec<PathBuf>, JailError> {
         path: binary.to_owned(),
         reason,
     };
-    let bytes = fs::read(binary).map_err(|e| fail(e.to_string()))?;
-    let Some(interp) = elf_interpreter(&bytes) else {
+    // The ELF and program headers, and the interpreter's name, lie at the
+    // start of the file.
+    let mut head = Vec::new();
+    File::open(binary)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+        .map_err(|e| fail(e.to_string()))?;
+    let Some(interp) = elf_interpreter(&head) else {
         return Ok(Vec::new());
     };
     let out = Command::new(&interp)
@@ -300,7 +326,13 @@ mod tests {
     #[test]
     fn this_test_binarys_loader_and_libc_are_found() {
         let exe = std::env::current_exe().unwrap();
-        let libs = libraries(&exe).unwrap();
+        let cache = std::env::temp_dir().join(format!("snapvm-libs-{}", std::process::id()));
+        fs::create_dir_all(&cache).unwrap();
+        let libs = libraries(&exe, &cache).unwrap();
+        // Asked again, the cache answers the same.
+        assert_eq!(libraries(&exe, &cache).unwrap(), libs);
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 1);
+        fs::remove_dir_all(&cache).unwrap();
         let names: Vec<String> = libs
             .iter()
             .filter_map(|p| p.file_name())
