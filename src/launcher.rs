@@ -39,7 +39,7 @@ pub enum LaunchError {
     },
     #[error("cannot create the control channel: {0}")]
     Control(std::io::Error),
-    #[error("cannot start firerunner {path}: {source}")]
+    #[error("cannot start {path}: {source}")]
     Spawn {
         path: String,
         source: std::io::Error,

@@ -749,6 +749,9 @@ functions:
         assert_eq!(c.firerunner, PathBuf::from("/default/firerunner"));
         assert_eq!(c.vm_overhead_mib, DEFAULT_VM_OVERHEAD_MIB);
         assert_eq!(c.boot_timeout, DEFAULT_BOOT_TIMEOUT);
+        assert!(c.jail, "VMs are jailed unless the config says otherwise");
+        let unjailed = parse(&d, &format!("jail: false\n{GOOD}"), 1024).unwrap();
+        assert!(!unjailed.jail);
         let h = &c.functions[0];
         assert_eq!(h.name, "hello");
         assert!(h.kernel.is_absolute() && h.kernel.ends_with("vmlinux"));
