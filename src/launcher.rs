@@ -198,7 +198,16 @@ impl VmProcess {
 
     fn spawn_in(launch: &Launch, runtime_dir: RuntimeDir) -> Result<Self, LaunchError> {
         let dir = runtime_dir.path();
-        let uds = dir.join("vsock");
+        // The vsock sockets get a directory of their own: a jailed VM gets
+        // it (and only it) as /vsock, owned by its uid. Were it the runtime
+        // directory, the VM could swap the console file the controller
+        // reads for a link to any file root may read.
+        let sockets = dir.join("vm");
+        std::fs::create_dir(&sockets).map_err(|source| LaunchError::RuntimeDir {
+            path: sockets.display().to_string(),
+            source,
+        })?;
+        let uds = sockets.join("vsock");
         let agent_path = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
         let listener = UnixListener::bind(&agent_path).map_err(|source| LaunchError::Listen {
             path: agent_path.display().to_string(),
@@ -224,7 +233,7 @@ impl VmProcess {
             Some(opts) => {
                 let slot = Slot::acquire(opts)?;
                 // The VM binds its vsock socket here and connects to ours.
-                slot.hand_over(dir)?;
+                slot.hand_over(&sockets)?;
                 slot.hand_over(&agent_path)?;
                 let libs = jail::libraries(&launch.firerunner, &opts.base)?;
                 let mut cmd = Command::new(&opts.jailer);

@@ -149,6 +149,14 @@ fn a_jailed_firerunner_has_its_own_uid_no_capabilities_root_cgroup_and_limits() 
             "{d}"
         );
     }
+    // Its one writable directory holds the vsock sockets alone: the console
+    // file the controller reads stays out of its reach.
+    assert_eq!(
+        common::dir_entries(&root.join("vsock")),
+        ["vsock", "vsock_1234"]
+    );
+    let m = std::fs::metadata(root.join("vsock")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (uid, uid));
     // Nothing of the host: not the scratch directory, /proc, /etc, /tmp.
     for p in [
         s.0.strip_prefix("/").unwrap(),
