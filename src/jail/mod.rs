@@ -114,7 +114,11 @@ impl Slot {
                     base: opts.base.clone(),
                     _lock: lock,
                 };
-                slot.remove_jail();
+                // A leftover keeps its directory (the jailer removes it
+                // last), so checking for it is cheap.
+                if slot.dir().exists() {
+                    slot.remove_jail();
+                }
                 return Ok(slot);
             }
         }
@@ -165,12 +169,9 @@ impl Drop for Slot {
 }
 
 /// Removes the jail at `dir`: its cgroup (after killing what runs there),
-/// the staging directories it lists and the directory. What is not there
-/// is skipped.
+/// the staging directories it lists and the directory, in that order.
+/// What is not there is skipped.
 pub fn remove(dir: &Path) {
-    if !dir.exists() {
-        return;
-    }
     if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
         match Cgroup::named(name) {
             Ok(cg) => cg.remove(),
