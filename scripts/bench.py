@@ -20,6 +20,9 @@ Sections (--only picks some; each replaces its own rows in results.json):
             `hello` function with its seccomp filters and with
             --no_seccomp, booted and restored (lazy, and with its working
             set), 128 MiB.
+  jail      singlevm exec -> first response, boot and lazy restore, jailed
+            and --no_jail interleaved; PSS per idle restored VM under
+            multivm, jailed (firerunner + jailer) and not.
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -48,7 +51,7 @@ import tempfile
 import time
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "density", "isolation")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "density", "isolation", "jail")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -209,6 +212,29 @@ def warm_page_cache(paths):
         with open(p, "rb") as f:
             while f.read(4 * MIB):
                 pass
+
+
+def descendants_named(pid, name):
+    """PIDs of `pid`'s descendants whose command name is `name`."""
+    parent, comm = {}, {}
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                head, rest = f.read().rsplit(") ", 1)
+        except OSError:
+            continue
+        parent[int(e)], comm[int(e)] = int(rest.split()[1]), head.split(" (", 1)[1]
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p:
+                todo.append(c)
+                if comm[c] == name:
+                    out.append(c)
+    return out
 
 
 def kill(p):
@@ -799,19 +825,9 @@ class Multivm:
             time.sleep(0.2)
 
     def firerunners(self):
-        """PIDs of this daemon's firerunner children."""
-        out = []
-        for e in os.listdir("/proc"):
-            if not e.isdigit():
-                continue
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    head, rest = f.read().rsplit(") ", 1)
-            except OSError:
-                continue
-            if head.split(" (", 1)[1] == "firerunner" and int(rest.split()[1]) == self.p.pid:
-                out.append(int(e))
-        return out
+        """PIDs of this daemon's firerunners (children of its jailers when
+        jailed)."""
+        return descendants_named(self.p.pid, "firerunner")
 
     def terminate(self):
         """Starts the drain (once: a second SIGTERM makes multivm exit at once)."""
@@ -1004,6 +1020,84 @@ def bench_density(b):
         add("density", "snapvm", "step", "host_memory", "MiB", [z["host_used"] / MIB], mem_mib=mem, vms=z["vms"])
 
 
+# ------------------------------------------------------------- jail
+
+
+def singlevm_first_response(b, args, request):
+    """exec of singlevm -> its first response line (ms)."""
+    argv = [os.path.join(b.bindir, "singlevm"), "--kernel", b.tg, "--rootfs", b.rootfs, *args]
+    t0 = time.monotonic_ns()
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, TMPDIR=b.tmp), text=True)
+    p.stdin.write(json.dumps(request) + "\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    t = (time.monotonic_ns() - t0) / 1e6
+    p.stdin.close()
+    err = p.stderr.read()
+    if p.wait(timeout=120) != 0 or not line or "error" in json.loads(line):
+        raise BenchError(f"singlevm {args}: {line!r}, exit {p.returncode}: {err[-600:]}")
+    return t
+
+
+def jail_pss(b, app, snap, mem, n, jailed):
+    """PSS per idle VM (MiB) of `n` lazily restored VMs under one multivm:
+    (all of a VM's processes, firerunner's, the jailer's)."""
+    d = Multivm(b, {"idle": [f"runtimefs: {b.rootfs}", f"appfs: {app}", f"memory: {mem}",
+                             f"load_dir: {snap}", f"concurrency_limit: {n}", f"min_idle: {n}"]},
+                n * (mem + 8), "boot_timeout: 300s\n" + ("" if jailed else "jail: false\n"))
+    try:
+        d.wait_idle(n, 300)
+        time.sleep(1)  # let the last restores settle before reading memory
+        frs, jailers = d.firerunners(), descendants_named(d.p.pid, "jailer")
+        if len(frs) != n or len(jailers) != (n if jailed else 0):
+            raise BenchError(f"jail: {len(frs)} firerunners and {len(jailers)} jailers for {n} VMs")
+        fr = sum(smaps_rollup(p)["Pss"] for p in frs) / n / MIB
+        jl = sum(smaps_rollup(p)["Pss"] for p in jailers) / n / MIB
+        return fr + jl, fr, jl
+    finally:
+        stop_all([d])
+
+
+def bench_jail(b):
+    """What the jail costs: singlevm exec -> first response, boot and lazy
+    restore (language snapshot + diff layer), jailed and --no_jail in
+    alternating order; then PSS per idle VM, alternating too."""
+    mem = 128
+    app = b.app("jail-hello.img", ["fn=hello"])
+    base, diff = b.path("jail-base"), b.path("jail-diff")
+    for d in (base, diff):
+        shutil.rmtree(d, ignore_errors=True)
+    vm = ["--mem_size", str(mem)]
+    for args in (["--dump_dir", base], ["--appfs", app, "--load_dir", base, "--dump_dir", diff]):
+        argv = [os.path.join(b.bindir, "singlevm"), "--kernel", b.tg, "--rootfs", b.rootfs, *vm, *args,
+                "--force_exit"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           env=dict(os.environ, TMPDIR=b.tmp), timeout=300)
+        if r.returncode != 0:
+            raise BenchError(f"singlevm {args}: exit {r.returncode}: {r.stderr[-600:]}")
+    modes = {"boot": vm + ["--appfs", app], "restore": vm + ["--appfs", app, "--load_dir", f"{base},{diff}"]}
+    sides = {"jailed": [], "unjailed": ["--no_jail"]}
+    samples = {(m, j): [] for m in modes for j in sides}
+    for i in range(b.n):
+        for m, args in modes.items():
+            for j in (("jailed", "unjailed") if i % 2 == 0 else ("unjailed", "jailed")):
+                samples[(m, j)].append(singlevm_first_response(b, args + sides[j], {"name": "jail"}))
+    for (m, j), v in samples.items():
+        b.results.add("jail", "snapvm", j, f"{m}_first_response", "ms", v, mem_mib=mem)
+        log(f"jail: {m} {j}: median {statistics.median(v):.2f} ms")
+    n = 8
+    pss = {j: [] for j in sides}
+    for i in range(max(2, min(b.n, 4))):
+        for j in (("jailed", "unjailed") if i % 2 == 0 else ("unjailed", "jailed")):
+            pss[j].append(jail_pss(b, app, base, mem, n, j == "jailed"))
+    for j, v in pss.items():
+        for k, name in enumerate(("pss_per_vm", "firerunner_pss_per_vm", "jailer_pss_per_vm")):
+            b.results.add("jail", "snapvm", j, name, "MiB", [x[k] for x in v], mem_mib=mem, vms=n)
+        log(f"jail: PSS per idle VM {j}: median {statistics.median(x[0] for x in v):.3f} MiB "
+            f"(firerunner {statistics.median(x[1] for x in v):.3f}, jailer {statistics.median(x[2] for x in v):.3f})")
+
+
 # ------------------------------------------------------------- plots
 
 
@@ -1165,7 +1259,8 @@ def main():
 
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
-             "multivm": bench_multivm, "density": bench_density, "isolation": bench_isolation}
+             "multivm": bench_multivm, "density": bench_density, "isolation": bench_isolation,
+             "jail": bench_jail}
     started = time.monotonic()
     try:
         for s in sections:

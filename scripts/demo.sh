@@ -148,7 +148,7 @@ payload=$cache/payload
 rm -rf "$payload"
 mkdir -p "$payload/bin"
 put() { ln -f -- "$1" "$2" 2>/dev/null || cp -- "$1" "$2"; }
-for b in firerunner singlevm; do put "target/release/$b" "$payload/bin/$b"; done
+for b in firerunner jailer singlevm; do put "target/release/$b" "$payload/bin/$b"; done
 put "$kernel" "$payload/vmlinux"
 put "$rootfs" "$payload/python3.ext4"
 put "$cache/hello-python3.ext2" "$payload/hello-python3.ext2"

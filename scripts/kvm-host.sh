@@ -184,6 +184,9 @@ mount -t tmpfs -o size=75% tmp /tmp
 ln -s /proc/self/fd /dev/fd
 ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
 mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
+# cgroup2 for the jail (src/jail/cgroup.rs): each VM's memory, pids and cpu
+# limits. The jailer enables those controllers for its subtree.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Loopback, for servers the command starts (multivm).
 ip link set lo up
 # ttyS0: the command's stdout, ttyS1: its stderr, ttyS2: exit status and

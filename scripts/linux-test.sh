@@ -94,7 +94,7 @@ cp -r scripts tests appfs "$payload/repo/"
 rm -rf "$payload/repo/tests/guest" "$payload/repo/appfs/tests"
 cp -r resources/requests resources/multivm-example.yaml "$payload/repo/resources/"
 cp -r resources/requests "$payload/data/requests"
-for b in firerunner singlevm multivm; do put "$target/release/$b" "$payload/target/release/$b"; done
+for b in firerunner jailer singlevm multivm; do put "$target/release/$b" "$payload/target/release/$b"; done
 put "$tests_bin" "$payload/linux-tests"
 put "$kernel" "$payload/vmlinux"
 say "payload: $(du -sh "$payload" | cut -f1)"

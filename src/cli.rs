@@ -4,8 +4,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Parser};
 
+use crate::jail::{JailOptions, DEFAULT_JAIL_DIR, DEFAULT_UID_BASE, DEFAULT_UID_COUNT};
 use crate::vmm::config::{
     BootConfig, Copies, RestoreConfig, RestoreMemory, Start, VmConfig, DEFAULT_KERNEL_ARGS,
 };
@@ -262,6 +263,94 @@ impl VmArgs {
             }
         }
         a
+    }
+}
+
+/// firerunner's whole command line: the VM flags and what a controller
+/// adds. The jailer parses it too, to translate its paths into the jail.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "firerunner", version, about = "Run one snapvm microVM")]
+pub struct FirerunnerArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Write the guest console here instead of stdout.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Base path of the vsock Unix sockets: guest connections to host port P
+    /// reach `<PATH>_P`; host programs reach guest ports through `<PATH>`.
+    #[arg(long = "vsock_uds", alias = "vsock-uds")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Inherited socket of the control channel to a controller (see
+    /// src/control.rs); set by singlevm and multivm.
+    #[arg(long = "control_fd", alias = "control-fd")]
+    pub control_fd: Option<i32>,
+    /// Accepted for SnapFaaS compatibility: firerunner always exits after
+    /// writing a snapshot.
+    #[arg(long = "force_exit", alias = "force-exit")]
+    pub force_exit: bool,
+}
+
+impl FirerunnerArgs {
+    /// The same command line, without the program name.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a = self.vm.to_firerunner_args();
+        let paths = [
+            ("--console", &self.console),
+            ("--vsock_uds", &self.vsock_uds),
+        ];
+        for (name, path) in paths {
+            if let Some(p) = path {
+                a.push(name.into());
+                a.push(p.into());
+            }
+        }
+        if let Some(fd) = self.control_fd {
+            a.push("--control_fd".into());
+            a.push(fd.to_string().into());
+        }
+        if self.force_exit {
+            a.push("--force_exit".into());
+        }
+        a
+    }
+}
+
+/// How singlevm and multivm jail the firerunners they start.
+#[derive(Args, Clone, Debug)]
+pub struct JailArgs {
+    /// Run firerunner without the jail (for development: the VMM then has
+    /// the controller's privileges). Without root there is no jail anyway.
+    #[arg(long = "no_jail", alias = "no-jail")]
+    pub no_jail: bool,
+    /// First uid (and gid) of the range the jailed VMs run as, one each.
+    #[arg(long = "jail_uid_base", alias = "jail-uid-base", default_value_t = DEFAULT_UID_BASE)]
+    pub uid_base: u32,
+    /// Size of the uid range: how many VMs can be jailed at once.
+    #[arg(long = "jail_uid_count", alias = "jail-uid-count", default_value_t = DEFAULT_UID_COUNT)]
+    pub uid_count: u32,
+    /// Where the jails' directories are made.
+    #[arg(long = "jail_dir", alias = "jail-dir", default_value = DEFAULT_JAIL_DIR)]
+    pub jail_dir: PathBuf,
+}
+
+impl JailArgs {
+    /// The jail to use, none with --no_jail or without root. `overhead` is
+    /// the MiB a VM's cgroup allows on top of its guest memory.
+    pub fn options(&self, jailer: PathBuf, vm_overhead_mib: u64) -> Option<JailOptions> {
+        if self.no_jail {
+            return None;
+        }
+        if !nix::unistd::geteuid().is_root() {
+            log::info!("not running as root: firerunner runs without the jail");
+            return None;
+        }
+        Some(JailOptions {
+            jailer,
+            base: self.jail_dir.clone(),
+            uid_base: self.uid_base,
+            uid_count: self.uid_count.max(1),
+            vm_overhead_mib,
+        })
     }
 }
 

@@ -89,10 +89,16 @@ pub struct Channel {
 impl Channel {
     /// Takes ownership of the inherited socket `fd`.
     pub fn from_fd(fd: RawFd) -> Result<Self, ControlError> {
-        // Refuse anything that is not an open socket before owning it.
-        use std::os::unix::fs::FileTypeExt;
-        let is_socket = std::fs::metadata(format!("/proc/self/fd/{fd}"))
-            .is_ok_and(|m| m.file_type().is_socket());
+        // Refuse anything that is not an open socket before owning it
+        // (fstat, not /proc/self/fd: a jailed firerunner has no /proc).
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes one `struct stat` into `st` or fails (EBADF
+        // for a descriptor that is not open); it owns or closes nothing.
+        let is_socket = unsafe { libc::fstat(fd, st.as_mut_ptr()) } == 0 && {
+            // SAFETY: fstat succeeded, so it filled `st`.
+            let mode = unsafe { st.assume_init() }.st_mode;
+            mode & libc::S_IFMT == libc::S_IFSOCK
+        };
         if fd < 0 || !is_socket {
             return Err(ControlError::BadFd(fd));
         }

@@ -15,12 +15,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
 use crate::control::{self, Event};
+use crate::jail::{self, JailError, JailOptions, Slot};
 use crate::protocol::{self, ProtocolError, AGENT_PORT};
 
 /// The fd number firerunner receives its control channel on.
 const CONTROL_FD: i32 = 3;
 /// How long a VM gets to stop after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a jailer gets to reap its killed VM and remove the jail.
+const JAILER_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -36,7 +39,7 @@ pub enum LaunchError {
     },
     #[error("cannot create the control channel: {0}")]
     Control(std::io::Error),
-    #[error("cannot start firerunner {path}: {source}")]
+    #[error("cannot start {path}: {source}")]
     Spawn {
         path: String,
         source: std::io::Error,
@@ -51,6 +54,8 @@ pub enum LaunchError {
     ConnectedBeforeExit(String),
     #[error("waiting for the guest failed: {0}")]
     Wait(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 /// Why a call to the guest agent got no response.
@@ -155,6 +160,8 @@ pub struct Launch {
     /// Keep the guest console here; otherwise it goes to the runtime dir
     /// and is shown (tail) when the VM fails to start.
     pub console: Option<PathBuf>,
+    /// Run firerunner in a jail (src/jail/) through the jailer.
+    pub jail: Option<JailOptions>,
 }
 
 /// A running firerunner and its sockets. Dropping it kills the VM and
@@ -167,7 +174,10 @@ pub struct VmProcess {
     listener: UnixListener,
     console: PathBuf,
     pub spawned_at: Instant,
-    /// Removed after the VM is killed (fields drop after `Drop::drop`).
+    /// The jail's slot: dropped after the VM is killed, it removes what
+    /// is left of the jail (fields drop after `Drop::drop`).
+    jail: Option<Slot>,
+    /// Removed after the VM is killed.
     _runtime_dir: RuntimeDir,
 }
 
@@ -188,7 +198,16 @@ impl VmProcess {
 
     fn spawn_in(launch: &Launch, runtime_dir: RuntimeDir) -> Result<Self, LaunchError> {
         let dir = runtime_dir.path();
-        let uds = dir.join("vsock");
+        // The vsock sockets get a directory of their own: a jailed VM gets
+        // it (and only it) as /vsock, owned by its uid. Were it the runtime
+        // directory, the VM could swap the console file the controller
+        // reads for a link to any file root may read.
+        let sockets = dir.join("vm");
+        std::fs::create_dir(&sockets).map_err(|source| LaunchError::RuntimeDir {
+            path: sockets.display().to_string(),
+            source,
+        })?;
+        let uds = sockets.join("vsock");
         let agent_path = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
         let listener = UnixListener::bind(&agent_path).map_err(|source| LaunchError::Listen {
             path: agent_path.display().to_string(),
@@ -201,16 +220,39 @@ impl VmProcess {
         let (ours, theirs) = UnixStream::pair().map_err(LaunchError::Control)?;
         let theirs_fd = theirs.as_raw_fd();
 
-        let mut cmd = Command::new(&launch.firerunner);
-        cmd.args(&launch.vm_args)
-            .arg("--vsock_uds")
-            .arg(&uds)
-            .arg("--console")
-            .arg(&console)
-            .arg("--control_fd")
-            .arg(CONTROL_FD.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        let mut args = launch.vm_args.clone();
+        args.extend([
+            "--vsock_uds".into(),
+            uds.into_os_string(),
+            "--console".into(),
+            console.clone().into_os_string(),
+            "--control_fd".into(),
+            CONTROL_FD.to_string().into(),
+        ]);
+        let (mut cmd, slot) = match &launch.jail {
+            Some(opts) => {
+                let slot = Slot::acquire(opts)?;
+                // The VM binds its vsock socket here and connects to ours.
+                slot.hand_over(&sockets)?;
+                slot.hand_over(&agent_path)?;
+                let libs = jail::libraries(&launch.firerunner, &opts.base)?;
+                let mut cmd = Command::new(&opts.jailer);
+                cmd.args(jail::jailer_args(
+                    &slot,
+                    opts,
+                    &libs,
+                    &launch.firerunner,
+                    args,
+                ));
+                (cmd, Some(slot))
+            }
+            None => {
+                let mut cmd = Command::new(&launch.firerunner);
+                cmd.args(args);
+                (cmd, None)
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on fds this process
         // owns; `theirs` stays open in the parent until after spawn.
@@ -229,7 +271,7 @@ impl VmProcess {
         }
         let spawned_at = Instant::now();
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            path: launch.firerunner.display().to_string(),
+            path: cmd.get_program().to_string_lossy().into_owned(),
             source,
         })?;
         drop(theirs);
@@ -261,6 +303,7 @@ impl VmProcess {
             listener,
             console,
             spawned_at,
+            jail: slot,
             _runtime_dir: runtime_dir,
         })
     }
@@ -429,12 +472,24 @@ impl VmProcess {
         Ok(s)
     }
 
-    /// Kills firerunner now (SIGKILL) and reaps it.
+    /// Kills firerunner now (SIGKILL) and reaps it. A jailed one is killed
+    /// through its cgroup, so that its jailer reaps it and removes the
+    /// jail; the jailer is killed too if it has not exited soon after.
     pub fn kill(&mut self) {
+        if self.try_status().is_some() {
+            return;
+        }
+        if let Some(slot) = &self.jail {
+            slot.kill_vm();
+            let deadline = Instant::now() + JAILER_GRACE;
+            while self.try_status().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         if self.try_status().is_none() {
             let _ = self.child.kill();
-            let _ = self.wait();
         }
+        let _ = self.wait();
     }
 
     /// Sends `cmd` to firerunner over the control channel.
@@ -469,10 +524,11 @@ enum Watched {
     TimedOut,
 }
 
-/// firerunner next to the running executable (how the binaries ship).
-pub fn default_firerunner() -> PathBuf {
+/// The binary `name` (firerunner, jailer) next to the running executable
+/// (how the binaries ship).
+pub fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("firerunner")))
-        .unwrap_or_else(|| PathBuf::from("firerunner"))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod jail;
 pub mod launcher;
 pub mod multivm;
 pub mod protocol;

@@ -747,3 +747,41 @@ fn vms_run_with_their_seccomp_filters_unless_multivm_has_no_seccomp() {
         }
     }
 }
+
+#[test]
+fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
+    use snapvm::vmm::runner::hooks::{HOG_AFTER_MS_ENV, HOG_MIB_ENV};
+    assert!(nix::unistd::geteuid().is_root(), "the jail needs root");
+    let s = Scratch::new("mv-oom");
+    let cfg = config(
+        &s,
+        &[
+            ("spin", "spin", "request_timeout: 60s"),
+            ("hello", "hello", ""),
+        ],
+    );
+    // Every VM's firerunner (test hook) writes 64 MiB of its own memory
+    // 1.5 s after it starts: more than its cgroup's 32 + 8 MiB.
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        4 * VM_MIB,
+        &[],
+        &[(HOG_MIB_ENV, "64"), (HOG_AFTER_MS_ENV, "1500")],
+    );
+    let t = Instant::now();
+    let r = d.post("spin", "{}");
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("SIGKILL"), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let limit = format!("killed by its cgroup's memory limit ({VM_MIB} MiB)");
+    d.wait_for("the jailer's OOM report", Duration::from_secs(5), |d| {
+        d.log().contains(&limit)
+    });
+    // The daemon stays up and serves (a new VM answers before its hook).
+    let r = d.post("hello", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"message": "hello, world"}));
+    let (code, log) = d.terminate(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{app_image, children_named, firerunner, run_singlevm, testguest, Scratch};
+use common::{app_image, descendants_named, firerunner, run_singlevm, testguest, Scratch};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -250,7 +250,7 @@ fn firerunner_dying_is_a_clear_error() {
     // Find the firerunner child once the request is in flight, and kill it.
     let deadline = Instant::now() + Duration::from_secs(60);
     let victim = loop {
-        let pids = children_named(child.id(), "firerunner");
+        let pids = descendants_named(child.id(), "firerunner");
         if let Some(p) = pids.first() {
             break *p;
         }

@@ -1,46 +1,23 @@
 //! firerunner: runs one microVM (see the README for flags and exit codes).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use snapvm::cli::VmArgs;
+use snapvm::cli::FirerunnerArgs;
 use snapvm::control::{Channel, Event};
 use snapvm::vmm::{runner, seccomp, VmExit};
 
 /// Exit code for a configuration or start-up error.
 const EXIT_CONFIG: u8 = 1;
 
-#[derive(Parser, Debug)]
-#[command(name = "firerunner", version, about = "Run one snapvm microVM")]
-struct Args {
-    #[command(flatten)]
-    vm: VmArgs,
-    /// Write the guest console here instead of stdout.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Base path of the vsock Unix sockets: guest connections to host port P
-    /// reach `<PATH>_P`; host programs reach guest ports through `<PATH>`.
-    #[arg(long = "vsock_uds", alias = "vsock-uds")]
-    vsock_uds: Option<PathBuf>,
-    /// Inherited socket of the control channel to a controller (see
-    /// src/control.rs); set by singlevm and multivm.
-    #[arg(long = "control_fd", alias = "control-fd")]
-    control_fd: Option<i32>,
-    /// Accepted for SnapFaaS compatibility: firerunner always exits after
-    /// writing a snapshot.
-    #[arg(long = "force_exit", alias = "force-exit")]
-    force_exit: bool,
-}
-
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_micros()
         .init();
-    let args = Args::parse();
+    let args = FirerunnerArgs::parse();
     let control = match args.control_fd.map(Channel::from_fd).transpose() {
         Ok(c) => c.map(Arc::new),
         Err(e) => {

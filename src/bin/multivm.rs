@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use snapvm::launcher::default_firerunner;
+use snapvm::cli::JailArgs;
+use snapvm::launcher::beside_exe;
 use snapvm::multivm::{self, Options};
 
 #[derive(Parser, Debug)]
@@ -42,6 +43,8 @@ struct Args {
     /// seccomp filters (for debugging only).
     #[arg(long = "no_seccomp", alias = "no-seccomp")]
     no_seccomp: bool,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 fn main() -> ExitCode {
@@ -58,9 +61,10 @@ fn main() -> ExitCode {
         mem_mib: args.mem,
         listen: args.listen,
         drain_timeout,
-        default_firerunner: default_firerunner(),
+        default_firerunner: beside_exe("firerunner"),
         basic_auth_dir: args.basic_auth_dir,
         no_seccomp: args.no_seccomp,
+        jail: args.jail,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

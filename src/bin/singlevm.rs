@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use snapvm::cli::VmArgs;
-use snapvm::launcher::default_firerunner;
+use snapvm::cli::{JailArgs, VmArgs};
+use snapvm::launcher::beside_exe;
+use snapvm::multivm::config::DEFAULT_VM_OVERHEAD_MIB;
 use snapvm::singlevm::{self, Launch, Options};
 
 #[derive(Parser, Debug)]
@@ -19,6 +20,8 @@ use snapvm::singlevm::{self, Launch, Options};
 struct Args {
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    jail: JailArgs,
     /// firerunner binary (default: next to singlevm).
     #[arg(long)]
     firerunner: Option<PathBuf>,
@@ -71,9 +74,12 @@ fn main() -> ExitCode {
     }
     let opts = Options {
         launch: Launch {
-            firerunner: args.firerunner.unwrap_or_else(default_firerunner),
+            firerunner: args.firerunner.unwrap_or_else(|| beside_exe("firerunner")),
             vm_args: args.vm.to_firerunner_args(),
             console: args.console,
+            jail: args
+                .jail
+                .options(beside_exe("jailer"), DEFAULT_VM_OVERHEAD_MIB),
         },
         boot_timeout,
         request_timeout,

@@ -11,6 +11,7 @@
 //! allow_network: false                 # accepted; snapvm VMs have no network
 //! boot_timeout: 30s                    # launch (boot or restore) deadline
 //! vm_overhead: 8                       # MiB accounted per VM on top of `memory`
+//! jail: true                           # jail each VM (as root); false = --no_jail
 //! functions:
 //!   hello:
 //!     runtimefs: python3.ext4          # required
@@ -176,6 +177,7 @@ struct RawConfig {
     snapshot_dir: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<Seconds>>,
     vm_overhead: Option<Spanned<u64>>,
+    jail: Option<Spanned<bool>>,
     #[serde(default)]
     functions: Option<Spanned<BTreeMap<String, Spanned<RawFunction>>>>,
     deploy: Option<Spanned<RawDeploy>>,
@@ -326,8 +328,12 @@ impl Function {
 pub struct Config {
     pub firerunner: PathBuf,
     pub boot_timeout: Duration,
-    /// MiB accounted per VM on top of its guest memory.
+    /// MiB accounted per VM on top of its guest memory; also what a
+    /// jailed VM's cgroup allows on top of it.
     pub vm_overhead_mib: u64,
+    /// Whether VMs are jailed (when multivm runs as root and without
+    /// --no_jail).
+    pub jail: bool,
     /// Sorted by name.
     pub functions: Vec<Function>,
     /// Deploying functions at run time (the provider API), if configured.
@@ -767,6 +773,7 @@ impl Resolver<'_> {
             firerunner,
             boot_timeout,
             vm_overhead_mib,
+            jail: raw.jail.as_ref().is_none_or(|j| j.value),
             functions,
             deploy,
             no_seccomp: false,
@@ -960,6 +967,9 @@ functions:
         assert_eq!(c.firerunner, PathBuf::from("/default/firerunner"));
         assert_eq!(c.vm_overhead_mib, DEFAULT_VM_OVERHEAD_MIB);
         assert_eq!(c.boot_timeout, DEFAULT_BOOT_TIMEOUT);
+        assert!(c.jail, "VMs are jailed unless the config says otherwise");
+        let unjailed = parse(&d, &format!("jail: false\n{GOOD}"), 1024).unwrap();
+        assert!(!unjailed.jail);
         let h = &c.functions[0];
         assert_eq!(h.name, "hello");
         assert!(h.kernel.is_absolute() && h.kernel.ends_with("vmlinux"));

@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::launcher::RuntimeDir;
+use crate::cli::JailArgs;
+use crate::launcher::{beside_exe, RuntimeDir};
 
 use config::{Config, ConfigError};
 use provider::auth::{AuthError, Credentials};
@@ -82,6 +83,8 @@ pub struct Options {
     pub basic_auth_dir: Option<PathBuf>,
     /// Run every firerunner without its seccomp filters (debugging).
     pub no_seccomp: bool,
+    /// How to jail the VMs (the config's `jail: false` also turns it off).
+    pub jail: JailArgs,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -129,7 +132,17 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .to_ip()
         .map_or_else(|| addr.to_string(), |a| a.to_string());
 
-    let sched = Scheduler::new(Arc::clone(&cfg), opts.mem_mib, dir.path().to_path_buf());
+    // A VM's cgroup allows exactly what the budget counts for it.
+    let jail = cfg
+        .jail
+        .then(|| opts.jail.options(beside_exe("jailer"), cfg.vm_overhead_mib))
+        .flatten();
+    let sched = Scheduler::new(
+        Arc::clone(&cfg),
+        jail,
+        opts.mem_mib,
+        dir.path().to_path_buf(),
+    );
     let provider = Provider::start(Arc::clone(&sched), cfg, opts.mem_mib, credentials)?;
     let maintainer = {
         let s = Arc::clone(&sched);

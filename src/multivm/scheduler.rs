@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use serde_json::{json, Value};
 
+use crate::jail::JailOptions;
+
 use super::config::{Config, Function, LaunchKind};
 use super::metrics::{Gauges, Metrics};
 use super::pool::{self, FnId, VmState};
@@ -130,6 +132,8 @@ pub struct FunctionLive {
 
 pub struct Scheduler {
     cfg: Arc<Config>,
+    /// How VMs are jailed (none: unjailed).
+    jail: Option<JailOptions>,
     budget_mib: u64,
     log_dir: PathBuf,
     state: Mutex<State>,
@@ -150,8 +154,14 @@ fn reap(victims: Vec<FunctionVm>) {
 
 impl Scheduler {
     /// A scheduler serving the functions of `cfg` (more come and go
-    /// through [`Scheduler::deploy`] and [`Scheduler::remove_function`]).
-    pub fn new(cfg: Arc<Config>, budget_mib: u64, log_dir: PathBuf) -> Arc<Self> {
+    /// through [`Scheduler::deploy`] and [`Scheduler::remove_function`]);
+    /// its VMs are jailed with `jail` when given.
+    pub fn new(
+        cfg: Arc<Config>,
+        jail: Option<JailOptions>,
+        budget_mib: u64,
+        log_dir: PathBuf,
+    ) -> Arc<Self> {
         let (wake, wake_rx) = bounded(1);
         let mut state = State::new(cfg.vm_overhead_mib);
         for f in &cfg.functions {
@@ -160,6 +170,7 @@ impl Scheduler {
         Arc::new(Self {
             state: Mutex::new(state),
             cfg,
+            jail,
             budget_mib,
             log_dir,
             changed: Condvar::new(),
@@ -206,6 +217,11 @@ impl Scheduler {
             }
         }
         false
+    }
+
+    /// How this scheduler's VMs are jailed (none: unjailed).
+    pub fn jail(&self) -> Option<&JailOptions> {
+        self.jail.as_ref()
     }
 
     /// Registers `spec`, or updates the function of its name (see
@@ -338,7 +354,13 @@ impl Scheduler {
                     let t = Instant::now();
                     let log = self.log_path(id);
                     let kind = spec.launch_kind();
-                    match FunctionVm::launch(&self.cfg, (fid, generation, spec), id, &log) {
+                    match FunctionVm::launch(
+                        &self.cfg,
+                        self.jail.as_ref(),
+                        (fid, generation, spec),
+                        id,
+                        &log,
+                    ) {
                         Ok(vm) => {
                             launch = t.elapsed();
                             self.metrics.cold_start(&name, kind.as_str(), launch);
@@ -704,7 +726,13 @@ impl Scheduler {
         let t = Instant::now();
         let name = spec.name.clone();
         let kind = spec.launch_kind();
-        match FunctionVm::launch(&self.cfg, (fi, generation, spec), id, &self.log_path(id)) {
+        match FunctionVm::launch(
+            &self.cfg,
+            self.jail.as_ref(),
+            (fi, generation, spec),
+            id,
+            &self.log_path(id),
+        ) {
             Ok(vm) => {
                 self.metrics.cold_start(&name, kind.as_str(), t.elapsed());
                 log::info!(

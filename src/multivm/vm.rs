@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use crate::control::Event;
+use crate::jail::JailOptions;
 use crate::launcher::{self, CallError, Launch, VmProcess};
 use crate::protocol::ProtocolError;
 
@@ -50,6 +51,7 @@ impl FunctionVm {
     /// otherwise) with its console in `console`, and waits for its agent.
     pub fn launch(
         cfg: &Config,
+        jail: Option<&JailOptions>,
         (function, generation, spec): (FnId, u64, Arc<Function>),
         id: VmId,
         console: &Path,
@@ -58,6 +60,7 @@ impl FunctionVm {
             firerunner: cfg.firerunner.clone(),
             vm_args: spec.firerunner_args(cfg.no_seccomp),
             console: Some(console.to_path_buf()),
+            jail: jail.cloned(),
         };
         let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
         let stream = match vm.wait_for_guest(cfg.boot_timeout) {

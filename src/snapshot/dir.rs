@@ -164,35 +164,41 @@ impl SnapshotDir {
     /// fsynced already ([`SnapshotDir::write_file`] does; sync files from
     /// [`SnapshotDir::create_sparse`] yourself).
     pub fn commit(mut self) -> Result<PathBuf, DirError> {
-        fsync_dir(&self.tmp)?;
-        if self.target.exists() {
-            // Swap atomically with the old snapshot, then remove it.
-            nix::fcntl::renameat2(
-                nix::fcntl::AT_FDCWD,
-                &self.tmp,
-                nix::fcntl::AT_FDCWD,
-                &self.target,
-                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-            )
-            .map_err(|e| DirError::Io {
-                path: self.target.clone(),
-                source: e.into(),
-            })?;
-            self.committed = true;
-            // The old snapshot now sits at the temporary name.
-            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
-                log::warn!(
-                    "cannot remove the replaced snapshot {}: {e}",
-                    self.tmp.display()
-                );
-            }
-        } else {
-            std::fs::rename(&self.tmp, &self.target).map_err(io(&self.target))?;
-            self.committed = true;
-        }
-        fsync_dir(&parent_of(&self.target))?;
+        // Whether it failed before or after the rename, what is left at
+        // the temporary name (nothing, or the replaced snapshot) goes.
+        publish(&self.tmp, &self.target)?;
+        self.committed = true;
         Ok(self.target.clone())
     }
+}
+
+/// Moves the complete snapshot directory `dir` (fsynced files) to `target`
+/// on the same file system, durably and atomically: an existing snapshot
+/// there is swapped out (`renameat2(RENAME_EXCHANGE)`) and removed. How
+/// [`SnapshotDir::commit`] makes a snapshot visible, and how the jailer
+/// moves one a jailed VM wrote into its staging directory.
+pub fn publish(dir: &Path, target: &Path) -> Result<(), DirError> {
+    fsync_dir(dir)?;
+    if target.exists() {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            dir,
+            nix::fcntl::AT_FDCWD,
+            target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| DirError::Io {
+            path: target.to_owned(),
+            source: e.into(),
+        })?;
+        // The old snapshot now sits at `dir`.
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            log::warn!("cannot remove the replaced snapshot {}: {e}", dir.display());
+        }
+    } else {
+        std::fs::rename(dir, target).map_err(io(target))?;
+    }
+    fsync_dir(&parent_of(target))
 }
 
 impl Drop for SnapshotDir {

@@ -159,6 +159,35 @@ fn fsync_dir(dir: &Path) -> Result<(), WsError> {
         .map_err(io_at(dir))
 }
 
+/// Removes `dir`'s index (`ws.json`) durably, before a new set is put in
+/// place: until the new one lands there is none, so a crash half way never
+/// leaves an index describing the wrong `ws`. Returns the index's path.
+fn remove_index(dir: &Path) -> Result<PathBuf, WsError> {
+    let index_path = dir.join(WS_INDEX_FILE);
+    match fs::remove_file(&index_path) {
+        Ok(()) => fsync_dir(dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_at(&index_path)(e)),
+    }
+    Ok(index_path)
+}
+
+/// Moves the working set [`write`] wrote into `from` into the layer
+/// directory `dir` on the same file system, with the same guarantees: a
+/// reader of `dir` finds the complete new set, the complete old one, or
+/// none. How the jailer hands over the set of a jailed VM, which may write
+/// only into its staging directory.
+pub fn publish(from: &Path, dir: &Path) -> Result<(), WsError> {
+    let lock = lock_dir(dir, FlockArg::LockExclusive)?;
+    let index_path = remove_index(dir)?;
+    let ws_path = dir.join(WS_FILE);
+    fs::rename(from.join(WS_FILE), &ws_path).map_err(io_at(&ws_path))?;
+    fs::rename(from.join(WS_INDEX_FILE), &index_path).map_err(io_at(&index_path))?;
+    fsync_dir(dir)?;
+    drop(lock);
+    Ok(())
+}
+
 /// Writes `ws` and `ws.json` into the snapshot layer directory `dir`: the
 /// contents of `pages` (RAM offsets in first-touch order, as
 /// the fault handler's `stop_recording` returns them) read from `source` — the
@@ -188,15 +217,7 @@ pub fn write(
     }
 
     let lock = lock_dir(dir, FlockArg::LockExclusive)?;
-    let index_path = dir.join(WS_INDEX_FILE);
-    // The old index goes first, durably: until the new one lands there is
-    // none, so a crash half way never leaves an index describing the wrong
-    // `ws`.
-    match fs::remove_file(&index_path) {
-        Ok(()) => fsync_dir(dir)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_at(&index_path)(e)),
-    }
+    let index_path = remove_index(dir)?;
 
     let ws_path = dir.join(WS_FILE);
     let ws_tmp = dir.join(format!("{WS_FILE}.tmp"));

@@ -127,6 +127,41 @@ pub(super) struct Machine {
     pub ws: Option<WsRuntime>,
 }
 
+/// Test hooks, compiled in only with the `test-hooks` feature (the
+/// integration tests enable it; release binaries never carry them).
+#[cfg(feature = "test-hooks")]
+pub mod hooks {
+    use std::time::Duration;
+
+    /// When set to N, firerunner allocates and writes N MiB of its own
+    /// memory, so that a test can make the VMM outgrow its cgroup's limit.
+    pub const HOG_MIB_ENV: &str = "SNAPVM_TEST_HOG_MIB";
+    /// Milliseconds after start to do it (default 0).
+    pub const HOG_AFTER_MS_ENV: &str = "SNAPVM_TEST_HOG_AFTER_MS";
+
+    fn number(name: &str) -> Option<u64> {
+        std::env::var(name).ok()?.parse().ok()
+    }
+
+    /// Starts the allocation thread when [`HOG_MIB_ENV`] asks for one.
+    pub(super) fn start_hog() {
+        let Some(mib) = number(HOG_MIB_ENV) else {
+            return;
+        };
+        let after = Duration::from_millis(number(HOG_AFTER_MS_ENV).unwrap_or(0));
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            log::warn!("test hook: allocating {mib} MiB");
+            // Written, not just reserved: every page is charged.
+            let hog = std::hint::black_box(vec![0x5au8; (mib as usize) << 20]);
+            log::warn!("test hook: holding {} MiB", hog.len() >> 20);
+            loop {
+                std::thread::park();
+            }
+        });
+    }
+}
+
 /// Builds the VM `config` describes — booted, or restored — runs it and
 /// returns why it ended. `start` is when the process started (for timing
 /// logs); `control`, when given, is the channel to the controller that
@@ -143,6 +178,8 @@ pub fn run(
         signals.add(s);
     }
     signals.thread_block().map_err(StartError::Signals)?;
+    #[cfg(feature = "test-hooks")]
+    hooks::start_hog();
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(StartError::Signals)?;
 

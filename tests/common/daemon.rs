@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{children_named, collect, http, Reply, Scratch};
+use super::{collect, descendants_named, http, Reply, Scratch};
 
 pub fn multivm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_multivm")
@@ -27,6 +27,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(s: &Scratch, config: &str, mem: u64, extra: &[&str]) -> Daemon {
+        Self::start_env(s, config, mem, extra, &[])
+    }
+
+    /// As `start`, with `env` added to the daemon's environment.
+    pub fn start_env(
+        s: &Scratch,
+        config: &str,
+        mem: u64,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let cfg = s.file("multivm.yaml", config.as_bytes());
         let runtime = s.path("run");
         std::fs::create_dir_all(&runtime).unwrap();
@@ -36,6 +47,7 @@ impl Daemon {
             .args(extra)
             .env("XDG_RUNTIME_DIR", &runtime)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -100,9 +112,9 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// firerunner processes whose parent is this daemon.
+    /// firerunner processes this daemon started (children of its jailers).
     pub fn firerunners(&self) -> Vec<u32> {
-        children_named(self.child.id(), "firerunner")
+        descendants_named(self.child.id(), "firerunner")
     }
 
     /// SIGTERM, then the exit status within `limit`.

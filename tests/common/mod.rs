@@ -221,9 +221,11 @@ pub fn run_singlevm(scratch: &Scratch, extra: &[&str], input: &str, limit: Durat
     run_with_input(cmd, input.as_bytes().to_vec(), limit)
 }
 
-/// PIDs of `parent`'s children whose command name is `name`.
-pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
-    let mut out = Vec::new();
+/// PIDs of `ancestor`'s descendants whose command name is `name`: its
+/// children, and theirs (a jailed firerunner is a child of the jailer).
+pub fn descendants_named(ancestor: u32, name: &str) -> Vec<u32> {
+    // (pid, command name, parent pid) of every process.
+    let mut procs = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -235,14 +237,24 @@ pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
         let Some((head, rest)) = stat.rsplit_once(") ") else {
             continue;
         };
-        let comm = head.split_once(" (").map(|x| x.1).unwrap_or("");
+        let comm = head.split_once(" (").map(|x| x.1).unwrap_or("").to_string();
         let ppid: u32 = rest
             .split_whitespace()
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        if ppid == parent && comm == name {
-            out.push(pid);
+        procs.push((pid, comm, ppid));
+    }
+    let mut tree = vec![ancestor];
+    let mut out = Vec::new();
+    while let Some(parent) = tree.pop() {
+        for (pid, comm, ppid) in &procs {
+            if *ppid == parent {
+                tree.push(*pid);
+                if comm == name {
+                    out.push(*pid);
+                }
+            }
         }
     }
     out

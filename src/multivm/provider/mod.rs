@@ -433,6 +433,8 @@ impl Provider {
                 firerunner: self.cfg.firerunner.clone(),
                 vm_args,
                 console: Some(dir.join("snapshot-console.log")),
+                // It runs the function's code: jailed like its VMs.
+                jail: self.sched.jail().cloned(),
             };
             let mut vm = VmProcess::spawn(&launch).map_err(|e| e.to_string())?;
             let status = vm

@@ -1,0 +1,355 @@
+//! The jail every firerunner that singlevm and multivm start runs in (on by
+//! default as root; `--no_jail` turns it off): its own uid and gid, new
+//! mount, pid, ipc and uts namespaces, a root holding only what the VM
+//! needs, rlimits and a cgroup. See the README's Security section.
+//!
+//! The controller side is here: a [`Slot`] (a uid from the configured range,
+//! held with a lock file for the VM's life; the uid also names the jail
+//! directory and the cgroup) and the command line of the `jailer` binary.
+//! The jailer itself (jailer.rs) sets the jail up and execs firerunner.
+//!
+//! Layout: `<base>/slots/<uid>.lock` (the locks), `<base>/<uid>/root` (the
+//! mount point of the jail's root, empty outside the jail's mount
+//! namespace) and `<base>/<uid>/staging` (the writable directories made for
+//! the VM's output, one path a line, so that a leftover is found); the
+//! cgroup is `snapvm/<uid>`.
+
+pub mod cgroup;
+pub mod jailer;
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use cgroup::Cgroup;
+
+/// First uid (and gid) of the VMs' range when none is configured.
+pub const DEFAULT_UID_BASE: u32 = 900_000;
+/// How many VMs can be jailed at once by default.
+pub const DEFAULT_UID_COUNT: u32 = 4096;
+/// Where jail directories are made by default.
+pub const DEFAULT_JAIL_DIR: &str = "/run/snapvm/jail";
+/// The file listing a jail's staging directories.
+const STAGING_LIST: &str = "staging";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("cannot create the jail directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("all {0} jail uids are in use (raise --jail_uid_count)")]
+    Exhausted(u32),
+    #[error("cannot list the libraries of {path}: {reason}")]
+    Libraries { path: PathBuf, reason: String },
+    #[error("cannot hand {path} to the VM's uid: {source}")]
+    Chown { path: PathBuf, source: nix::Error },
+}
+
+/// How controllers jail their VMs.
+#[derive(Clone, Debug)]
+pub struct JailOptions {
+    /// The jailer binary.
+    pub jailer: PathBuf,
+    /// Where jail directories are made.
+    pub base: PathBuf,
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// MiB allowed on top of guest memory in the VM's cgroup: VMM
+    /// overhead plus KVM's kernel memory (what multivm's budget counts).
+    pub vm_overhead_mib: u64,
+}
+
+/// A jail slot: uid and gid `uid_base + n`, the jail directory
+/// `<base>/<uid>` and the cgroup `snapvm/<uid>`, held until dropped. Taking
+/// one removes what a previous holder left (a killed jailer); dropping
+/// one removes the jail's directory and cgroup, killing what still runs
+/// there.
+#[derive(Debug)]
+pub struct Slot {
+    uid: u32,
+    base: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl Slot {
+    /// Takes a free slot of `opts`' range.
+    pub fn acquire(opts: &JailOptions) -> Result<Self, JailError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let locks = opts.base.join("slots");
+        fs::create_dir_all(&locks).map_err(|source| JailError::Dir {
+            path: locks.clone(),
+            source,
+        })?;
+        // Start where this process left off, spread by pid, so that
+        // controllers rarely probe slots another one holds.
+        let start = NEXT
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(std::process::id().wrapping_mul(7919));
+        for i in 0..opts.uid_count {
+            let uid = opts
+                .uid_base
+                .saturating_add(start.wrapping_add(i) % opts.uid_count);
+            let path = locks.join(format!("{uid}.lock"));
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|source| JailError::Dir {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                let slot = Slot {
+                    uid,
+                    base: opts.base.clone(),
+                    _lock: lock,
+                };
+                // A leftover keeps its directory (the jailer removes it
+                // last), so checking for it is cheap.
+                if slot.dir().exists() {
+                    slot.remove_jail();
+                }
+                return Ok(slot);
+            }
+        }
+        Err(JailError::Exhausted(opts.uid_count))
+    }
+
+    /// The VM's uid, also its gid.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// The jail directory.
+    pub fn dir(&self) -> PathBuf {
+        self.base.join(self.uid.to_string())
+    }
+
+    /// Gives the VM's uid `path` (a directory or socket of the controller's
+    /// own runtime directory that the VM must write or connect to).
+    pub fn hand_over(&self, path: &Path) -> Result<(), JailError> {
+        let id = Some(nix::unistd::Uid::from_raw(self.uid));
+        let gid = Some(nix::unistd::Gid::from_raw(self.uid));
+        nix::unistd::chown(path, id, gid).map_err(|source| JailError::Chown {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Kills the VM: every process in the jail's cgroup. Its jailer then
+    /// reaps it, removes the jail and dies of the same signal.
+    pub fn kill_vm(&self) {
+        match Cgroup::named(&self.uid.to_string()) {
+            Ok(cg) => cg.kill(),
+            Err(e) => log::warn!("cannot kill the jailed VM: {e}"),
+        }
+    }
+
+    /// Removes the jail's cgroup (killing what runs in it), its staging
+    /// directories and its directory.
+    fn remove_jail(&self) {
+        remove(&self.dir());
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.remove_jail();
+    }
+}
+
+/// Removes the jail at `dir`: its cgroup (after killing what runs there),
+/// the staging directories it lists and the directory, in that order.
+/// What is not there is skipped.
+pub fn remove(dir: &Path) {
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        match Cgroup::named(name) {
+            Ok(cg) => cg.remove(),
+            Err(e) => log::warn!("cannot remove the jail's cgroup: {e}"),
+        }
+    }
+    let staging = fs::read_to_string(dir.join(STAGING_LIST)).unwrap_or_default();
+    for s in staging.lines().filter(|l| !l.is_empty()) {
+        remove_tree(Path::new(s));
+    }
+    remove_tree(dir);
+}
+
+/// Removes the directory tree at `path`; missing is fine.
+fn remove_tree(path: &Path) {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            log::warn!("cannot remove {}: {e}", path.display())
+        }
+        _ => {}
+    }
+}
+
+/// The shared libraries `binary` loads, as its dynamic loader resolves
+/// them, and the loader itself: what must be in a jail to exec it. None
+/// for a static binary. The loader runs as a process of its own (a few
+/// ms), so its answer is kept in `cache_dir`, named after the binary's
+/// device, inode, size and modification time.
+pub fn libraries(binary: &Path, cache_dir: &Path) -> Result<Vec<PathBuf>, JailError> {
+    let fail = |reason: String| JailError::Libraries {
+        path: binary.to_owned(),
+        reason,
+    };
+    let m = fs::metadata(binary).map_err(|e| fail(e.to_string()))?;
+    let cache = cache_dir.join(format!(
+        "libraries-{}-{}-{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ));
+    if let Ok(text) = fs::read_to_string(&cache) {
+        return Ok(text.lines().map(PathBuf::from).collect());
+    }
+    let libs = ask_loader(binary)?;
+    let text: String = libs.iter().map(|l| format!("{}\n", l.display())).collect();
+    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    // A cache that cannot be written is only slower.
+    if fs::write(&tmp, text)
+        .and_then(|()| fs::rename(&tmp, &cache))
+        .is_err()
+    {
+        let _ = fs::remove_file(&tmp);
+    }
+    Ok(libs)
+}
+
+fn ask_loader(binary: &Path) -> Result<Vec<PathBuf>, JailError> {
+    let fail = |reason: String| JailError::Libraries {
+        path: binary.to_owned(),
+        reason,
+    };
+    // The ELF and program headers, and the interpreter's name, lie at the
+    // start of the file.
+    let mut head = Vec::new();
+    File::open(binary)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+        .map_err(|e| fail(e.to_string()))?;
+    let Some(interp) = elf_interpreter(&head) else {
+        return Ok(Vec::new());
+    };
+    let out = Command::new(&interp)
+        .arg("--list")
+        .arg(binary)
+        .env_clear()
+        .output()
+        .map_err(|e| fail(format!("{}: {e}", interp.display())))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    let mut libs = vec![interp];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)"
+        if let Some((_, rest)) = line.split_once("=> ") {
+            if let Some(path) = rest.split(" (").next().filter(|p| p.starts_with('/')) {
+                libs.push(PathBuf::from(path));
+            }
+        }
+    }
+    libs.sort();
+    libs.dedup();
+    Ok(libs)
+}
+
+/// The PT_INTERP path of a 64-bit little-endian ELF file, if it has one.
+fn elf_interpreter(elf: &[u8]) -> Option<PathBuf> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    // ELF magic, ELFCLASS64, ELFDATA2LSB.
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    (0..phnum).find_map(|i| {
+        let ph = phoff + i * phentsize;
+        if u32_at(ph)? != PT_INTERP {
+            return None;
+        }
+        let off = usize::try_from(u64_at(ph + 8)?).ok()?;
+        let len = usize::try_from(u64_at(ph + 32)?).ok()?;
+        let path = elf.get(off..off + len)?.split(|&b| b == 0).next()?;
+        Some(PathBuf::from(std::str::from_utf8(path).ok()?))
+    })
+}
+
+/// The jailer's command line for `slot`, firerunner `firerunner` with
+/// `args` (its own command line, paths as the controller sees them) and
+/// `libs` ([`libraries`] of firerunner).
+pub fn jailer_args(
+    slot: &Slot,
+    opts: &JailOptions,
+    libs: &[PathBuf],
+    firerunner: &Path,
+    args: Vec<OsString>,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "--uid".into(),
+        slot.uid().to_string().into(),
+        "--jail_dir".into(),
+        slot.dir().into(),
+        "--vm_overhead".into(),
+        opts.vm_overhead_mib.to_string().into(),
+    ];
+    for l in libs {
+        a.push("--lib".into());
+        a.push(l.into());
+    }
+    a.push("--".into());
+    a.push(firerunner.into());
+    a.extend(args);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_test_binarys_loader_and_libc_are_found() {
+        let exe = std::env::current_exe().unwrap();
+        let cache = std::env::temp_dir().join(format!("snapvm-libs-{}", std::process::id()));
+        fs::create_dir_all(&cache).unwrap();
+        let libs = libraries(&exe, &cache).unwrap();
+        // Asked again, the cache answers the same.
+        assert_eq!(libraries(&exe, &cache).unwrap(), libs);
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 1);
+        fs::remove_dir_all(&cache).unwrap();
+        let names: Vec<String> = libs
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n.starts_with("ld-linux")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("libc.so")), "{names:?}");
+        assert!(
+            libs.iter().all(|p| p.is_absolute() && p.exists()),
+            "{libs:?}"
+        );
+    }
+
+    #[test]
+    fn non_elf_files_have_no_interpreter() {
+        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
+        assert_eq!(elf_interpreter(b"\x7fELF\x02\x01"), None);
+    }
+}
