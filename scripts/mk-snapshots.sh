@@ -203,7 +203,9 @@ place() { # SRC DEST
     local tmp
     [[ -e $2 ]] && cmp -s -- "$1" "$2" && return 0
     tmp=$(mktemp -- "$2.tmp.XXXXXX")
-    ln -f -- "$1" "$tmp" 2>/dev/null || cp --sparse=always -- "$1" "$tmp"
+    # (mktemp makes the file 0600 and cp keeps that: a jailed VM, whose
+    # uid is not root, must be able to read the copy.)
+    ln -f -- "$1" "$tmp" 2>/dev/null || { cp --sparse=always -- "$1" "$tmp" && chmod 0644 -- "$tmp"; }
     mv -f -- "$tmp" "$2"
 }
 copy_to() { # SRC DEST: an independent copy, written atomically
