@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{collect, dir_entries, http, run_with_input, Outcome, Scratch};
-use serde_json::Value;
+use common::daemon::Daemon;
+use common::{dir_entries, http_with, run_with_input, Outcome, Scratch};
+use serde_json::{json, Value};
 
 /// How long one singlevm run may take (a nodejs boot takes ~15 s inside
 /// the emulated host; everything else is faster).
@@ -409,67 +410,57 @@ fn clones_restored_at_once_differ_in_randomness_and_know_the_time() {
 #[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
 fn multivm_serves_python3_functions_from_their_snapshots_under_eviction() {
     let s = Scratch::new("linux-multivm");
-    let run = s.path("run");
-    std::fs::create_dir(&run).unwrap();
     // Room for two 128 MiB VMs (plus overhead), six functions: every new
     // function evicts the least recently used idle VM.
-    let mut child = Command::new(bin("multivm"))
-        .arg("--config")
-        .arg(tree().join("multivm.yaml"))
-        .args(["--mem", "300", "--listen", "127.0.0.1:0"])
-        .env("XDG_RUNTIME_DIR", &run)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn multivm");
-    let (log, _) = collect(child.stderr.take().unwrap());
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let _ = out.read_line(&mut first);
+    let d = Daemon::spawn(
+        &bin("multivm"),
+        &s,
+        &tree().join("multivm.yaml"),
+        300,
+        &[],
+        &[],
+    );
+    let functions = [
+        "hello-python3",
+        "wordcount-python3",
+        "logstats-python3",
+        "archive-python3",
+        "thumbnail-python3",
+        "hello-python3",
+        "wordcount-python3",
+    ];
+    for f in functions {
+        eprintln!("multivm: {f}");
+        let request = requests(f);
+        let first_request = request.lines().next().expect("a request");
+        let reply = d.post(f, first_request);
+        assert_eq!(reply.status, 200, "{f}: {}\n{}", reply.body, d.log());
+        assert_eq!(reply.json(), expected(f)[0], "{f} answered differently");
     }
-    let addr = first
-        .trim()
-        .strip_prefix("listening on http://")
-        .map(str::to_string);
-    let result = std::panic::catch_unwind(|| {
-        let addr = addr.unwrap_or_else(|| panic!("multivm did not start: {first:?}"));
-        let functions = [
-            "hello-python3",
-            "wordcount-python3",
-            "logstats-python3",
-            "archive-python3",
-            "thumbnail-python3",
-            "hello-python3",
-            "wordcount-python3",
-        ];
-        for f in functions {
-            eprintln!("multivm: {f}");
-            let request = requests(f);
-            let first_request = request.lines().next().expect("a request");
-            let reply = http(&addr, "POST", &format!("/function/{f}"), first_request);
-            assert_eq!(reply.status, 200, "{f}: {}", reply.body);
-            assert_eq!(reply.json(), expected(f)[0], "{f} answered differently");
-        }
-        let metrics = http(&addr, "GET", "/metrics", "").body;
-        let evictions: f64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("multivm_evictions_total{"))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum();
-        assert!(evictions >= 3.0, "expected evictions, metrics:\n{metrics}");
-    });
-    // SAFETY: kill(2) on our own unreaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().expect("wait for multivm");
-    if let Err(e) = result {
-        eprintln!("multivm log:\n{}", log.lock().unwrap());
-        std::panic::resume_unwind(e);
+    let metrics = d.get("/metrics").body;
+    let evictions: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("multivm_evictions_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert!(evictions >= 3.0, "expected evictions, metrics:\n{metrics}");
+
+    // OpenFaaS-style invocations reach both agents in the HTTP envelope
+    // (another method, a sub-path, a query, a text/plain body); a function
+    // with only handle(request) gets the body parsed as JSON.
+    for f in ["hello-python3", "hello-nodejs"] {
+        let reply = http_with(
+            &d.addr,
+            "PUT",
+            &format!("/function/{f}/a/b?x=1"),
+            &[("Content-Type", "text/plain")],
+            br#"{"name": "envelope"}"#,
+        );
+        assert_eq!(reply.status, 200, "{f}: {}\n{}", reply.body, d.log());
+        assert_eq!(reply.json(), json!({"message": "hello, envelope"}), "{f}");
     }
-    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+    let (code, log) = d.terminate(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{log}");
 }
 
 #[test]

@@ -280,8 +280,13 @@ impl Jail {
             Some(c) => Some(File::create(&c).map_err(io("cannot create the console", &c))?),
             None => None,
         };
+        // What the VM writes is charged to its cgroup too: dirty page
+        // cache, and on tmpfs pages that cannot be reclaimed at all. A VM
+        // that writes a snapshot or a working set (at most its memory's
+        // size) may use that much more; a serving VM may not.
+        let output_bytes = if output.is_some() { mem } else { 0 };
         let limits = Limits {
-            memory_bytes: mem + (args.vm_overhead << 20),
+            memory_bytes: mem + output_bytes + (args.vm_overhead << 20),
             pids: vcpus + PIDS_SLACK,
             cpu_weight: (100 * vcpus).min(10_000),
         };

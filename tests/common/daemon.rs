@@ -3,7 +3,7 @@
 //! drop.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,10 +39,25 @@ impl Daemon {
         env: &[(&str, &str)],
     ) -> Daemon {
         let cfg = s.file("multivm.yaml", config.as_bytes());
+        Self::spawn(Path::new(multivm_bin()), s, &cfg, mem, extra, env)
+    }
+
+    /// `bin` (a multivm) on the config file `cfg`, with `--mem mem`,
+    /// `extra` arguments and `env`; its runtime directory in `s`.
+    pub fn spawn(
+        bin: &Path,
+        s: &Scratch,
+        cfg: &Path,
+        mem: u64,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let runtime = s.path("run");
         std::fs::create_dir_all(&runtime).unwrap();
-        let mut child = Command::new(multivm_bin())
-            .args(["--config", cfg.to_str().unwrap(), "--mem", &mem.to_string()])
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .args(["--mem", &mem.to_string()])
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("XDG_RUNTIME_DIR", &runtime)
