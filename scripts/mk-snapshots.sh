@@ -286,7 +286,13 @@ explain() {
         say "the guest stopped (reset the machine) before $what: no snapshot was written."
     else
         say "the run failed before $what (singlevm exit $rc):"
-        tail_of "$err" 3 >&2
+        # singlevm's own error and the VMM's (or jailer's) error lines;
+        # singlevm's last lines are the console's, shown below.
+        if grep -qE '^singlevm: error|ERROR' "$err" 2>/dev/null; then
+            grep -E '^singlevm: error|ERROR' "$err" | tail -n 5 | cut -c1-200 | sed 's/^/    /' >&2
+        else
+            tail_of "$err" 3 >&2
+        fi
     fi
     say "its console ($console) ends with:"
     tail_of "$console" >&2
@@ -314,7 +320,7 @@ for label in "${labels[@]}"; do
     if ((rc != 0)) || [[ ! -s $snap/snapshot.json ]]; then
         explain "its language snapshot point (control port 124)" "$console" "$scratch/$label.err"
         if ((first)); then
-            if grep -q 'Run /init' "$console" 2>/dev/null; then
+            if grep -qE 'Run /(sbin/)?init' "$console" 2>/dev/null; then
                 say "The kernel started /init, but the agent never reached its first"
                 say "snapshot point: Linux userspace does not run in this guest."
             else
