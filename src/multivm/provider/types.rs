@@ -214,7 +214,10 @@ impl FunctionDeployment {
                 Err(e) => Err(field(&name, e)),
             };
             match key {
-                "runtime" => runtime = Some(value.to_string()),
+                "runtime" => match value.trim() {
+                    "" => return Err(field(&name, "must name a runtime of the config")),
+                    v => runtime = Some(v.to_string()),
+                },
                 "min_idle" => plan.min_idle = count()?,
                 "concurrency_limit" => match count()? {
                     0 => return Err(field(&name, "must be at least 1")),
@@ -337,6 +340,11 @@ mod tests {
         d.annotations = None;
         assert_eq!(d.plan(Some("nodejs")).unwrap().runtime, "nodejs");
         assert!(d.plan(None).unwrap_err().to_string().contains("no runtime"));
+        // An empty runtime label names none (found by the fuzz target), even
+        // with a default.
+        d.labels = Some([("com.snapvm.runtime".to_string(), " ".to_string())].into());
+        let e = d.plan(Some("nodejs")).unwrap_err().to_string();
+        assert!(e.contains("com.snapvm.runtime: must name a runtime"), "{e}");
         // A minimal body round-trips.
         let min = FunctionDeployment::parse(br#"{"service":"a","image":"b"}"#).unwrap();
         let again: FunctionDeployment =
