@@ -2,7 +2,7 @@
 //! (header, data, status byte), completions by interrupt.
 
 use crate::util::Fnv;
-use crate::virtio::{wait_for, Buf, Device, VirtQueue, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS};
+use crate::virtio::{wait_for, wait_until, Buf, Device, VirtQueue, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS};
 use crate::mem;
 
 const F_RO: u64 = 1 << 5;
@@ -31,9 +31,15 @@ pub struct Blk {
 }
 
 impl Blk {
-    pub fn new(mut dev: Device) -> Result<Blk, &'static str> {
-        dev.init(F_RO)?;
-        let q = dev.setup_queue(0, 128)?;
+    /// Initialises the device; on failure gives it back with the reason.
+    pub fn new(mut dev: Device) -> Result<Blk, (Device, &'static str)> {
+        if let Err(e) = dev.init(F_RO) {
+            return Err((dev, e));
+        }
+        let q = match dev.setup_queue(0, 128) {
+            Ok(q) => q,
+            Err(e) => return Err((dev, e)),
+        };
         let capacity = dev.config_u64(0);
         let ro = dev.features & F_RO != 0;
         dev.driver_ok();
@@ -122,6 +128,18 @@ impl Blk {
 
     pub fn read_sector(&mut self, sector: u64, buf: &mut [u8; SECTOR]) -> u8 {
         self.request(T_IN, sector, buf.as_mut_ptr(), SECTOR, true)
+    }
+
+    /// `read_sector` that gives up after about `ms` milliseconds (`None`),
+    /// for a device that may have stopped serving.
+    pub fn read_sector_within(&mut self, sector: u64, buf: &mut [u8; SECTOR], ms: u64) -> Option<u8> {
+        self.submit(0, T_IN, sector, buf.as_mut_ptr(), SECTOR, true);
+        self.q.notify();
+        wait_until(ms, || {
+            self.reap();
+            self.done[0]
+        })
+        .then(|| self.status(0))
     }
 
     /// VIRTIO_BLK_T_GET_ID: the device id string (up to 20 bytes).

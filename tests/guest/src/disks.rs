@@ -42,7 +42,7 @@ pub fn probe(opts: &Options) -> Devices {
                 ndisks += 1;
                 match Blk::new(dev) {
                     Ok(b) => devs.disks[ndisks - 1] = Some(b),
-                    Err(e) => println!("testguest: {}: {}", name_str(&name), e),
+                    Err((_, e)) => println!("testguest: {}: {}", name_str(&name), e),
                 }
             }
             DEVICE_VSOCK if devs.vsock.is_none() => devs.vsock = Some(dev),

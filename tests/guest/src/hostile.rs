@@ -14,9 +14,9 @@ use crate::blk::{Blk, SECTOR, T_IN};
 use crate::bootinfo::BootInfo;
 use crate::disks::Devices;
 use crate::util::fnv1a;
-use crate::virtio::{self, Buf, Device, VirtQueue};
+use crate::virtio::{self, wait_until, Buf, Device, VirtQueue};
 use crate::vsock::{self, Hdr, Vsock, RAW_PORTS};
-use crate::{apic, cpl0, io, mem, println};
+use crate::{apic, io, mem, println};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -36,6 +36,7 @@ pub fn run(case: &[u8], boot: &BootInfo, devs: &mut Devices, vs: Option<&mut Vso
         b"mmio-unknown" => with_blk(&ctx, devs, mmio_unknown),
         b"blk-self-refill" => with_dev(&ctx, devs, |ctx, dev| self_refill(ctx, dev, vs)),
         b"mmio-state" => with_dev(&ctx, devs, mmio_state),
+        b"blk-race" => with_dev(&ctx, devs, blk_race),
         b"vsock-bad-len" | b"vsock-bad-op" | b"vsock-bad-port" | b"vsock-bad-credit" | b"vsock-flood" => {
             match vs {
                 Some(vs) => {
@@ -72,23 +73,6 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn say(&self, what: core::fmt::Arguments<'_>) {
         println!("testguest: hostile {}: {}", self.name, what);
-    }
-}
-
-/// Calls `f` until it returns true or about `ms` milliseconds (at most
-/// 4000) pass, sleeping for interrupts in between. Returns `f`'s verdict.
-fn wait_until(ms: u64, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = cpl0::vector_count(apic::TIMER_VECTOR);
-    apic::timer_oneshot(ms.min(4000) * 1_000_000);
-    loop {
-        let seen = cpl0::irq_count();
-        if f() {
-            return true;
-        }
-        if cpl0::vector_count(apic::TIMER_VECTOR) != t0 {
-            return f();
-        }
-        cpl0::wait_irq(seen);
     }
 }
 
@@ -276,7 +260,7 @@ fn with_dev(ctx: &Ctx, devs: &mut Devices, f: impl FnOnce(&Ctx, Device) -> Devic
             devs.disks[0] = Some(blk);
             good_read(ctx, devs);
         }
-        Err(e) => ctx.say(format_args!("re-init failed: {}", e)),
+        Err((_, e)) => ctx.say(format_args!("re-init failed: {}", e)),
     }
     true
 }
@@ -547,6 +531,39 @@ fn self_refill(ctx: &Ctx, dev: Device, vs: Option<&mut Vsock>) -> Device {
     r.dev.write(virtio::REG_STATUS, 0);
     ctx.say(format_args!("reset: status {:#x}", r.dev.read(virtio::REG_STATUS)));
     r.dev
+}
+
+/// A request that arrives while the device is already looking at the
+/// queue: at DRIVER_OK the device checks for requests made available
+/// before it, and the driver's first read goes in meanwhile. One that shows
+/// up between two of the device's reads of the available index is new
+/// work, not a corrupt ring. 2000 re-initialisations, each followed at
+/// once by a read: every read must come back.
+fn blk_race(ctx: &Ctx, mut dev: Device) -> Device {
+    const ROUNDS: u32 = 2000;
+    let buf: &mut [u8; SECTOR] = mem::alloc(SECTOR, 512).try_into().expect("sector buffer");
+    let mut answered = 0;
+    for round in 0..ROUNDS {
+        let heap = mem::mark();
+        let mut blk = match Blk::new(dev) {
+            Ok(blk) => blk,
+            Err((d, e)) => {
+                ctx.say(format_args!("round {round}: init failed: {e}"));
+                return d;
+            }
+        };
+        match blk.read_sector_within(0, buf, 1000) {
+            Some(0) => answered += 1,
+            Some(st) => ctx.say(format_args!("round {round}: status {st}")),
+            None => ctx.say(format_args!("round {round}: no completion")),
+        }
+        dev = blk.into_device();
+        // SAFETY: the driver and its rings are gone; `Blk::new` resets the
+        // device before it allocates rings again.
+        unsafe { mem::release(heap) };
+    }
+    ctx.say(format_args!("reads right after DRIVER_OK answered: {answered} of {ROUNDS}"));
+    dev
 }
 
 fn blk_avail_jump(ctx: &Ctx, r: &mut RawBlk) {

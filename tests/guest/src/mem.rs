@@ -44,3 +44,18 @@ pub fn alloc_zeroed(size: usize, align: usize) -> &'static mut [u8] {
     buf.fill(0);
     buf
 }
+
+/// The allocator's position, for [`release`].
+pub fn mark() -> usize {
+    NEXT.load(Ordering::SeqCst)
+}
+
+/// Gives back everything allocated since `mark` (for loops that would
+/// otherwise use up the heap).
+///
+/// # Safety
+/// Nothing allocated since `mark` is used again, by the guest or by a
+/// device (reset the device before its rings' memory is handed out anew).
+pub unsafe fn release(mark: usize) {
+    NEXT.store(mark, Ordering::SeqCst);
+}

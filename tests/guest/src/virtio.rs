@@ -396,6 +396,23 @@ impl VirtQueue {
     }
 }
 
+/// Calls `f` until it returns true or about `ms` milliseconds (at most
+/// 4000) pass, sleeping for interrupts in between. Returns `f`'s verdict.
+pub fn wait_until(ms: u64, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = cpl0::vector_count(apic::TIMER_VECTOR);
+    apic::timer_oneshot(ms.min(4000) * 1_000_000);
+    loop {
+        let seen = cpl0::irq_count();
+        if f() {
+            return true;
+        }
+        if cpl0::vector_count(apic::TIMER_VECTOR) != t0 {
+            return f();
+        }
+        cpl0::wait_irq(seen);
+    }
+}
+
 /// Runs `poll` until it returns Some, sleeping (sti; hlt at CPL0) between
 /// tries. `poll` must acknowledge its device's interrupt before looking at
 /// the used ring, so a completion is never slept through.
