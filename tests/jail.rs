@@ -422,3 +422,75 @@ fn a_jailed_vm_snapshots_restores_and_serves_like_an_unjailed_one() {
         "{left:?}"
     );
 }
+
+/// A file the VM's uid cannot read is refused before the jail is built,
+/// naming the host path, not the in-jail one firerunner would see: a disk
+/// image, and a file inside a snapshot layer. Root outside the jail reads
+/// both.
+#[test]
+fn files_the_vm_uid_cannot_read_are_named_before_the_vm_starts() {
+    let s = Scratch::new("jail-unreadable");
+    let jails = s.path("jails").display().to_string();
+    let uids = uid_base().to_string();
+    let jail = ["--jail_dir", jails.as_str(), "--jail_uid_base", &uids];
+    let root = s.file("rootfs.img", &[3u8; 4096]);
+    let app = app_image(&s, "hello.img", &["fn=hello"]);
+    let base = s.path("base");
+    let (r, a, b) = (
+        root.display().to_string(),
+        app.display().to_string(),
+        base.display().to_string(),
+    );
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let refused = |args: &[&str], path: &Path| {
+        let out = run_singlevm(&s, &[&jail[..], args].concat(), "{}\n", LIMIT);
+        assert_ne!(out.code(), Some(0), "{args:?} ran:\n{}", out.stderr);
+        let want = format!("{} is not readable by the VM's uid", path.display());
+        assert!(
+            out.stderr.contains(&want),
+            "{args:?}: no {want:?} in:\n{}",
+            out.stderr
+        );
+    };
+    chmod(&root, 0o600);
+    refused(&["--rootfs", &r, "--appfs", &a], &root);
+    let out = run_singlevm(
+        &s,
+        &["--no_jail", "--rootfs", &r, "--appfs", &a],
+        "{}\n",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "unjailed:\n{}", out.stderr);
+    chmod(&root, 0o644);
+    let out = run_singlevm(
+        &s,
+        &[
+            "--no_jail",
+            "--rootfs",
+            &r,
+            "--dump_dir",
+            &b,
+            "--force_exit",
+        ],
+        "",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "snapshot:\n{}", out.stderr);
+    let memory = base.join("memory");
+    chmod(&memory, 0o600);
+    refused(&["--rootfs", &r, "--appfs", &a, "--load_dir", &b], &memory);
+    chmod(&memory, 0o644);
+    let out = run_singlevm(
+        &s,
+        &[
+            &jail[..],
+            &["--rootfs", &r, "--appfs", &a, "--load_dir", &b],
+        ]
+        .concat(),
+        "{}\n",
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "readable again:\n{}", out.stderr);
+}

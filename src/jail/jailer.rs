@@ -102,6 +102,19 @@ pub enum JailerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not readable by the VM's uid {uid} (mode {mode:o}, owner {owner}): a jailed VM \
+         opens its files as that uid; make it readable by others (chmod o+r{x}) or run without \
+         the jail (--no_jail; multivm: `jail: false`)",
+        x = if *dir { "x" } else { "" }
+    )]
+    Unreadable {
+        path: PathBuf,
+        uid: u32,
+        mode: u32,
+        owner: u32,
+        dir: bool,
+    },
     #[error("{0}: {1}")]
     Sys(String, nix::Error),
     #[error(transparent)]
@@ -156,6 +169,47 @@ struct Jail {
     output: Option<Output>,
     cgroup: Cgroup,
     fsize: u64,
+}
+
+/// Fails unless `uid` (whose gid is the same number) may read `path` and,
+/// for a directory (a snapshot layer), list it and read every file in it:
+/// inside the jail the VM opens them as that uid, and a refusal there
+/// would only name the in-jail path. Judged by the mode bits (ACLs are not
+/// consulted).
+fn check_readable(path: &Path, uid: u32) -> Result<(), JailerError> {
+    let check = |path: &Path, meta: &fs::Metadata| {
+        let dir = meta.is_dir();
+        let need = if dir { 0o5 } else { 0o4 };
+        let shift = if meta.uid() == uid {
+            6
+        } else if meta.gid() == uid {
+            3
+        } else {
+            0
+        };
+        if (meta.mode() >> shift) & need == need {
+            return Ok(());
+        }
+        Err(JailerError::Unreadable {
+            path: path.to_owned(),
+            uid,
+            mode: meta.mode() & 0o7777,
+            owner: meta.uid(),
+            dir,
+        })
+    };
+    let meta = fs::metadata(path).map_err(io("cannot bind", path))?;
+    check(path, &meta)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).map_err(io("cannot list", path))? {
+            let entry = entry.map_err(io("cannot list", path))?;
+            let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
+            if meta.is_file() {
+                check(&entry.path(), &meta)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cstring(s: &OsStr) -> CString {
@@ -290,6 +344,9 @@ impl Jail {
             pids: vcpus + PIDS_SLACK,
             cpu_weight: (100 * vcpus).min(10_000),
         };
+        for b in binds.iter().filter(|b| !b.writable) {
+            check_readable(&b.host, uid)?;
+        }
         let name = jail_dir.file_name().unwrap_or_default().to_string_lossy();
         let cgroup = Cgroup::create(&name, &limits)?;
         let mut argv = vec![cstring(OsStr::new("/firerunner"))];
