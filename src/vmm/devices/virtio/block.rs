@@ -69,6 +69,9 @@ const MAX_DESCRIPTORS: usize = 1024;
 /// — or whose reads land on its own available ring and re-publish the
 /// request, with no guest CPU at all — cannot hold the event-loop thread.
 const MAX_CHAINS_PER_RUN: usize = 4 * QUEUE_SIZE as usize;
+/// Runs of one wake-up that found the available index moved but no
+/// request in the ring, before the device yields the event loop.
+const MAX_EMPTY_RUNS: usize = 8;
 /// Event data of the resume eventfd (the device's only backend fd).
 const RESUME_EVENT: u32 = BACKEND_EVENT_BASE as u32;
 /// Largest data length of one request: its used length (data + status)
@@ -325,11 +328,13 @@ impl Block {
             }
         };
         let mut served = 0usize;
+        let mut empty_runs = 0usize;
         let mut yielded = false;
         'runs: loop {
             if let Err(e) = queue.disable_notification(&*mem) {
                 return fatal(&format!("cannot update the used ring flags: {e}"), broken);
             }
+            let before = served;
             loop {
                 if served == MAX_CHAINS_PER_RUN && resume.is_some() {
                     // Notifications stay off: the resume event brings us back.
@@ -362,8 +367,17 @@ impl Block {
             // `true`: the driver made more available since the last look
             // (on another vCPU, or right after DRIVER_OK while the
             // activation kick runs). Another run serves it; `iter` refuses
-            // an index that is more than a queue ahead.
+            // an index that is more than a queue ahead. A driver that moves
+            // the index back and forth could keep runs empty: after a few
+            // the device yields, as after MAX_CHAINS_PER_RUN.
+            if served == before {
+                empty_runs += 1;
+            }
             match queue.enable_notification(&*mem) {
+                Ok(true) if empty_runs >= MAX_EMPTY_RUNS && resume.is_some() => {
+                    yielded = true;
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => return fatal(&format!("cannot update the used ring flags: {e}"), broken),
