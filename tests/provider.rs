@@ -414,6 +414,11 @@ fn basic_auth_guards_system_routes_only() {
     assert_eq!(invoke(&d, "declared", "{}").status, 200);
     assert_eq!(d.get("/healthz").status, 200);
     assert_eq!(d.get("/metrics").status, 200);
+    // So does the API's OpenAPI document, which is docs/openapi.yaml.
+    let doc = d.get("/openapi.yaml");
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.header("content-type"), Some("application/yaml"));
+    assert_eq!(doc.body, include_str!("../docs/openapi.yaml"));
     // Without credentials nothing was deployed or removed.
     assert_eq!(none.remove("hello").status, 401);
     assert_eq!(good.list(), ["declared", "hello"]);

@@ -7,6 +7,7 @@
 //! | any method on `/function/{name}[/sub/path][?query]`, any body | the request in an envelope (envelope.rs); the function's status, headers and body when it answers with one |
 //! | `GET /healthz` | 200 `{"status":"ok"}`; 503 `{"status":"shutting down"}` |
 //! | `GET /metrics` | Prometheus text format (see metrics.rs) |
+//! | `GET /openapi.yaml` | the OpenAPI 3 document of this API (`docs/openapi.yaml`, built in) |
 //! | `GET /functions` | JSON array: config and live counts per function |
 //! | `GET /vms` | JSON array: every VM (id, function, state, memory, ages) |
 //! | `GET /vms/{id}/log` | the VM's guest console, text, last MiB (also for the last 32 stopped VMs) |
@@ -61,6 +62,8 @@ const LOG_TAIL: u64 = 1 << 20;
 const WORKER_IDLE: Duration = Duration::from_secs(10);
 /// Largest body of a `/system/*` request.
 const SYSTEM_BODY_MAX: usize = 1 << 20;
+/// The OpenAPI document of this API, served at `GET /openapi.yaml`.
+const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
 
 pub struct Api {
     sched: Arc<Scheduler>,
@@ -278,6 +281,9 @@ impl Api {
                 let page = self.sched.metrics.render(&self.sched.gauges());
                 Reply::text(200, page.into_bytes(), "text/plain; version=0.0.4")
             }
+            (["openapi.yaml"], true) => {
+                Reply::text(200, OPENAPI.as_bytes().to_vec(), "application/yaml")
+            }
             (["functions"], true) => Reply::json(200, &self.sched.functions_json()),
             (["vms"], true) => Reply::json(200, &self.sched.vms_json()),
             (["vms", id, "log"], true) => {
@@ -294,9 +300,15 @@ impl Api {
                     None => Reply::error(404, format!("no VM {id}"), rid),
                 }
             }
-            (["healthz"] | ["metrics"] | ["functions"] | ["vms"] | ["vms", _, "log"], false) => {
-                method_not_allowed("GET", rid)
-            }
+            (
+                ["healthz"]
+                | ["metrics"]
+                | ["openapi.yaml"]
+                | ["functions"]
+                | ["vms"]
+                | ["vms", _, "log"],
+                false,
+            ) => method_not_allowed("GET", rid),
             _ => Reply::error(404, format!("no such endpoint: {path}"), rid),
         }
     }
