@@ -14,6 +14,12 @@ Sections (--only picks some; each replaces its own rows in results.json):
             recorded working set (--load_ws); cold and warm page cache,
             with page faults.
   multivm   warm throughput and p50/p99 at 1, 4 and 16 clients.
+  provider  the OpenFaaS invocation path against snapvm's JSON path, on
+            one testguest `http` function, interleaved: warm throughput and
+            p99 of a raw text/plain body (request envelope in, response
+            envelope out) and of a JSON body (the value itself), at 1 and
+            4 clients; and deploy -> first answer of a testguest function
+            through POST /system/functions (preparation + cold boot).
   density   idle restored VMs under multivm until their PSS sums to 4 GiB
             (or the host's pid space runs short).
   isolation what firerunner's walls cost: exec -> first response of the
@@ -49,9 +55,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "density", "isolation", "jail")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -858,8 +865,8 @@ def stop_all(daemons):
         raise BenchError("; ".join(failed))
 
 
-def loadgen(b, addr, clients, seconds):
-    out = subprocess.run([b.loadgen, addr, "/function/echo", '{"i": 1}', str(clients), str(seconds)],
+def loadgen(b, addr, clients, seconds, path="/function/echo", body='{"i": 1}', content_type="application/json"):
+    out = subprocess.run([b.loadgen, addr, path, body, str(clients), str(seconds), content_type],
                          capture_output=True, text=True, timeout=seconds + 120, check=True)
     return json.loads(out.stdout)
 
@@ -889,6 +896,109 @@ def bench_multivm(b):
         b.results.add("multivm", "snapvm", "warm", "throughput", "req/s", [r["rps"] for r in got[c]], **p)
         b.results.add("multivm", "snapvm", "warm", "p50", "us", [r["p50_us"] for r in got[c]], **p)
         b.results.add("multivm", "snapvm", "warm", "p99", "us", [r["p99_us"] for r in got[c]], **p)
+
+
+# ---------------------------------------------------------- provider
+
+
+def http(addr, method, path, body=b"", content_type="application/json"):
+    """(status, content type, body) of one request; HTTP errors are answers too."""
+    req = urllib.request.Request(f"http://{addr}{path}", data=body, method=method,
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers.get("Content-Type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read()
+
+
+# What each invocation path sends to testguest's `http` function: a JSON
+# body reaches it as the JSON value (answered {"plain": value}); a raw
+# text/plain body travels in a request envelope and comes back from its
+# response envelope with the request's content type.
+PROVIDER_PATHS = {
+    "json": ('{"i": 1}', "application/json"),
+    "passthrough": ("i=1, a raw body", "text/plain"),
+}
+
+
+def bench_provider(b):
+    clients = (1, 4)
+    seconds = 1.5
+    apps = b.path("provider-apps")
+    os.makedirs(apps)
+    b.app("provider-apps/hello.img", ["fn=hello"])
+    http_img = b.app("provider-http.img", ["fn=http"])
+    deploy = (f"deploy:\n  state_dir: {b.path('provider-state')}\n  image_dir: {apps}\n"
+              f"  runtimes:\n    testguest:\n      runtimefs: {b.rootfs}\n      memory: 32\n")
+    d = Multivm(b, {"http": [f"runtimefs: {b.rootfs}", f"appfs: {http_img}", "memory: 32",
+                             "concurrency_limit: 4", "min_idle: 4", "max_queue: 1024"]}, 6 * 40, deploy)
+    got = {(v, c): [] for v in PROVIDER_PATHS for c in clients}
+    firsts = []
+    try:
+        d.wait_idle(4, 120)
+        # Each path answers as it should before it is timed.
+        want = {"json": (200, "application/json", {"plain": {"i": 1}}),
+                "passthrough": (200, "text/plain", PROVIDER_PATHS["passthrough"][0])}
+        for v, (body, ct) in PROVIDER_PATHS.items():
+            status, got_ct, out = http(d.addr, "POST", "/function/http", body.encode(), ct)
+            answer = (status, got_ct, json.loads(out) if v == "json" else out.decode())
+            if answer != want[v]:
+                raise BenchError(f"provider: the {v} path answered {answer}")
+            for c in clients:
+                loadgen(b, d.addr, c, 1, "/function/http", body, ct)  # warm-up
+        for i in range(b.n):
+            for c in clients:
+                for v, (body, ct) in PROVIDER_PATHS.items():  # interleaved paths
+                    r = loadgen(b, d.addr, c, seconds, "/function/http", body, ct)
+                    if r["errors"]:
+                        raise BenchError(f"provider: {r['errors']} failed {v} requests at {c} clients")
+                    got[(v, c)].append(r)
+            log(f"provider {i + 1}/{b.n}: " + ", ".join(
+                f"{v} {c} clients {got[(v, c)][-1]['rps']:.0f} req/s" for c in clients for v in PROVIDER_PATHS))
+
+        # Deploy -> first answer: the POST's send to the first 200 of the
+        # function (polled; 503 while it is being prepared), then removed.
+        for i in range(b.n):
+            name = f"fresh{i}"
+            deployment = {"service": name, "image": "hello.img", "labels": {"com.snapvm.runtime": "testguest"}}
+            t = time.monotonic()
+            status, _, out = http(d.addr, "POST", "/system/functions", json.dumps(deployment).encode())
+            if status != 202:
+                raise BenchError(f"provider: deploying {name} answered {status}: {out!r}")
+            while True:
+                status, _, out = http(d.addr, "POST", f"/function/{name}", b'{"name": "bench"}')
+                if status == 200:
+                    break
+                if status != 503 or time.monotonic() - t > 60:
+                    raise BenchError(f"provider: {name} answered {status}: {out!r}")
+                time.sleep(0.002)
+            firsts.append((time.monotonic() - t) * 1e3)
+            status, _, out = http(d.addr, "DELETE", "/system/functions",
+                                  json.dumps({"functionName": name}).encode())
+            if status != 200:
+                raise BenchError(f"provider: removing {name} answered {status}: {out!r}")
+    finally:
+        d.stop()
+    for (v, c), rs in got.items():
+        p = {"clients": c, "seconds_per_run": seconds, "function": "http", "content_type": PROVIDER_PATHS[v][1]}
+        b.results.add("provider", "snapvm", v, "throughput", "req/s", [r["rps"] for r in rs], **p)
+        b.results.add("provider", "snapvm", v, "p50", "us", [r["p50_us"] for r in rs], **p)
+        b.results.add("provider", "snapvm", v, "p99", "us", [r["p99_us"] for r in rs], **p)
+    b.results.add("provider", "snapvm", "deploy", "deploy_to_first_answer", "ms", firsts,
+                  function="hello", runtime="testguest", launch="boot")
+    for c in clients:
+        # Ratios of the runs made side by side (passthrough / json).
+        tp = [p["rps"] / j["rps"] for p, j in zip(got[("passthrough", c)], got[("json", c)])]
+        p99 = [p["p99_us"] / j["p99_us"] for p, j in zip(got[("passthrough", c)], got[("json", c)])]
+        med = {v: statistics.median(r["rps"] for r in got[(v, c)]) for v in PROVIDER_PATHS}
+        med99 = {v: statistics.median(r["p99_us"] for r in got[(v, c)]) for v in PROVIDER_PATHS}
+        log(f"provider {c} clients: json {med['json']:.0f} req/s p99 {med99['json']:.0f} us, "
+            f"passthrough {med['passthrough']:.0f} req/s p99 {med99['passthrough']:.0f} us; "
+            f"passthrough/json throughput x{statistics.median(tp):.3f}, p99 x{statistics.median(p99):.3f} "
+            f"(medians of paired runs)")
+    log(f"provider deploy -> first answer: median {statistics.median(firsts):.0f} ms "
+        f"(min {min(firsts):.0f}, max {max(firsts):.0f}, n={len(firsts)})")
 
 
 # ----------------------------------------------------------- density
@@ -1259,7 +1369,7 @@ def main():
 
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
-             "multivm": bench_multivm, "density": bench_density, "isolation": bench_isolation,
+             "multivm": bench_multivm, "provider": bench_provider, "density": bench_density, "isolation": bench_isolation,
              "jail": bench_jail}
     started = time.monotonic()
     try:

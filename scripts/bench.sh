@@ -4,7 +4,9 @@
 # release binaries, testguest and the load generator, then runs
 # scripts/bench.py: snapvm vs QEMU microvm on the same testguest ELF (boot,
 # memory overhead, snapshot create/restore), snapvm's cold-start ladder,
-# multivm warm throughput, VM density, and what the seccomp filters cost
+# multivm warm throughput, the OpenFaaS invocation path against the JSON
+# path and deploy -> first answer (provider), VM density, and what the
+# seccomp filters cost
 # (isolation: first responses with and without). Writes bench/results.json and
 # bench/*.png. About 4 minutes on 2 cores once built (half of it density).
 # Usage: scripts/bench.sh [--iterations N] [--only boot,snapshot,...]

@@ -1,9 +1,10 @@
 // Load generator of scripts/bench-multivm.sh and scripts/bench.py: std-only,
 // built with `rustc -O` into the cache directory by those scripts.
 //
-// loadgen ADDR PATHS BODY CLIENTS SECONDS: keep-alive POSTs of BODY for
-// SECONDS from CLIENTS threads; client i cycles through the
-// comma-separated PATHS starting at i. Prints one JSON line.
+// loadgen ADDR PATHS BODY CLIENTS SECONDS [CONTENT_TYPE]: keep-alive POSTs
+// of BODY (with CONTENT_TYPE, default application/json) for SECONDS from
+// CLIENTS threads; client i cycles through the comma-separated PATHS
+// starting at i. Prints one JSON line.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -33,11 +34,12 @@ fn main() {
     let (addr, paths, body) = (a[1].clone(), a[2].clone(), a[3].clone());
     let clients: usize = a[4].parse().unwrap();
     let secs: f64 = a[5].parse().unwrap();
+    let content_type = a.get(6).cloned().unwrap_or_else(|| "application/json".into());
     let paths: Vec<String> = paths.split(',').map(String::from).collect();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..clients).map(|i| {
-        let (addr, paths, body) = (addr.clone(), paths.clone(), body.clone());
+        let (addr, paths, body, content_type) = (addr.clone(), paths.clone(), body.clone(), content_type.clone());
         std::thread::spawn(move || {
             let mut lat = Vec::new();
             let mut bad = 0u64;
@@ -46,7 +48,7 @@ fn main() {
             while Instant::now() < end {
                 let p = &paths[n % paths.len()];
                 n += 1;
-                let req = format!("POST {p} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let req = format!("POST {p} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
                 if conn.is_none() {
                     let s = TcpStream::connect(&addr).expect("connect");
                     s.set_nodelay(true).ok();

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # Usage: scripts/setup.sh [--bench]
-packages=(binutils util-linux python3)
+# python3-venv: scripts/api-fuzz.sh installs schemathesis into a venv.
+packages=(binutils util-linux python3 python3-venv)
 if [[ ${1:-} == --bench ]]; then
     # scripts/bench.sh compares with QEMU microvm and plots with Debian's
     # python3 (/usr/bin/python3).

@@ -12,6 +12,8 @@ echo "== testguest" >&2
 scripts/build-testguest.sh >/dev/null
 echo "== cargo test" >&2
 cargo test --release -- --test-threads=2
+echo "== multivm's HTTP API against docs/openapi.yaml (schemathesis, 90 s)" >&2
+scripts/api-fuzz.sh
 echo "== fuzz targets, 60 s each (fails on any crash)" >&2
 scripts/fuzz.sh 60
 echo "== rootfs images and guest agents" >&2

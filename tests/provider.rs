@@ -28,6 +28,7 @@ fn config(s: &Scratch, snapshot: Option<&Path>) -> String {
     app_image(s, "apps/hello.img", &["fn=hello"]);
     app_image(s, "apps/team/echo.img", &["fn=echo"]);
     app_image(s, "apps/spin.img", &["fn=spin"]);
+    app_image(s, "apps/sleep.img", &["fn=sleep"]);
     let declared = app_image(s, "declared.img", &["fn=hello"]);
     let mut y = format!(
         "kernel_path: {kernel}
@@ -414,6 +415,11 @@ fn basic_auth_guards_system_routes_only() {
     assert_eq!(invoke(&d, "declared", "{}").status, 200);
     assert_eq!(d.get("/healthz").status, 200);
     assert_eq!(d.get("/metrics").status, 200);
+    // So does the API's OpenAPI document, which is docs/openapi.yaml.
+    let doc = d.get("/openapi.yaml");
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.header("content-type"), Some("application/yaml"));
+    assert_eq!(doc.body, include_str!("../docs/openapi.yaml"));
     // Without credentials nothing was deployed or removed.
     assert_eq!(none.remove("hello").status, 401);
     assert_eq!(good.list(), ["declared", "hello"]);
@@ -518,6 +524,80 @@ fn removal_answers_waiting_requests_and_stops_the_vms() {
     });
     assert!(d.firerunners().is_empty());
     assert_eq!(d.metric("multivm_memory_used_mib"), 0.0);
+}
+
+#[test]
+fn an_update_lets_the_request_in_flight_finish_on_the_old_version() {
+    let s = Scratch::new("prov-update");
+    let d = Arc::new(Daemon::start(&s, &config(&s, None), BUDGET, &[]));
+    let cli = Cli { d: &d, auth: None };
+    // The old version sleeps as long as a request asks; the new one echoes.
+    cli.deploy(&deployment(
+        "gen",
+        "sleep.img",
+        runtime("testguest"),
+        json!({}),
+    ));
+    cli.wait_ready("gen");
+    let in_flight = {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || invoke(&d, "gen", r#"{"ms": 3000}"#))
+    };
+    d.wait_for(
+        "the old version's VM to be busy",
+        Duration::from_secs(20),
+        |d| {
+            d.vms()
+                .iter()
+                .any(|v| v["function"] == "gen" && v["state"] == "busy")
+        },
+    );
+    let old_vm = d.vms()[0]["id"].clone();
+
+    let body = deployment("gen", "team/echo.img", runtime("testguest"), json!({}));
+    assert_eq!(cli.deploy(&body), (202, 0));
+    cli.wait_ready("gen");
+    let r = invoke(&d, "gen", r#"{"ms": 5}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"ms": 5}), "the new version answers");
+    assert_ne!(r.header("x-vm-id"), Some(old_vm.to_string().as_str()));
+    assert!(
+        !in_flight.is_finished(),
+        "the new version answered while the old request was still running"
+    );
+    assert!(
+        d.vms()
+            .iter()
+            .any(|v| v["id"] == old_vm && v["state"] == "busy"),
+        "the update left the old VM serving its request: {:?}",
+        d.vms()
+    );
+
+    let r = in_flight.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"slept_ms": 3000}),
+        "answered by the old version"
+    );
+    assert_eq!(r.header("x-vm-id"), Some(old_vm.to_string().as_str()));
+    // Once its request is done the old VM stops; only the new one is left.
+    d.wait_for(
+        "the old version's VM to stop",
+        Duration::from_secs(10),
+        |d| d.vms().iter().all(|v| v["id"] != old_vm),
+    );
+    let vms = d.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(d.firerunners().len(), 1);
+    assert_eq!(d.metric("multivm_memory_used_mib"), (MEM + 8) as f64);
+    assert_eq!(builds(&s, "gen").len(), 1, "the old build is removed");
+    // And the next requests keep going to the new version's VM.
+    for i in 0..3 {
+        let r = invoke(&d, "gen", &format!(r#"{{"ms": {i}}}"#));
+        assert_eq!(r.json(), json!({"ms": i}));
+        assert_eq!(r.header("x-start"), Some("warm"));
+    }
 }
 
 #[test]

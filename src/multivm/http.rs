@@ -7,6 +7,7 @@
 //! | any method on `/function/{name}[/sub/path][?query]`, any body | the request in an envelope (envelope.rs); the function's status, headers and body when it answers with one |
 //! | `GET /healthz` | 200 `{"status":"ok"}`; 503 `{"status":"shutting down"}` |
 //! | `GET /metrics` | Prometheus text format (see metrics.rs) |
+//! | `GET /openapi.yaml` | the OpenAPI 3 document of this API (`docs/openapi.yaml`, built in) |
 //! | `GET /functions` | JSON array: config and live counts per function |
 //! | `GET /vms` | JSON array: every VM (id, function, state, memory, ages) |
 //! | `GET /vms/{id}/log` | the VM's guest console, text, last MiB (also for the last 32 stopped VMs) |
@@ -61,6 +62,8 @@ const LOG_TAIL: u64 = 1 << 20;
 const WORKER_IDLE: Duration = Duration::from_secs(10);
 /// Largest body of a `/system/*` request.
 const SYSTEM_BODY_MAX: usize = 1 << 20;
+/// The OpenAPI document of this API, served at `GET /openapi.yaml`.
+const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
 
 pub struct Api {
     sched: Arc<Scheduler>,
@@ -265,7 +268,9 @@ impl Api {
                     .strip_prefix("function/")
                     .and_then(|p| p.strip_prefix(*name))
                     .unwrap_or_default();
-                self.invoke(req, name, (sub, query), rid, t0)
+                // A name that does not decode is no function's: a 404.
+                let name = percent_decode(name, false).unwrap_or_else(|| name.to_string());
+                self.invoke(req, &name, (sub, query), rid, t0)
             }
             (["healthz"], true) => {
                 if self.sched.is_shutting_down() {
@@ -277,6 +282,9 @@ impl Api {
             (["metrics"], true) => {
                 let page = self.sched.metrics.render(&self.sched.gauges());
                 Reply::text(200, page.into_bytes(), "text/plain; version=0.0.4")
+            }
+            (["openapi.yaml"], true) => {
+                Reply::text(200, OPENAPI.as_bytes().to_vec(), "application/yaml")
             }
             (["functions"], true) => Reply::json(200, &self.sched.functions_json()),
             (["vms"], true) => Reply::json(200, &self.sched.vms_json()),
@@ -294,9 +302,15 @@ impl Api {
                     None => Reply::error(404, format!("no VM {id}"), rid),
                 }
             }
-            (["healthz"] | ["metrics"] | ["functions"] | ["vms"] | ["vms", _, "log"], false) => {
-                method_not_allowed("GET", rid)
-            }
+            (
+                ["healthz"]
+                | ["metrics"]
+                | ["openapi.yaml"]
+                | ["functions"]
+                | ["vms"]
+                | ["vms", _, "log"],
+                false,
+            ) => method_not_allowed("GET", rid),
             _ => Reply::error(404, format!("no such endpoint: {path}"), rid),
         }
     }
@@ -437,10 +451,12 @@ impl Api {
             ));
             return r;
         }
+        // A value that does not decode is refused as the namespace it names.
         let namespace = query
             .split('&')
-            .find_map(|kv| kv.strip_prefix("namespace="));
-        if let Err(e) = check_namespace(namespace) {
+            .find_map(|kv| kv.strip_prefix("namespace="))
+            .map(|v| percent_decode(v, true).unwrap_or_else(|| v.to_string()));
+        if let Err(e) = check_namespace(namespace.as_deref()) {
             return Reply::error(400, e, rid);
         }
         let get = *method == Method::Get || *method == Method::Head;
@@ -457,18 +473,16 @@ impl Api {
                     m => p.deploy(&body, *m == Method::Put).map(|s| (202, s)),
                 }
             }
-            (["function", name], _) if get => check_name(name)
-                .map_err(|e| ProviderError::Invalid(format!("function name {name:?}: {e}")))
-                .and_then(|()| p.status(name))
+            (["function", name], _) if get => path_name(name)
+                .and_then(|name| p.status(&name))
                 .map(|s| (200, s)),
             (["scale-function", name], Method::Post) => {
                 let body = match read_body(req, SYSTEM_BODY_MAX, rid) {
                     Ok(b) => b,
                     Err(r) => return r,
                 };
-                check_name(name)
-                    .map_err(|e| ProviderError::Invalid(format!("function name {name:?}: {e}")))
-                    .and_then(|()| p.scale(name, &body))
+                path_name(name)
+                    .and_then(|name| p.scale(&name, &body))
                     .map(|()| (202, json!({})))
             }
             (["info"], _) if get => Ok((200, p.info())),
@@ -494,6 +508,48 @@ impl Api {
             }
         }
     }
+}
+
+/// A function name from a `/system/` path segment, percent-decoded and
+/// checked.
+fn path_name(segment: &str) -> Result<String, ProviderError> {
+    let name = percent_decode(segment, false).ok_or_else(|| {
+        ProviderError::Invalid(format!(
+            "function name {segment:?}: malformed percent-encoding"
+        ))
+    })?;
+    check_name(&name)
+        .map_err(|e| ProviderError::Invalid(format!("function name {name:?}: {e}")))?;
+    Ok(name)
+}
+
+/// `s` with its `%XX` escapes decoded (RFC 3986, section 2.1) and, in a
+/// query (`plus_is_space`), `+` read as a space as HTML forms write it;
+/// `None` when an escape is malformed or the bytes are not UTF-8.
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hi = hex(*b.get(i + 1)?)?;
+                let lo = hex(*b.get(i + 2)?)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The request body, at most `max` bytes; otherwise the 400 or 413 reply.
@@ -531,4 +587,28 @@ fn method_not_allowed(allow: &str, rid: &str) -> Reply {
     let mut r = Reply::error(405, format!("method not allowed; use {allow}"), rid);
     r.headers.push(("Allow".into(), allow.to_string()));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_decode_and_malformed_ones_are_refused() {
+        assert_eq!(
+            percent_decode("openfaas%2Dfn", true).as_deref(),
+            Some("openfaas-fn")
+        );
+        assert_eq!(percent_decode("a%2Fb", false).as_deref(), Some("a/b"));
+        assert_eq!(percent_decode("a+b", true).as_deref(), Some("a b"));
+        assert_eq!(percent_decode("a+b", false).as_deref(), Some("a+b"));
+        assert_eq!(percent_decode("%C3%A9", false).as_deref(), Some("\u{e9}"));
+        for bad in ["%", "%4", "%zz", "%+f", "%FF"] {
+            assert_eq!(percent_decode(bad, true), None, "{bad}");
+        }
+        assert!(path_name("hello%2Dapi").is_ok_and(|n| n == "hello-api"));
+        for bad in ["a%2Fb", "a%00", "%", ".."] {
+            assert!(path_name(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _, Unexpected};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
 use crate::multivm::config::{check_name, parse_duration};
 
@@ -71,9 +73,17 @@ pub struct FunctionDeployment {
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub limits: Option<FunctionResources>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub requests: Option<FunctionResources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only_root_filesystem: Option<bool>,
@@ -147,15 +157,50 @@ pub fn check_namespace(ns: Option<&str>) -> Result<(), DeploymentError> {
     }
 }
 
-/// Parses a JSON body as `what`.
-pub fn parse_json<'a, T: Deserialize<'a>>(
+/// Parses a JSON body, which must be an object, as `what`.
+pub fn parse_json<T: DeserializeOwned>(
     what: &'static str,
-    body: &'a [u8],
+    body: &[u8],
 ) -> Result<T, DeploymentError> {
-    serde_json::from_slice(body).map_err(|e| DeploymentError::Json {
+    let json = |e: serde_json::Error| DeploymentError::Json {
         what,
         reason: e.to_string(),
-    })
+    };
+    let v: Value = serde_json::from_slice(body).map_err(json)?;
+    object_value(v).map_err(json)
+}
+
+/// `T` from `v` if it is an object. serde's derive also builds a struct
+/// from an array of its fields in order (`["svc", "img"]` as a
+/// deployment); Go's decoder, and so faas-provider, refuses that.
+fn object_value<T: DeserializeOwned>(v: Value) -> Result<T, serde_json::Error> {
+    match v {
+        Value::Object(_) => T::deserialize(v),
+        other => Err(serde_json::Error::invalid_type(
+            unexpected(&other),
+            &"a JSON object",
+        )),
+    }
+}
+
+/// An optional struct field that, when present and not null, must be a
+/// JSON object (see [`object_value`]).
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<Value>::deserialize(d)?
+        .map(object_value)
+        .transpose()
+        .map_err(D::Error::custom)
+}
+
+fn unexpected(v: &Value) -> Unexpected<'_> {
+    match v {
+        Value::Null => Unexpected::Unit,
+        Value::Bool(b) => Unexpected::Bool(*b),
+        Value::Number(_) => Unexpected::Other("a number"),
+        Value::String(s) => Unexpected::Str(s),
+        Value::Array(_) => Unexpected::Seq,
+        Value::Object(_) => Unexpected::Map,
+    }
 }
 
 impl FunctionDeployment {
@@ -354,7 +399,7 @@ mod tests {
 
     #[test]
     fn bad_deployments_are_refused_with_the_field() {
-        let cases: [(&str, &str); 12] = [
+        let cases: [(&str, &str); 15] = [
             ("{", "not a valid FunctionDeployment"),
             (r#"{"service":"a"}"#, "image"),
             (r#"{"service":5,"image":"b"}"#, "invalid type"),
@@ -375,6 +420,17 @@ mod tests {
                 "invalid type",
             ),
             (r#"[1,2]"#, "invalid type"),
+            // serde would take a struct from an array of its fields; Go
+            // does not (found by schemathesis: `"requests": [null, null]`).
+            (r#"["a","b"]"#, "expected a JSON object"),
+            (
+                r#"{"service":"a","image":"b","limits":["64Mi"]}"#,
+                "expected a JSON object",
+            ),
+            (
+                r#"{"service":"a","image":"b","requests":[null,null]}"#,
+                "expected a JSON object",
+            ),
             ("null", "invalid type"),
         ];
         for (body, want) in cases {
@@ -463,6 +519,8 @@ mod tests {
         assert_eq!((s.service_name.as_deref(), s.replicas), (Some("a"), 2));
         assert!(parse_json::<ScaleServiceRequest>("x", br#"{"replicas":-1}"#).is_err());
         assert!(parse_json::<ScaleServiceRequest>("x", br#"{"replicas":"2"}"#).is_err());
+        assert!(parse_json::<ScaleServiceRequest>("x", br#"[null, 2]"#).is_err());
+        assert!(parse_json::<DeleteFunctionRequest>("x", br#"["a"]"#).is_err());
         let d: DeleteFunctionRequest =
             parse_json("DeleteFunctionRequest", br#"{"functionName":"a"}"#).unwrap();
         assert_eq!(d.function_name, "a");

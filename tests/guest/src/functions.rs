@@ -20,6 +20,7 @@ pub enum Func {
     Discard,
     Count,
     Http,
+    Sleep,
 }
 
 impl Func {
@@ -34,6 +35,7 @@ impl Func {
             b"discard" => Func::Discard,
             b"count" => Func::Count,
             b"http" => Func::Http,
+            b"sleep" => Func::Sleep,
             _ => return None,
         })
     }
@@ -81,6 +83,13 @@ pub fn run(f: Func, req: &[u8], frame_len: usize, env: &mut Env, out: &mut Write
         }
         Func::Count => count(out),
         Func::Http => http(req, out),
+        Func::Sleep => {
+            // One APIC one-shot, so at most 4 s: long enough for a test to
+            // act while a request is in flight.
+            let ms = json::field(req, "ms").and_then(json::as_u64).unwrap_or(0).min(4000);
+            crate::virtio::wait_until(ms, || false);
+            let _ = write!(out, "{{\"slept_ms\": {}}}", ms);
+        }
     }
 }
 
