@@ -90,6 +90,12 @@ pub struct VmArgs {
     /// there is replaced atomically.
     #[arg(long = "dump_dir", alias = "dump-dir")]
     pub dump_dir: Option<PathBuf>,
+    /// Where the controller's `snapshot` commands write (DIR/NAME, a new
+    /// directory each): snapshots taken on demand, wherever the vCPUs
+    /// are. A restored VM then runs with dirty logging, so that its
+    /// snapshot is a diff over its own layers. Needs a controller.
+    #[arg(long = "snapshot_dir", alias = "snapshot-dir")]
+    pub snapshot_dir: Option<PathBuf>,
     /// With --load_dir: record the guest pages touched from the restore
     /// until the controller says the first request is done, in first-touch
     /// order, and write them as `ws` + `ws.json` into DIR (default: the top
@@ -215,6 +221,7 @@ impl VmArgs {
             console,
             vsock_uds,
             dump_dir: self.dump_dir.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
             start,
         })
     }
@@ -251,6 +258,9 @@ impl VmArgs {
         }
         if let Some(d) = &self.dump_ws {
             flag("dump_ws", d.into());
+        }
+        if let Some(d) = &self.snapshot_dir {
+            flag("snapshot_dir", d.clone().into());
         }
         for (set, name) in [
             (self.load_ws, "--load_ws"),

@@ -29,10 +29,12 @@ pub enum Event {
     Timestamp { us: u64 },
     /// The guest wrote 125: its app failed to load.
     AppFailed { us: u64 },
-    /// A snapshot was written (`--dump_dir`) at the guest's snapshot point;
-    /// firerunner exits 0 next. `memory_bytes` is the non-hole part of the
-    /// memory file, `create_us` the time from the request to the snapshot
-    /// directory in place.
+    /// A snapshot was written: at the guest's snapshot point (`--dump_dir`;
+    /// firerunner exits 0 next), or for a `snapshot` command (then the VM
+    /// resumes or exits, as asked). `dir` is the path as firerunner sees it
+    /// (inside a jail: `/snapshots/NAME`). `memory_bytes` is the non-hole
+    /// part of the memory file, `create_us` the time from the request to
+    /// the snapshot directory in place (the VM is paused all along).
     SnapshotWritten {
         us: u64,
         dir: String,
@@ -52,6 +54,8 @@ pub enum Event {
     /// `ws_done` could not be honoured (no recording, or the write failed);
     /// the VM keeps running.
     WsFailed { us: u64, reason: String },
+    /// A `snapshot` command was refused or failed; the VM runs on.
+    SnapshotFailed { us: u64, reason: String },
     /// The VM ended; `code` is firerunner's exit code.
     Exit { code: i32, reason: String },
 }
@@ -65,6 +69,22 @@ pub enum Command {
     /// The first request is done (`--dump_ws`): stop recording and write
     /// the working set; answered with `ws_written` or `ws_failed`.
     WsDone,
+    /// Snapshot the VM now, wherever its vCPUs are, into
+    /// `--snapshot_dir`/`name` (a new directory): a full snapshot of a
+    /// booted VM, a diff layer over its own layers of a restored one. Then
+    /// resume or exit 0, as `then` says. The controller sends it with no
+    /// request in flight; vsock connections are reset when the layer is
+    /// restored, as after any restore. Answered with `snapshot_written` or
+    /// `snapshot_failed`.
+    Snapshot { name: String, then: AfterSnapshot },
+}
+
+/// What a VM does after a `snapshot` command wrote its layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSnapshot {
+    Resume,
+    Exit,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -70,6 +70,7 @@ fn log_event(e: Event) {
             dir, pages, faults, ..
         } => log::info!("working set written to {dir}: {pages} pages, {faults} faults"),
         Event::WsFailed { reason, .. } => log::error!("working set not written: {reason}"),
+        Event::SnapshotFailed { reason, .. } => log::error!("snapshot not written: {reason}"),
         Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
     }
 }

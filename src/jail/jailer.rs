@@ -22,7 +22,9 @@
 //! In-jail layout: `/firerunner`, its libraries at their own paths,
 //! `/kernel` (boot), `/cpu_template`, `/rootfs`, `/appfs`, `/layers/<i>`
 //! (the snapshot layers, bottom first), `/out` (the staging directory of
-//! `--dump_dir` or `--dump_ws` output), `/vsock` (the controller's runtime
+//! `--dump_dir` or `--dump_ws` output), `/snapshots` (`--snapshot_dir`,
+//! given to the VM's uid: it writes on-demand snapshots there itself),
+//! `/vsock` (the controller's runtime
 //! directory holding the vsock sockets), `/dev/kvm`, `/dev/userfaultfd`.
 
 use std::ffi::{CString, OsStr, OsString};
@@ -317,6 +319,18 @@ impl Jail {
             vm.dump_ws = Some("/out".to_string());
             output = Some(Output::WorkingSet { staging, dir });
         }
+        // On-demand snapshots are written in place (the VM renames each
+        // into the directory itself): the directory becomes the VM's.
+        let on_demand = vm.snapshot_dir.take();
+        if let Some(d) = &on_demand {
+            chown(d, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+                .map_err(sys(format!("cannot give {} to the VM", d.display())))?;
+            binds.push(Bind {
+                writable: true,
+                ..ro(d, "/snapshots")
+            });
+            vm.snapshot_dir = Some(PathBuf::from("/snapshots"));
+        }
         let mem = vm.mem_size << 20;
         let vcpus = vm.vcpu_count;
         let Some(uds) = &fr.vsock_uds else {
@@ -338,7 +352,11 @@ impl Jail {
         // cache, and on tmpfs pages that cannot be reclaimed at all. A VM
         // that writes a snapshot or a working set (at most its memory's
         // size) may use that much more; a serving VM may not.
-        let output_bytes = if output.is_some() { mem } else { 0 };
+        let output_bytes = if output.is_some() || on_demand.is_some() {
+            mem
+        } else {
+            0
+        };
         let limits = Limits {
             memory_bytes: mem + output_bytes + (args.vm_overhead << 20),
             pids: vcpus + PIDS_SLACK,

@@ -314,6 +314,7 @@ impl Function {
             diff_dirs: None,
             dump_dir: None,
             dump_ws: None,
+            snapshot_dir: None,
             load_ws: self.load_ws,
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,

@@ -75,10 +75,14 @@ pub struct Written {
     pub memory_bytes: u64,
     /// From the snapshot request to the directory in place.
     pub elapsed: Duration,
+    /// The new layer as a layer above it names it: a VM that runs on
+    /// after a diff snapshot stacks it, so the next diff is over it.
+    pub layer: MemoryLayer,
 }
 
 /// Pauses `m` and writes its snapshot to `target` (full, or a diff layer
-/// when `m` was restored). The VM stays paused (the caller exits).
+/// when `m` was restored). The VM stays paused: the caller exits or
+/// resumes it.
 pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError> {
     let t0 = Instant::now();
     // This runs on the event-loop thread, between two events: with the
@@ -194,9 +198,15 @@ pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError>
         stats.ranges.len(),
         (elapsed - dumped).as_micros(),
     );
+    let layer = MemoryLayer {
+        state_checksum: Some(format::checksum(&path)?),
+        dir: path.clone(),
+        ranges: stats.ranges,
+    };
     Ok(Written {
         dir: path,
         memory_bytes,
         elapsed,
+        layer,
     })
 }

@@ -28,6 +28,8 @@ pub struct VmConfig {
     /// full snapshot of a booted VM, a diff layer on top of a restored
     /// one.
     pub dump_dir: Option<PathBuf>,
+    /// Where the controller's `snapshot` commands write (`--snapshot_dir`).
+    pub snapshot_dir: Option<PathBuf>,
     /// Boot a kernel, or restore a snapshot.
     pub start: Start,
 }
@@ -111,10 +113,16 @@ impl VmConfig {
         }
     }
 
-    /// Whether the VM writes files while it runs: a snapshot
-    /// (`--dump_dir`) or a working set (`--dump_ws`).
+    /// Whether the VM writes files while it runs: a snapshot (`--dump_dir`,
+    /// `--snapshot_dir`) or a working set (`--dump_ws`).
     pub fn writes_files(&self) -> bool {
-        self.dump_dir.is_some() || self.records_working_set()
+        self.snapshots() || self.records_working_set()
+    }
+
+    /// Whether the VM may write a snapshot (`--dump_dir`, `--snapshot_dir`):
+    /// a restored one then keeps a dirty log for its diff layer.
+    pub fn snapshots(&self) -> bool {
+        self.dump_dir.is_some() || self.snapshot_dir.is_some()
     }
 
     /// Whether the VM records its working set (`--dump_ws`).

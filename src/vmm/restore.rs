@@ -88,7 +88,7 @@ pub(super) fn restore(
 
     // The VM and its memory, on a helper thread.
     let (plan_tx, plan_rx) = crossbeam_channel::bounded::<RestorePlan>(1);
-    let (thread_r, mem_mib, log_dirty) = (r.clone(), config.mem_mib, config.dump_dir.is_some());
+    let (thread_r, mem_mib, log_dirty) = (r.clone(), config.mem_mib, config.snapshots());
     let memory_thread = std::thread::Builder::new()
         .name("restore-memory".into())
         .spawn(move || -> Result<_, RestoreError> {

@@ -38,7 +38,7 @@ use super::seccomp::{self, SeccompError, ThreadClass};
 use super::vcpu::{self, Vcpu, VcpuContext, VcpuError, Vcpus};
 use super::vm::KvmVm;
 use super::VmExit;
-use crate::control::{Channel, Command, Event};
+use crate::control::{AfterSnapshot, Channel, Command, Event};
 use crate::snapshot::format::MemoryLayer;
 use crate::snapshot::{self, disk};
 
@@ -58,6 +58,10 @@ pub enum StartError {
         "--dump_ws needs a controller (singlevm, multivm) to say when the first request is done"
     )]
     WsWithoutController,
+    #[error("--snapshot_dir needs a controller (singlevm, multivm) to send `snapshot` commands")]
+    SnapshotWithoutController,
+    #[error("--snapshot_dir {0} is not a directory")]
+    SnapshotDir(PathBuf),
     #[error(transparent)]
     DumpDir(#[from] snapshot::dir::DirError),
     #[error(transparent)]
@@ -196,11 +200,20 @@ pub fn run(
     if config.records_working_set() && control.is_none() {
         return Err(StartError::WsWithoutController);
     }
+    if let Some(dir) = &config.snapshot_dir {
+        if control.is_none() {
+            return Err(StartError::SnapshotWithoutController);
+        }
+        if !dir.is_dir() {
+            return Err(StartError::SnapshotDir(dir.clone()));
+        }
+    }
 
     let waker = Waker::new().map_err(StartError::Waker)?;
     let (exit_tx, exit_rx) = unbounded();
     let (snap_tx, snap_rx) = unbounded();
     let (ws_tx, ws_rx) = unbounded();
+    let (now_tx, now_rx) = unbounded();
     let exit = Wake::new(exit_tx, &waker);
     let wiring = Wiring {
         start,
@@ -219,7 +232,7 @@ pub fn run(
         }
     };
     let (mut machine, mut event_manager) = start_machine(config, built, &wiring)?;
-    if config.dump_dir.is_some() {
+    if config.snapshots() {
         machine.rootfs_identity = Some(match rootfs_identity {
             // A restored VM's rootfs was verified against the snapshot.
             Some(id) => disk::IdentityJob::known(id),
@@ -243,6 +256,7 @@ pub fn run(
             pending: Vec::new(),
             exit: exit.clone(),
             ws_done: ws_tx.clone(),
+            snapshot: now_tx.clone(),
         })));
     }
     if let Some(w) = &machine.ws {
@@ -271,11 +285,27 @@ pub fn run(
         &mut event_manager,
         config,
         &wiring,
-        (&exit_rx, &snap_rx, &ws_rx),
+        Receivers {
+            exit: &exit_rx,
+            snapshot_point: &snap_rx,
+            ws_done: &ws_rx,
+            snapshot_now: &now_rx,
+        },
     );
     teardown(machine, event_manager, config);
-    drop((snap_tx, ws_tx));
+    drop((snap_tx, ws_tx, now_tx));
     Ok(exit)
+}
+
+/// What the event loop acts on between two events.
+struct Receivers<'a> {
+    exit: &'a Receiver<VmExit>,
+    /// The guest reached its snapshot point (`--dump_dir`).
+    snapshot_point: &'a Receiver<()>,
+    /// The controller's `ws_done`.
+    ws_done: &'a Receiver<()>,
+    /// The controller's `snapshot`: name and what to do after.
+    snapshot_now: &'a Receiver<(String, AfterSnapshot)>,
 }
 
 /// The event loop: devices and the loop's own sources, until the first
@@ -286,17 +316,22 @@ fn serve(
     event_manager: &mut EventManager,
     config: &VmConfig,
     wiring: &Wiring,
-    (exit_rx, snap_rx, ws_rx): (&Receiver<VmExit>, &Receiver<()>, &Receiver<()>),
+    rx: Receivers<'_>,
 ) -> VmExit {
     loop {
-        if let Ok(exit) = exit_rx.try_recv() {
+        if let Ok(exit) = rx.exit.try_recv() {
             return exit;
         }
-        if snap_rx.try_recv().is_ok() {
+        if rx.snapshot_point.try_recv().is_ok() {
             return take_snapshot(machine, config, wiring);
         }
-        while ws_rx.try_recv().is_ok() {
+        while rx.ws_done.try_recv().is_ok() {
             write_working_set(machine, wiring);
+        }
+        while let Ok((name, then)) = rx.snapshot_now.try_recv() {
+            if let Some(exit) = snapshot_now(machine, config, wiring, &name, then) {
+                return exit;
+            }
         }
         if let Err(e) = event_manager.run() {
             return VmExit::Fatal(format!("device event loop failed: {e}"));
@@ -390,6 +425,101 @@ fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExi
             "cannot write the snapshot to {}: {e}",
             target.display()
         )),
+    }
+}
+
+/// The controller's `snapshot`: pauses the VM wherever it is and writes
+/// `--snapshot_dir`/`name`; then resumes it (`None`) or ends it. A refusal
+/// or a failed write leaves the VM running and says why.
+fn snapshot_now(
+    machine: &mut Machine,
+    config: &VmConfig,
+    wiring: &Wiring,
+    name: &str,
+    then: AfterSnapshot,
+) -> Option<VmExit> {
+    let fail = |reason: String| {
+        log::error!("snapshot {name:?} refused or failed: {reason}");
+        if let Some(c) = &wiring.control {
+            c.send(&Event::SnapshotFailed {
+                us: wiring.start.elapsed().as_micros() as u64,
+                reason,
+            });
+        }
+        None
+    };
+    let Some(dir) = &config.snapshot_dir else {
+        return fail("firerunner was started without --snapshot_dir".into());
+    };
+    if machine.ws.is_some() {
+        return fail(
+            "the VM records or loads a working set (--dump_ws, --load_ws): its memory is not \
+             the VM's alone to read"
+                .into(),
+        );
+    }
+    if let Err(why) = check_snapshot_name(name) {
+        return fail(why);
+    }
+    let target = dir.join(name);
+    if target.symlink_metadata().is_ok() {
+        return fail(format!("{} already exists", target.display()));
+    }
+    match capture::create(machine, &target) {
+        Ok(written) => {
+            if let Some(c) = &wiring.control {
+                c.send(&Event::SnapshotWritten {
+                    us: wiring.start.elapsed().as_micros() as u64,
+                    dir: written.dir.display().to_string(),
+                    memory_bytes: written.memory_bytes,
+                    create_us: written.elapsed.as_micros() as u64,
+                });
+            }
+            if then == AfterSnapshot::Exit {
+                return Some(VmExit::Snapshotted(written.dir));
+            }
+            // The dirty log restarted with the snapshot: the next diff
+            // lies over this layer.
+            if !machine.layers.is_empty() {
+                machine.layers.push(written.layer);
+            }
+            resume(machine)
+        }
+        Err(e) => {
+            // Nothing is left half-written (the directory is renamed into
+            // place last); the VM goes on as before.
+            let exit = resume(machine);
+            fail(format!("cannot write {}: {e}", target.display()));
+            exit
+        }
+    }
+}
+
+/// Lets paused vCPUs run again; a VM that cannot resume ends.
+fn resume(machine: &Machine) -> Option<VmExit> {
+    match machine.vcpus.resume(RESUME_TIMEOUT) {
+        Ok(()) => None,
+        Err(e) => Some(VmExit::Fatal(format!(
+            "cannot resume the vCPUs after a snapshot: {e}"
+        ))),
+    }
+}
+
+/// How long the vCPUs may take to resume after a snapshot.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A snapshot name is one plain path component.
+fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\0']);
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "snapshot name {name:?} is not one plain file name (no '/', NUL or leading '.', at most 255 bytes)"
+        ))
     }
 }
 
@@ -578,6 +708,7 @@ struct ControlCommands {
     pending: Vec<u8>,
     exit: Wake<VmExit>,
     ws_done: Sender<()>,
+    snapshot: Sender<(String, AfterSnapshot)>,
 }
 
 impl MutEventSubscriber for ControlCommands {
@@ -591,6 +722,9 @@ impl MutEventSubscriber for ControlCommands {
                         }
                         Command::WsDone => {
                             let _ = self.ws_done.send(());
+                        }
+                        Command::Snapshot { name, then } => {
+                            let _ = self.snapshot.send((name, then));
                         }
                     }
                 }
