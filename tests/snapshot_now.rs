@@ -201,22 +201,22 @@ fn a_jailed_vm_snapshots_on_demand_into_its_snapshot_dir() {
     counts_across_snapshots(&s, Some(jail));
 }
 
+/// testguest's function `f`, snapshots going to `snaps`.
+fn with_snapshot_dir(s: &Scratch, f: &str, snaps: &Path) -> Vm {
+    let app = app_image(s, &format!("{f}.img"), &[&format!("fn={f}")]);
+    let (a, d) = (app.to_str().unwrap(), snaps.to_str().unwrap());
+    Vm::start(s, &["--appfs", a, "--snapshot_dir", d], None)
+}
+
 /// A request in flight (the guest sleeping in it) when the snapshot is
 /// taken: the VM resumes and answers it; a vCPU spinning in user space is
 /// paused too.
 #[test]
 fn busy_vcpus_are_paused_wherever_they_are() {
     let s = Scratch::new("snapnow-busy");
-    let app = app_image(&s, "sleep.img", &["fn=sleep"]);
     let snaps = s.path("snaps");
     std::fs::create_dir_all(&snaps).unwrap();
-    let args = [
-        "--appfs",
-        app.to_str().unwrap(),
-        "--snapshot_dir",
-        snaps.to_str().unwrap(),
-    ];
-    let vm = Vm::start(&s, &args, None);
+    let vm = with_snapshot_dir(&s, "sleep", &snaps);
     let agent = vm.agent.try_clone().unwrap();
     let started = Instant::now();
     let sleeper = std::thread::spawn(move || {
@@ -230,14 +230,7 @@ fn busy_vcpus_are_paused_wherever_they_are() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(snaps.join("mid-request/snapshot.json").is_file());
 
-    let app = app_image(&s, "spin.img", &["fn=spin"]);
-    let args = [
-        "--appfs",
-        app.to_str().unwrap(),
-        "--snapshot_dir",
-        snaps.to_str().unwrap(),
-    ];
-    let vm = Vm::start(&s, &args, None);
+    let vm = with_snapshot_dir(&s, "spin", &snaps);
     snapvm::protocol::write_frame(&mut &vm.agent, b"{}").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     vm.snapshot("spinning", AfterSnapshot::Exit).unwrap();

@@ -404,6 +404,18 @@ fn write_working_set(machine: &mut Machine, wiring: &Wiring) {
     }
 }
 
+/// Tells the controller a snapshot is in place.
+fn report_written(wiring: &Wiring, written: &capture::Written) {
+    if let Some(c) = &wiring.control {
+        c.send(&Event::SnapshotWritten {
+            us: wiring.start.elapsed().as_micros() as u64,
+            dir: written.dir.display().to_string(),
+            memory_bytes: written.memory_bytes,
+            create_us: written.elapsed.as_micros() as u64,
+        });
+    }
+}
+
 /// Writes the snapshot `--dump_dir` asks for; the VM ends either way.
 fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExit {
     let Some(target) = &config.dump_dir else {
@@ -411,14 +423,7 @@ fn take_snapshot(machine: &Machine, config: &VmConfig, wiring: &Wiring) -> VmExi
     };
     match capture::create(machine, target) {
         Ok(written) => {
-            if let Some(c) = &wiring.control {
-                c.send(&Event::SnapshotWritten {
-                    us: wiring.start.elapsed().as_micros() as u64,
-                    dir: written.dir.display().to_string(),
-                    memory_bytes: written.memory_bytes,
-                    create_us: written.elapsed.as_micros() as u64,
-                });
-            }
+            report_written(wiring, &written);
             VmExit::Snapshotted(written.dir)
         }
         Err(e) => VmExit::Fatal(format!(
@@ -467,14 +472,7 @@ fn snapshot_now(
     }
     match capture::create(machine, &target) {
         Ok(written) => {
-            if let Some(c) = &wiring.control {
-                c.send(&Event::SnapshotWritten {
-                    us: wiring.start.elapsed().as_micros() as u64,
-                    dir: written.dir.display().to_string(),
-                    memory_bytes: written.memory_bytes,
-                    create_us: written.elapsed.as_micros() as u64,
-                });
-            }
+            report_written(wiring, &written);
             if then == AfterSnapshot::Exit {
                 return Some(VmExit::Snapshotted(written.dir));
             }
