@@ -287,6 +287,11 @@ impl Jail {
             vm.load_dir = Some(in_jail.join(","));
             vm.diff_dirs = None;
         }
+        // Every read-only bind is in place: refuse what the VM could not
+        // read before anything is made or given to it.
+        for b in &binds {
+            check_readable(&b.host, uid)?;
+        }
         let out = |staging: &Path| Bind {
             writable: true,
             ..ro(staging, "/out")
@@ -362,9 +367,6 @@ impl Jail {
             pids: vcpus + PIDS_SLACK,
             cpu_weight: (100 * vcpus).min(10_000),
         };
-        for b in binds.iter().filter(|b| !b.writable) {
-            check_readable(&b.host, uid)?;
-        }
         let name = jail_dir.file_name().unwrap_or_default().to_string_lossy();
         let cgroup = Cgroup::create(&name, &limits)?;
         let mut argv = vec![cstring(OsStr::new("/firerunner"))];
