@@ -29,7 +29,7 @@ use crate::snapshot::format::{
 };
 
 /// How long a vCPU or the event loop may take to pause or answer.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Test hooks, compiled in only with the `test-hooks` feature (the
 /// integration tests enable it; release binaries never carry them).

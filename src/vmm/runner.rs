@@ -495,16 +495,13 @@ fn snapshot_now(
 
 /// Lets paused vCPUs run again; a VM that cannot resume ends.
 fn resume(machine: &Machine) -> Option<VmExit> {
-    match machine.vcpus.resume(RESUME_TIMEOUT) {
+    match machine.vcpus.resume(capture::PAUSE_TIMEOUT) {
         Ok(()) => None,
         Err(e) => Some(VmExit::Fatal(format!(
             "cannot resume the vCPUs after a snapshot: {e}"
         ))),
     }
 }
-
-/// How long the vCPUs may take to resume after a snapshot.
-const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A snapshot name is one plain path component.
 fn check_snapshot_name(name: &str) -> Result<(), String> {
