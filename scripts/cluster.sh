@@ -27,7 +27,8 @@
 # --scrape_interval 1s, --check_interval 1s, --name snapc (prefix of the
 # namespaces and links, at most 8 characters), --subnet 10.77.0 (a /24),
 # --basic_auth_dir DIR (given to every node; deploy/status use it),
-# --bindir DIR (multivm's, default target/release); after `--`, more
+# --bindir DIR (multivm's, default target/release), --balance roundrobin
+# (instead of hashing the function name; for comparisons); after `--`, more
 # multivm arguments. SNAPVM_CLUSTER_DIR (default /tmp/snapvm-cluster) is
 # where a local cluster keeps its state; every subcommand reads it.
 set -euo pipefail
@@ -59,9 +60,13 @@ render_haproxy() {
     done
     # One try per other node at most (see deploy/haproxy.cfg on which).
     local retries=$((n > 1 ? n - 1 : 1))
-    python3 - "$repo/deploy/haproxy.cfg" "$listen" "$stats" "$sdir" "$inter" "$retries" "$servers" <<'EOF'
+    python3 - "$repo/deploy/haproxy.cfg" "$listen" "$stats" "$sdir" "$inter" "$retries" "$servers" "${BALANCE:-hash}" <<'EOF'
 import re, sys
-text, listen, stats, sdir, inter, retries, servers = open(sys.argv[1]).read(), *sys.argv[2:]
+text, listen, stats, sdir, inter, retries, servers, balance = open(sys.argv[1]).read(), *sys.argv[2:]
+if balance == "roundrobin":  # for comparisons only (scripts/bench-cluster.sh)
+    hashed = "    balance hash path,field(3,/)\n"
+    assert hashed in text, "no hash balance line in haproxy.cfg"
+    text = text.replace(hashed, "    balance roundrobin\n")
 for k, v in [("LISTEN", listen), ("STATS_LISTEN", stats), ("STATE_DIR", sdir),
              ("CHECK_INTERVAL", inter), ("RETRIES", retries), ("SERVERS", servers.rstrip("\n"))]:
     text = text.replace("@%s@" % k, v)
@@ -214,12 +219,14 @@ cmd_start() {
         --name) name=$2; shift 2 ;;
         --subnet) subnet=$2; shift 2 ;;
         --basic_auth_dir) auth=$(realpath "$2"); shift 2 ;;
+        --balance) BALANCE=$2; shift 2 ;;
         --bindir) bindir=$(realpath "$2"); shift 2 ;;
         --) shift; extra=("$@"); break ;;
         *) die "start: unknown argument $1" ;;
         esac
     done
     need_root start
+    [[ ${BALANCE:=hash} == hash || $BALANCE == roundrobin ]] || die "--balance: hash or roundrobin"
     [[ -n $cfg ]] || die "start needs --config NODE.yaml (a multivm config; see the README)"
     [[ -f $cfg ]] || die "--config $cfg: no such file"
     [[ $n =~ ^[0-9]+$ ]] && ((n >= 1 && n <= 200)) || die "--nodes must be 1..200"
