@@ -128,7 +128,13 @@ cmd_config() {
     render_haproxy "$listen" "$stats" /run/haproxy "$inter" "${nodes[@]}" >"$out/haproxy.cfg"
     render_prometheus /etc/prometheus/snapvm-rules.yml "$hstats" "$every" "${nodes[@]}" >"$out/prometheus.yml"
     cp "$repo/deploy/snapvm-rules.yml" "$out/snapvm-rules.yml"
-    haproxy -c -q -f "$out/haproxy.cfg" || die "HAProxy refuses $out/haproxy.cfg"
+    # Checked here too, though it is meant for another host: HAProxy
+    # resolves the node names and needs /run/haproxy when it checks.
+    local why
+    if ! why=$(haproxy -c -f "$out/haproxy.cfg" 2>&1); then
+        say "warning: HAProxy's check of $out/haproxy.cfg fails on this host (run \`haproxy -c -f\` where it will run):"
+        grep -E 'ALERT|WARNING' <<<"$why" >&2 || echo "$why" >&2
+    fi
     say "wrote $out/haproxy.cfg, $out/prometheus.yml, $out/snapvm-rules.yml"
 }
 
@@ -297,7 +303,7 @@ EOF
     say "nodes up: ${nodes[*]}"
 
     render_haproxy "127.0.0.1:$port" "127.0.0.1:$sport" "$dir" "$inter" "${nodes[@]}" >"$dir/haproxy.cfg"
-    haproxy -c -q -f "$dir/haproxy.cfg" || die "HAProxy refuses $dir/haproxy.cfg"
+    haproxy -c -q -f "$dir/haproxy.cfg" >&2 || die "HAProxy refuses $dir/haproxy.cfg (its reasons: above)"
     haproxy -D -p "$dir/haproxy.pid" -f "$dir/haproxy.cfg" || die "HAProxy did not start"
     wait_http "http://127.0.0.1:$sport/stats" 10 HAProxy || die "HAProxy does not answer on 127.0.0.1:$sport"
 
