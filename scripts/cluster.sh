@@ -198,11 +198,13 @@ cmd_stop() {
     say "stopped; namespaces, links and $dir removed"
 }
 
-# wait_http URL SECONDS WHAT: until URL answers 200.
+# wait_http URL SECONDS [PID]: until URL answers 200; fails at once if
+# PID (the server) has exited.
 wait_http() {
-    local url=$1 limit=$2 what=$3
+    local url=$1 limit=$2 pid=${3:-}
     for ((t = 0; t < limit * 10; t++)); do
         curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
+        [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null && return 1
         sleep 0.1
     done
     return 1
@@ -295,9 +297,9 @@ EOF
         echo $! >"$nd/multivm.pid"
     done
     for ((i = 1; i <= n; i++)); do
-        if ! wait_http "http://$subnet.$((10 + i)):8080/healthz" 60 "node n$i"; then
+        if ! wait_http "http://$subnet.$((10 + i)):8080/healthz" 60 "$(cat "$dir/n$i/multivm.pid")"; then
             tail -n 20 "$dir/n$i/multivm.log" >&2 || true
-            die "node n$i did not answer /healthz within 60 s (its log: above)"
+            die "node n$i did not answer /healthz (it exited, or 60 s passed; its log: above)"
         fi
     done
     say "nodes up: ${nodes[*]}"
@@ -305,7 +307,7 @@ EOF
     render_haproxy "127.0.0.1:$port" "127.0.0.1:$sport" "$dir" "$inter" "${nodes[@]}" >"$dir/haproxy.cfg"
     haproxy -c -q -f "$dir/haproxy.cfg" >&2 || die "HAProxy refuses $dir/haproxy.cfg (its reasons: above)"
     haproxy -D -p "$dir/haproxy.pid" -f "$dir/haproxy.cfg" || die "HAProxy did not start"
-    wait_http "http://127.0.0.1:$sport/stats" 10 HAProxy || die "HAProxy does not answer on 127.0.0.1:$sport"
+    wait_http "http://127.0.0.1:$sport/stats" 10 || die "HAProxy does not answer on 127.0.0.1:$sport"
 
     cp "$repo/deploy/snapvm-rules.yml" "$dir/snapvm-rules.yml"
     render_prometheus "$dir/snapvm-rules.yml" "127.0.0.1:$sport" "$every" "${nodes[@]}" >"$dir/prometheus.yml"
@@ -314,9 +316,9 @@ EOF
         --web.listen-address "127.0.0.1:$pport" --log.level warn \
         </dev/null >"$dir/prometheus.log" 2>&1 &
     echo $! >"$dir/prometheus.pid"
-    if ! wait_http "http://127.0.0.1:$pport/-/ready" 30 Prometheus; then
+    if ! wait_http "http://127.0.0.1:$pport/-/ready" 30 "$(cat "$dir/prometheus.pid")"; then
         tail -n 20 "$dir/prometheus.log" >&2 || true
-        die "Prometheus did not get ready on 127.0.0.1:$pport within 30 s"
+        die "Prometheus did not get ready on 127.0.0.1:$pport (it exited, or 30 s passed; its log: above)"
     fi
     trap - EXIT INT TERM
     say "HAProxy http://127.0.0.1:$port (stats http://127.0.0.1:$sport/stats), Prometheus http://127.0.0.1:$pport"
