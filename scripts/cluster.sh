@@ -302,6 +302,11 @@ EOF
             die "node n$i did not answer /healthz (it exited, or 60 s passed; its log: above)"
         fi
     done
+    for ((i = 1; i <= n; i++)); do
+        # `stop` signals these pids: make sure they are the nodes themselves.
+        [[ $(cat "/proc/$(cat "$dir/n$i/multivm.pid")/comm" 2>/dev/null) == multivm ]] ||
+            die "node n$i: $dir/n$i/multivm.pid does not name its multivm"
+    done
     say "nodes up: ${nodes[*]}"
 
     render_haproxy "127.0.0.1:$port" "127.0.0.1:$sport" "$dir" "$inter" "${nodes[@]}" >"$dir/haproxy.cfg"
