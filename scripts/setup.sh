@@ -5,7 +5,9 @@ set -euo pipefail
 
 # Usage: scripts/setup.sh [--bench]
 # python3-venv: scripts/api-fuzz.sh installs schemathesis into a venv.
-packages=(binutils util-linux python3 python3-venv)
+# haproxy, prometheus, iproute2: scripts/cluster.sh (several multivm nodes
+# behind HAProxy, scraped by Prometheus; tested by scripts/cluster-test.sh).
+packages=(binutils util-linux python3 python3-venv haproxy prometheus iproute2)
 if [[ ${1:-} == --bench ]]; then
     # scripts/bench.sh compares with QEMU microvm and plots with Debian's
     # python3 (/usr/bin/python3).

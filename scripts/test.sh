@@ -12,6 +12,8 @@ echo "== testguest" >&2
 scripts/build-testguest.sh >/dev/null
 echo "== cargo test" >&2
 cargo test --release -- --test-threads=2
+echo "== a 3-node cluster behind HAProxy, watched by Prometheus (about 20 s)" >&2
+scripts/cluster-test.sh
 echo "== multivm's HTTP API against docs/openapi.yaml (schemathesis, 90 s)" >&2
 scripts/api-fuzz.sh
 echo "== fuzz targets, 60 s each (fails on any crash)" >&2

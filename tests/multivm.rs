@@ -421,7 +421,7 @@ fn queueing_overload_and_timeouts() {
         d.metric("multivm_queue_depth{function=\"hello\"}") == 1.0
     });
     let full = d.post("hello", "{}");
-    assert_eq!(full.status, 429, "{}", full.body);
+    assert_eq!(full.status, 503, "{}", full.body);
     assert_eq!(full.header("retry-after"), Some("1"));
     assert!(full.json()["error"].as_str().unwrap().contains("waiting"));
 
@@ -728,6 +728,28 @@ fn openfaas_style_invocations_carry_method_path_query_headers_and_raw_bodies() {
     assert_eq!(r.status, 413, "{}", &r.body[..r.body.len().min(200)]);
     assert!(r.json()["error"].as_str().unwrap().contains("base64"));
     assert_eq!(d.post("http", "{}").status, 200, "the daemon keeps serving");
+}
+
+#[test]
+fn with_cluster_a_functions_own_503_is_a_500_so_balancers_never_run_it_twice() {
+    let s = Scratch::new("mv-cluster503");
+    let cfg = config(&s, &[("http", "http", "")]);
+    for (extra, want) in [(&[][..], 503), (&["--cluster"][..], 500)] {
+        let d = Daemon::start(&s, &cfg, 2 * VM_MIB, extra);
+        let r = common::http_with(
+            &d.addr,
+            "GET",
+            "/function/http/x",
+            &[("X-Status", "503")],
+            b"",
+        );
+        assert_eq!(r.status, want, "{extra:?}: {}", r.body);
+        let marked = r.header("x-function-status");
+        assert_eq!(marked, (want == 500).then_some("503"), "{extra:?}");
+        assert!(r.header("x-vm-id").is_some(), "the function ran");
+        let (code, log) = d.terminate(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "{log}");
+    }
 }
 
 #[test]

@@ -43,6 +43,12 @@ struct Args {
     /// seccomp filters (for debugging only).
     #[arg(long = "no_seccomp", alias = "no-seccomp")]
     no_seccomp: bool,
+    /// This multivm is a node of a cluster whose balancer sends its 503s to
+    /// another node (scripts/cluster.sh): a function's own 503 is then
+    /// answered as 500 with `X-Function-Status: 503`, so that a 503 always
+    /// means "refused before the function saw it".
+    #[arg(long)]
+    cluster: bool,
     #[command(flatten)]
     jail: JailArgs,
 }
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         basic_auth_dir: args.basic_auth_dir,
         no_seccomp: args.no_seccomp,
         jail: args.jail,
+        cluster: args.cluster,
     };
     match multivm::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,7 @@
 //!     min_idle: 0                      # pre-warmed idle VMs
 //!     idle_timeout: 5m                 # idle VMs beyond min_idle are stopped after this
 //!     request_timeout: 30s             # queue wait limit, and run limit (kills the VM)
-//!     max_queue: 64                    # requests waiting for a VM; more get 429
+//!     max_queue: 64                    # requests waiting for a VM; more get 503
 //! deploy:                              # functions deployed through /system/functions
 //!   state_dir: /var/lib/snapvm         # required: deployments and built images
 //!   image_dir: images/apps             # a deployment's `image` is a path under it; default appfs_dir

@@ -30,12 +30,20 @@
 //! path, 405 wrong method, 410 the function was
 //! removed while the request waited, 413 body over 4 MiB (over 3 MiB
 //! less 64 KiB when it travels in an envelope),
-//! 429 the function's queue is full, 503 no VM became free within the
+//! 503 the function's queue is full, no VM became free within the
 //! function's `request_timeout`, the function is still being prepared
 //! (or its preparation failed), or multivm is shutting down (all with
 //! `Retry-After`), 502 the VM failed to launch, died, or answered
 //! something that is not JSON or a malformed response envelope, 504 the function ran past its
 //! `request_timeout` (its VM was killed).
+//!
+//! Every 503 of multivm's own is sent before the function has seen the
+//! request (the scheduler refuses it while it waits for a VM), so a load
+//! balancer may send it to another node without running it twice; that
+//! is what a snapvm cluster's HAProxy does (deploy/haproxy.cfg). With
+//! `--cluster` a function's own 503 (from a response envelope) is
+//! answered as 500 with `X-Function-Status: 503`, so that a 503 from this
+//! multivm always means "not started here".
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -77,6 +85,8 @@ pub struct Api {
     waiting: AtomicUsize,
     work_tx: Sender<Request>,
     work_rx: Receiver<Request>,
+    /// `--cluster`: a function's own 503 becomes a 500 (see the top).
+    cluster: bool,
 }
 
 struct Reply {
@@ -104,7 +114,7 @@ impl Reply {
             status,
             &json!({"error": msg.to_string(), "request_id": rid}),
         );
-        if status == 429 || status == 503 {
+        if status == 503 {
             r.headers.push(("Retry-After".into(), "1".into()));
         }
         r
@@ -126,7 +136,7 @@ fn header(name: &str, value: &str) -> Option<Header> {
 }
 
 impl Api {
-    pub fn new(sched: Arc<Scheduler>, provider: Arc<Provider>) -> Arc<Self> {
+    pub fn new(sched: Arc<Scheduler>, provider: Arc<Provider>, cluster: bool) -> Arc<Self> {
         let seed = crate::protocol::fresh_seed().unwrap_or([0; 32]);
         let rid_prefix: String = seed[..4].iter().map(|b| format!("{b:02x}")).collect();
         let (work_tx, work_rx) = unbounded();
@@ -140,6 +150,7 @@ impl Api {
             waiting: AtomicUsize::new(0),
             work_tx,
             work_rx,
+            cluster,
         })
     }
 
@@ -376,7 +387,16 @@ impl Api {
                 let answer = serde_json::from_slice::<Value>(&inv.body).ok();
                 let mut r = match answer.as_ref().and_then(envelope::response) {
                     Some(Ok(http)) => {
-                        let mut r = Reply::text(http.status, http.body, "application/octet-stream");
+                        let status = if self.cluster && http.status == 503 {
+                            500
+                        } else {
+                            http.status
+                        };
+                        let mut r = Reply::text(status, http.body, "application/octet-stream");
+                        if status != http.status {
+                            r.headers
+                                .push(("X-Function-Status".into(), http.status.to_string()));
+                        }
                         for (k, v) in http.headers {
                             if k == "content-type" {
                                 r.content_type = v;

@@ -85,6 +85,9 @@ pub struct Options {
     pub no_seccomp: bool,
     /// How to jail the VMs (the config's `jail: false` also turns it off).
     pub jail: JailArgs,
+    /// A node of a cluster behind a balancer that re-dispatches 503s: a
+    /// function's own 503 is answered as 500 (see http.rs).
+    pub cluster: bool,
 }
 
 /// `[ADDR:]PORT`; a bare port listens on loopback only.
@@ -179,7 +182,7 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
             })
             .map_err(MultiVmError::Thread)?;
     }
-    let api = http::Api::new(Arc::clone(&sched), provider);
+    let api = http::Api::new(Arc::clone(&sched), provider, opts.cluster);
     println!("listening on http://{bound}");
     let _ = std::io::stdout().flush();
     log::info!(

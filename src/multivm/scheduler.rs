@@ -80,8 +80,12 @@ impl SchedulerError {
             SchedulerError::NoSuchFunction(_) => 404,
             SchedulerError::Removed { .. } => 410,
             SchedulerError::Unfit { .. } => 400,
-            SchedulerError::QueueFull { .. } => 429,
-            SchedulerError::QueueTimeout { .. } | SchedulerError::ShuttingDown => 503,
+            // All three are answered before the function sees the request,
+            // so a balancer may send it to another node (scripts/cluster.sh
+            // re-dispatches 503s; HAProxy cannot retry on 429).
+            SchedulerError::QueueFull { .. }
+            | SchedulerError::QueueTimeout { .. }
+            | SchedulerError::ShuttingDown => 503,
             SchedulerError::Launch { .. } | SchedulerError::Vm { .. } => 502,
             SchedulerError::Timeout { .. } => 504,
         }
