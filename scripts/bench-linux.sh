@@ -57,11 +57,8 @@ sample() {
         say "$fn $mode: no response"; cat /tmp/bench-linux.err >&2; exit 1
     fi
     ms=$((($(date +%s%N) - start) / 1000000))
+    # firerunner is singlevm's child, jailed or not.
     pid=$(cat /proc/"$SV_PID"/task/*/children | tr ' ' '\n' | grep . | head -n1)
-    # A jailed firerunner is its jailer's child.
-    if [[ $(cat "/proc/$pid/comm") == jailer ]]; then
-        pid=$(tr ' ' '\n' <"/proc/$pid/task/$pid/children" | grep . | head -n1)
-    fi
     # /proc/PID/stat: minflt is field 10, majflt field 12.
     faults=$(awk '{ print $10 + $12 }' "/proc/$pid/stat")
     [[ $line != *'"error"'* ]] || { say "$fn $mode answered an error: $line"; exit 1; }

@@ -28,7 +28,7 @@ Sections (--only picks some; each replaces its own rows in results.json):
             set), 128 MiB.
   jail      singlevm exec -> first response, boot and lazy restore, jailed
             and --no_jail interleaved; PSS per idle restored VM under
-            multivm, jailed (firerunner + jailer) and not.
+            multivm, jailed and not (no jailer stays beside a VM).
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -832,8 +832,7 @@ class Multivm:
             time.sleep(0.2)
 
     def firerunners(self):
-        """PIDs of this daemon's firerunners (children of its jailers when
-        jailed)."""
+        """PIDs of this daemon's firerunners."""
         return descendants_named(self.p.pid, "firerunner")
 
     def terminate(self):
@@ -1151,8 +1150,8 @@ def singlevm_first_response(b, args, request):
 
 
 def jail_pss(b, app, snap, mem, n, jailed):
-    """PSS per idle VM (MiB) of `n` lazily restored VMs under one multivm:
-    (all of a VM's processes, firerunner's, the jailer's)."""
+    """PSS per idle VM (MiB) of `n` lazily restored VMs under one multivm
+    (firerunner is a VM's only process: a jailer that stayed is an error)."""
     d = Multivm(b, {"idle": [f"runtimefs: {b.rootfs}", f"appfs: {app}", f"memory: {mem}",
                              f"load_dir: {snap}", f"concurrency_limit: {n}", f"min_idle: {n}"]},
                 n * (mem + 8), "boot_timeout: 300s\n" + ("" if jailed else "jail: false\n"))
@@ -1160,11 +1159,9 @@ def jail_pss(b, app, snap, mem, n, jailed):
         d.wait_idle(n, 300)
         time.sleep(1)  # let the last restores settle before reading memory
         frs, jailers = d.firerunners(), descendants_named(d.p.pid, "jailer")
-        if len(frs) != n or len(jailers) != (n if jailed else 0):
+        if len(frs) != n or jailers:
             raise BenchError(f"jail: {len(frs)} firerunners and {len(jailers)} jailers for {n} VMs")
-        fr = sum(smaps_rollup(p)["Pss"] for p in frs) / n / MIB
-        jl = sum(smaps_rollup(p)["Pss"] for p in jailers) / n / MIB
-        return fr + jl, fr, jl
+        return sum(smaps_rollup(p)["Pss"] for p in frs) / n / MIB
     finally:
         stop_all([d])
 
@@ -1202,10 +1199,8 @@ def bench_jail(b):
         for j in (("jailed", "unjailed") if i % 2 == 0 else ("unjailed", "jailed")):
             pss[j].append(jail_pss(b, app, base, mem, n, j == "jailed"))
     for j, v in pss.items():
-        for k, name in enumerate(("pss_per_vm", "firerunner_pss_per_vm", "jailer_pss_per_vm")):
-            b.results.add("jail", "snapvm", j, name, "MiB", [x[k] for x in v], mem_mib=mem, vms=n)
-        log(f"jail: PSS per idle VM {j}: median {statistics.median(x[0] for x in v):.3f} MiB "
-            f"(firerunner {statistics.median(x[1] for x in v):.3f}, jailer {statistics.median(x[2] for x in v):.3f})")
+        b.results.add("jail", "snapvm", j, "pss_per_vm", "MiB", v, mem_mib=mem, vms=n)
+        log(f"jail: PSS per idle VM {j}: median {statistics.median(v):.3f} MiB")
 
 
 # ------------------------------------------------------------- plots

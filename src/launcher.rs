@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -22,8 +22,6 @@ use crate::protocol::{self, ProtocolError, AGENT_PORT};
 const CONTROL_FD: i32 = 3;
 /// How long a VM gets to stop after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// How long a jailer gets to reap its killed VM and remove the jail.
-const JAILER_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -164,10 +162,61 @@ pub struct Launch {
     pub jail: Option<JailOptions>,
 }
 
+/// firerunner as this process sees it.
+enum Process {
+    /// An unjailed firerunner.
+    Child(Child),
+    /// A jailed firerunner, started by a detached jailer as a child of
+    /// this process (see src/jail/mod.rs); reaped with waitpid.
+    Jailed(nix::unistd::Pid),
+}
+
+impl Process {
+    /// Reaps firerunner if it has ended (`block`: waits until it has).
+    fn reap(&mut self, block: bool) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Process::Child(c) if block => c.wait().map(Some),
+            Process::Child(c) => c.try_wait(),
+            Process::Jailed(pid) => {
+                let flags = if block { 0 } else { libc::WNOHANG };
+                let mut raw = 0;
+                loop {
+                    // SAFETY: waitpid writes only the status word, on a
+                    // child of this process not reaped yet (`reap` is its
+                    // only reaper and stops at the first status).
+                    match unsafe { libc::waitpid(pid.as_raw(), &mut raw, flags) } {
+                        0 => return Ok(None),
+                        r if r > 0 => return Ok(Some(ExitStatus::from_raw(raw))),
+                        _ => {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() != std::io::ErrorKind::Interrupted {
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGKILL (to a jailed firerunner, pid 1 of its namespace, it takes
+    /// the whole namespace with it).
+    fn kill(&mut self) {
+        match self {
+            Process::Child(c) => {
+                let _ = c.kill();
+            }
+            Process::Jailed(pid) => {
+                let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 /// A running firerunner and its sockets. Dropping it kills the VM and
 /// removes the runtime directory.
 pub struct VmProcess {
-    child: Child,
+    process: Process,
     status: Option<ExitStatus>,
     control: UnixStream,
     events: Receiver<Event>,
@@ -270,11 +319,25 @@ impl VmProcess {
             });
         }
         let spawned_at = Instant::now();
-        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             path: cmd.get_program().to_string_lossy().into_owned(),
             source,
         })?;
         drop(theirs);
+        // A detached jailer exits as soon as firerunner runs (0), or after
+        // it failed to set the jail up (its reason is on the control
+        // channel): a status for the VM that never ran.
+        let (process, status) = match &slot {
+            Some(slot) => {
+                let s = child.wait().map_err(LaunchError::Wait)?;
+                if s.success() {
+                    (Process::Jailed(jail::detached_pid(&slot.dir())?), None)
+                } else {
+                    (Process::Child(child), Some(s))
+                }
+            }
+            None => (Process::Child(child), None),
+        };
 
         let (tx, events) = unbounded();
         let reader = ours.try_clone().map_err(LaunchError::Control)?;
@@ -296,8 +359,8 @@ impl VmProcess {
             .map_err(LaunchError::Control)?;
 
         Ok(Self {
-            child,
-            status: None,
+            process,
+            status,
             control: ours,
             events,
             listener,
@@ -386,9 +449,22 @@ impl VmProcess {
     /// firerunner's exit status, if it has exited.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
+            if let Ok(Some(s)) = self.process.reap(false) {
+                self.reaped(s);
+            }
         }
         self.status
+    }
+
+    /// Records firerunner's end; a jailed one's jail is finished (its
+    /// output handed over, the jail removed) before anyone sees it ended.
+    fn reaped(&mut self, status: ExitStatus) {
+        if let (Some(slot), Process::Jailed(_)) = (&self.jail, &self.process) {
+            if let Err(e) = jail::finish(&slot.dir(), status) {
+                log::error!("{e}");
+            }
+        }
+        self.status = Some(status);
     }
 
     /// Why firerunner exited, from its last control event.
@@ -467,29 +543,17 @@ impl VmProcess {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let s = self.child.wait()?;
-        self.status = Some(s);
+        let s = self.process.reap(true)?.unwrap_or_default();
+        self.reaped(s);
         Ok(s)
     }
 
-    /// Kills firerunner now (SIGKILL) and reaps it. A jailed one is killed
-    /// through its cgroup, so that its jailer reaps it and removes the
-    /// jail; the jailer is killed too if it has not exited soon after.
+    /// Kills firerunner now (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        if self.try_status().is_some() {
-            return;
-        }
-        if let Some(slot) = &self.jail {
-            slot.kill_vm();
-            let deadline = Instant::now() + JAILER_GRACE;
-            while self.try_status().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
         if self.try_status().is_none() {
-            let _ = self.child.kill();
+            self.process.kill();
+            let _ = self.wait();
         }
-        let _ = self.wait();
     }
 
     /// Sends `cmd` to firerunner over the control channel.

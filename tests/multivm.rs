@@ -797,7 +797,7 @@ fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
     assert!(r.body.contains("SIGKILL"), "{}", r.body);
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     let limit = format!("killed by its cgroup's memory limit ({VM_MIB} MiB)");
-    d.wait_for("the jailer's OOM report", Duration::from_secs(5), |d| {
+    d.wait_for("the OOM report", Duration::from_secs(5), |d| {
         d.log().contains(&limit)
     });
     // The daemon stays up and serves (a new VM answers before its hook).

@@ -1,14 +1,17 @@
-//! The jailer: sets up one VM's jail and execs firerunner in it, then
+//! The jailer: sets up one VM's jail and starts firerunner in it, then
 //! waits for it, forwards termination signals, hands over what the VM
-//! wrote, removes the jail and exits as firerunner did.
+//! wrote, removes the jail and exits as firerunner did ([`super::finish`]).
+//! With `--detach` (how controllers run it) it leaves all that to its
+//! caller: firerunner becomes the caller's child and the jailer exits 0
+//! once it has started, so that no jailer process stays beside each VM.
 //!
-//! `jailer --uid U --jail_dir DIR --vm_overhead MIB [--lib PATH]... --
-//! FIRERUNNER ARGS...`, run as root by a controller (src/launcher.rs),
-//! single-threaded, so forking is safe:
+//! `jailer --uid U --jail_dir DIR --vm_overhead MIB [--lib PATH]...
+//! [--detach] -- FIRERUNNER ARGS...`, run as root by a controller
+//! (src/launcher.rs), single-threaded, so forking is safe:
 //!
 //! 1. In the jailer: the output staging directories, the console file, and
-//!    the cgroup `snapvm/<DIR's name>` with the limits; then a new pid
-//!    namespace for its child.
+//!    the cgroup `snapvm/<DIR's name>` with the limits; then a child in a
+//!    new pid namespace (with `--detach`, a child of the jailer's parent).
 //! 2. In the child (pid 1 of that namespace): join the cgroup; new mount,
 //!    ipc and uts namespaces; a tmpfs root at `DIR/root` holding only
 //!    bind mounts of what the VM needs (read-only but for its output and
@@ -32,24 +35,24 @@ use std::fs::{self, File};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, ExitStatus};
 use std::time::Instant;
 
 use clap::Parser;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{clone, unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, signal, SigHandler, SigSet, Signal};
 use nix::sys::stat::{mknod, umask, Mode, SFlag};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{chdir, chown, fork, ForkResult, Gid, Pid, Uid};
+use nix::unistd::{chdir, chown, Gid, Pid, Uid};
 
 use super::cgroup::{Cgroup, CgroupError, Limits};
-use super::STAGING_LIST;
+use super::{JailError, Output, STAGING_LIST};
 use crate::cli::FirerunnerArgs;
 use crate::control::{Channel, Event};
-use crate::snapshot::{dir, ws};
 
 /// Exit code of a jail that could not be set up (firerunner's for a
 /// start-up failure).
@@ -63,6 +66,8 @@ const FSIZE_SLACK: u64 = 64 << 20;
 const PIDS_SLACK: u64 = 16;
 /// The staging directory's name in the directory it delivers into.
 const STAGING_PREFIX: &str = ".snapvm-jail-";
+/// Stack of the child that becomes firerunner (until its exec).
+const CHILD_STACK: usize = 1 << 20;
 /// The signals forwarded to firerunner: those it stops on (its signalfd's).
 const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
@@ -81,6 +86,12 @@ pub struct JailerArgs {
     /// A shared library firerunner loads (bind-mounted at its own path).
     #[arg(long = "lib")]
     pub libs: Vec<PathBuf>,
+    /// Make firerunner a child of the jailer's caller and exit 0 once it
+    /// runs (its pid is in DIR/pid): the caller then waits for it and
+    /// calls `jail::finish`. Without it firerunner dies with the jailer;
+    /// with it, with its control channel.
+    #[arg(long)]
+    pub detach: bool,
     /// firerunner and its arguments.
     #[arg(last = true, required = true)]
     pub firerunner: Vec<OsString>,
@@ -121,10 +132,8 @@ pub enum JailerError {
     Sys(String, nix::Error),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    #[error("cannot hand over the VM's snapshot: {0}")]
-    Snapshot(#[from] dir::DirError),
-    #[error("cannot hand over the VM's working set: {0}")]
-    WorkingSet(#[from] ws::WsError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailerError + 'a {
@@ -149,14 +158,6 @@ struct Bind {
     exec: bool,
 }
 
-/// What the VM writes outside the jail and where it goes afterwards.
-enum Output {
-    /// `--dump_dir`: the snapshot `staging/<name>` becomes `target`.
-    Snapshot { staging: PathBuf, target: PathBuf },
-    /// `--dump_ws`: the working set in `staging` goes into `dir`.
-    WorkingSet { staging: PathBuf, dir: PathBuf },
-}
-
 /// The jail of one VM, ready to be entered.
 struct Jail {
     uid: u32,
@@ -168,9 +169,10 @@ struct Jail {
     /// firerunner's command line inside the jail.
     argv: Vec<CString>,
     console: Option<File>,
-    output: Option<Output>,
     cgroup: Cgroup,
     fsize: u64,
+    /// `--detach`: no parent-death signal (the parent is the caller).
+    detach: bool,
 }
 
 /// Fails unless `uid` (whose gid is the same number) may read `path` and,
@@ -367,6 +369,10 @@ impl Jail {
             pids: vcpus + PIDS_SLACK,
             cpu_weight: (100 * vcpus).min(10_000),
         };
+        if let Some(o) = &output {
+            let record = jail_dir.join(super::OUTPUT_RECORD);
+            o.record(jail_dir).map_err(io("cannot write", &record))?;
+        }
         let name = jail_dir.file_name().unwrap_or_default().to_string_lossy();
         let cgroup = Cgroup::create(&name, &limits)?;
         let mut argv = vec![cstring(OsStr::new("/firerunner"))];
@@ -385,9 +391,9 @@ impl Jail {
             devices,
             argv,
             console,
-            output,
             cgroup,
             fsize: mem + FSIZE_SLACK,
+            detach: args.detach,
         })
     }
 
@@ -536,10 +542,14 @@ impl Jail {
         // From uid 0 to another, every capability goes.
         nix::unistd::setresuid(id, id, id).map_err(sys("cannot set the VM's uid"))?;
         nix::sys::prctl::set_no_new_privs().map_err(sys("cannot set no_new_privs"))?;
-        // Set after the uid change, which clears it: the VM dies with its
-        // jailer.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-            .map_err(sys("cannot set the parent-death signal"))?;
+        if !self.detach {
+            // Set after the uid change, which clears it: the VM dies with
+            // its jailer. A detached VM's parent is a thread of its
+            // controller, which may end before the VM (the signal would
+            // come then); such a VM stops when its control channel closes.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(sys("cannot set the parent-death signal"))?;
+        }
         umask(Mode::from_bits_truncate(0o022));
         // firerunner takes these through a signalfd: blocked across the
         // exec, one sent before it is ready waits for it rather than being
@@ -551,27 +561,6 @@ impl Jail {
         let env = environment();
         nix::unistd::execve(&self.argv[0], &self.argv, &env)
             .map_err(sys("cannot exec /firerunner in the jail"))
-    }
-
-    /// In the jailer after firerunner ended with `code`: hands over the
-    /// VM's output, if it finished writing it.
-    fn deliver(&self, code: Option<i32>) -> Result<(), JailerError> {
-        match &self.output {
-            Some(Output::Snapshot { staging, target }) if code == Some(0) => {
-                let name = target.file_name().unwrap_or_default();
-                let written = staging.join(name);
-                if written.is_dir() {
-                    dir::publish(&written, target)?;
-                }
-            }
-            Some(Output::WorkingSet { staging, dir })
-                if staging.join(ws::WS_INDEX_FILE).exists() =>
-            {
-                ws::publish(staging, dir)?;
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }
 
@@ -591,10 +580,10 @@ fn environment() -> Vec<CString> {
         .collect()
 }
 
-/// How firerunner ended.
+/// How firerunner ended, or that it runs on as the caller's child.
 enum Ended {
-    Code(i32),
-    Signal(Signal),
+    Status(ExitStatus),
+    Detached,
 }
 
 /// Runs the jailer (see the module doc) and returns its exit code, or
@@ -621,78 +610,84 @@ pub fn run(args: JailerArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(JailerError::Args(e)),
     };
-    let jail = match Jail::prepare(&args, &fr) {
-        Ok(j) => j,
+    let ended = Jail::prepare(&args, &fr).and_then(|jail| spawn(&jail, &args, control, start));
+    let status = match ended {
+        Ok(Ended::Detached) => return ExitCode::SUCCESS,
+        Ok(Ended::Status(s)) => s,
         Err(e) => {
             super::remove(&args.jail_dir);
             return fail(e);
         }
     };
-    let ended = match spawn(&jail, control, start) {
-        Ok(ended) => ended,
-        Err(e) => {
-            super::remove(&args.jail_dir);
-            return fail(e);
-        }
-    };
-    let mut code = match ended {
-        Ended::Code(c) => u8::try_from(c).unwrap_or(u8::MAX),
-        Ended::Signal(s) => 128 + s as u8,
-    };
-    if matches!(ended, Ended::Signal(Signal::SIGKILL)) && jail.cgroup.oom_kills() > 0 {
-        log::error!(
-            "firerunner was killed by its cgroup's memory limit ({} MiB)",
-            jail.cgroup.limits().map_or(0, |l| l.memory_bytes >> 20)
-        );
-    }
-    if let Err(e) = jail.deliver(matches!(ended, Ended::Code(_)).then_some(i32::from(code))) {
-        eprintln!("jailer: error: {e}");
-        code = EXIT_SETUP;
-    }
     let t = Instant::now();
-    super::remove(&args.jail_dir);
-    log::debug!("jail removed in {} us", t.elapsed().as_micros());
-    if let (Ended::Signal(s), true) = (ended, code != EXIT_SETUP) {
-        die_of(s);
+    if let Err(e) = super::finish(&args.jail_dir, status) {
+        eprintln!("jailer: error: {e}");
+        return ExitCode::from(EXIT_SETUP);
     }
-    ExitCode::from(code)
+    log::debug!("jail finished in {} us", t.elapsed().as_micros());
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(u8::MAX)),
+        (None, Some(s)) => die_of(Signal::try_from(s).unwrap_or(Signal::SIGKILL)),
+        (None, None) => ExitCode::from(u8::MAX),
+    }
 }
 
-/// Forks firerunner's pid 1 into a new pid namespace, then waits for it,
-/// forwarding termination signals.
-fn spawn(jail: &Jail, control: Option<RawFd>, start: Instant) -> Result<Ended, JailerError> {
+/// Starts firerunner's pid 1 in a new pid namespace, as the jailer's
+/// child (then waits for it, forwarding termination signals) or, with
+/// `--detach`, as its caller's (then records its pid and returns).
+fn spawn(
+    jail: &Jail,
+    args: &JailerArgs,
+    control: Option<RawFd>,
+    start: Instant,
+) -> Result<Ended, JailerError> {
     let mut waited = SigSet::empty();
     for s in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
         waited.add(s);
     }
     waited.thread_block().map_err(sys("cannot block signals"))?;
-    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("cannot unshare the pid namespace"))?;
-    // SAFETY: the jailer is single-threaded, so the child may do anything
-    // after the fork; it only sets up the jail and execs (or exits).
-    let child = match unsafe { fork() }.map_err(sys("cannot fork"))? {
-        ForkResult::Child => {
-            let Err(e) = jail.enter(start);
-            eprintln!("jailer: error: {e}");
-            if let Some(c) = control.and_then(|fd| Channel::from_fd(fd).ok()) {
-                c.send(&Event::Exit {
-                    code: i32::from(EXIT_SETUP),
-                    reason: format!("jail: {e}"),
-                });
-            }
-            std::process::exit(i32::from(EXIT_SETUP));
+    let mut flags = CloneFlags::CLONE_NEWPID;
+    if args.detach {
+        flags |= CloneFlags::CLONE_PARENT;
+    }
+    let child_main = Box::new(|| {
+        let Err(e) = jail.enter(start);
+        eprintln!("jailer: error: {e}");
+        if let Some(c) = control.and_then(|fd| Channel::from_fd(fd).ok()) {
+            c.send(&Event::Exit {
+                code: i32::from(EXIT_SETUP),
+                reason: format!("jail: {e}"),
+            });
         }
-        ForkResult::Parent { child } => child,
-    };
+        isize::from(EXIT_SETUP)
+    });
+    // The child's stack; pages it never touches cost nothing.
+    let mut stack = vec![0u8; CHILD_STACK];
+    // SAFETY: the jailer is single-threaded and the child gets a copy of
+    // its memory (no CLONE_VM), so the child may run any code; it only
+    // sets up the jail and execs (or returns, ending it), well within
+    // CHILD_STACK. SIGCHLD is its exit signal, as after a fork.
+    let child = unsafe { clone(child_main, &mut stack, flags, Some(libc::SIGCHLD)) }
+        .map_err(sys("cannot start firerunner in a new pid namespace"))?;
     // The jailer keeps no fd of the VM's: the controller must see the
     // control channel close when firerunner ends.
     // SAFETY: close_range only closes descriptors; the jailer uses none
     // above stderr from here on.
     unsafe { libc::close_range(3, u32::MAX, 0) };
+    if args.detach {
+        let path = args.jail_dir.join(super::PID_FILE);
+        super::record_pid(&args.jail_dir, child).map_err(io("cannot write", &path))?;
+        return Ok(Ended::Detached);
+    }
     loop {
         match waited.wait().map_err(sys("cannot wait for signals"))? {
             Signal::SIGCHLD => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(Ended::Code(code)),
-                Ok(WaitStatus::Signaled(_, s, _)) => return Ok(Ended::Signal(s)),
+                Ok(WaitStatus::Exited(_, code)) => {
+                    return Ok(Ended::Status(ExitStatus::from_raw(code << 8)))
+                }
+                Ok(WaitStatus::Signaled(_, s, _)) => {
+                    return Ok(Ended::Status(ExitStatus::from_raw(s as i32)))
+                }
                 _ => {}
             },
             s => forward(child, s),

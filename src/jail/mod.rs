@@ -5,14 +5,23 @@
 //!
 //! The controller side is here: a [`Slot`] (a uid from the configured range,
 //! held with a lock file for the VM's life; the uid also names the jail
-//! directory and the cgroup) and the command line of the `jailer` binary.
-//! The jailer itself (jailer.rs) sets the jail up and execs firerunner.
+//! directory and the cgroup), the command line of the `jailer` binary, and
+//! [`finish`], what is done when a jailed firerunner has ended. The jailer
+//! itself (jailer.rs) sets the jail up and starts firerunner in it.
+//!
+//! Controllers run the jailer with `--detach`: firerunner becomes the
+//! controller's own child and the jailer exits at once, so that no process
+//! of the jailer's stays beside each VM (its memory would be counted per
+//! VM). The controller then waits for firerunner ([`detached_pid`]) and
+//! calls [`finish`] itself.
 //!
 //! Layout: `<base>/slots/<uid>.lock` (the locks), `<base>/<uid>/root` (the
 //! mount point of the jail's root, empty outside the jail's mount
-//! namespace) and `<base>/<uid>/staging` (the writable directories made for
-//! the VM's output, one path a line, so that a leftover is found); the
-//! cgroup is `snapvm/<uid>`.
+//! namespace), `<base>/<uid>/staging` (the writable directories made for
+//! the VM's output, one path a line, so that a leftover is found),
+//! `<base>/<uid>/output` (where that output goes when the VM has written
+//! it: an [`Output`] in JSON) and `<base>/<uid>/pid` (a detached
+//! firerunner's pid); the cgroup is `snapvm/<uid>`.
 
 pub mod cgroup;
 pub mod jailer;
@@ -22,12 +31,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
+use crate::snapshot::{dir, ws};
 use cgroup::Cgroup;
 
 /// First uid (and gid) of the VMs' range when none is configured.
@@ -40,6 +53,10 @@ pub const DEFAULT_UID_COUNT: u32 = 65_536;
 pub const DEFAULT_JAIL_DIR: &str = "/run/snapvm/jail";
 /// The file listing a jail's staging directories.
 const STAGING_LIST: &str = "staging";
+/// The file recording where the VM's output goes ([`Output`]).
+const OUTPUT_RECORD: &str = "output";
+/// The file holding a detached firerunner's pid.
+const PID_FILE: &str = "pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -54,6 +71,97 @@ pub enum JailError {
     Libraries { path: PathBuf, reason: String },
     #[error("cannot hand {path} to the VM's uid: {source}")]
     Chown { path: PathBuf, source: nix::Error },
+    #[error("the jail's record {path} is unreadable: {reason}")]
+    Record { path: PathBuf, reason: String },
+    #[error("cannot hand over the VM's snapshot: {0}")]
+    Snapshot(#[from] dir::DirError),
+    #[error("cannot hand over the VM's working set: {0}")]
+    WorkingSet(#[from] ws::WsError),
+}
+
+/// What a jailed VM writes outside its jail (in a staging directory next
+/// to where it belongs) and where it goes once written.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Output {
+    /// `--dump_dir`: the snapshot `staging/<name>` becomes `target`.
+    Snapshot { staging: PathBuf, target: PathBuf },
+    /// `--dump_ws`: the working set in `staging` goes into `dir`.
+    WorkingSet { staging: PathBuf, dir: PathBuf },
+}
+
+impl Output {
+    /// Records `self` in the jail at `jail_dir` for [`finish`].
+    pub fn record(&self, jail_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string(self).map_err(std::io::Error::other)?;
+        fs::write(jail_dir.join(OUTPUT_RECORD), text)
+    }
+
+    /// Hands the output over if the VM finished writing it: a snapshot
+    /// only after a clean exit, a working set whenever its index exists.
+    fn deliver(&self, status: ExitStatus) -> Result<(), JailError> {
+        match self {
+            Output::Snapshot { staging, target } if status.code() == Some(0) => {
+                let written = staging.join(target.file_name().unwrap_or_default());
+                if written.is_dir() {
+                    dir::publish(&written, target)?;
+                }
+            }
+            Output::WorkingSet { staging, dir } if staging.join(ws::WS_INDEX_FILE).exists() => {
+                ws::publish(staging, dir)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn record_error(path: &Path, reason: impl ToString) -> JailError {
+    JailError::Record {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// After the jailed firerunner of the jail at `jail_dir` ended with
+/// `status`: reports a kill by the cgroup's memory limit, hands over the
+/// VM's output ([`Output`]) and removes the jail. The jail is removed
+/// also when the hand-over fails; its error is returned.
+pub fn finish(jail_dir: &Path, status: ExitStatus) -> Result<(), JailError> {
+    let name = jail_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if status.signal() == Some(libc::SIGKILL) {
+        if let Ok(cg) = Cgroup::named(name) {
+            if cg.oom_kills() > 0 {
+                log::error!(
+                    "firerunner was killed by its cgroup's memory limit ({} MiB)",
+                    cg.limits().map_or(0, |l| l.memory_bytes >> 20)
+                );
+            }
+        }
+    }
+    let path = jail_dir.join(OUTPUT_RECORD);
+    let delivered = match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<Output>(&text)
+            .map_err(|e| record_error(&path, e))
+            .and_then(|o| o.deliver(status)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(record_error(&path, e)),
+    };
+    remove(jail_dir);
+    delivered
+}
+
+/// Records `pid` as the detached firerunner of the jail at `jail_dir`.
+pub fn record_pid(jail_dir: &Path, pid: Pid) -> std::io::Result<()> {
+    fs::write(jail_dir.join(PID_FILE), pid.to_string())
+}
+
+/// The pid of the firerunner a `jailer --detach` started for the jail at
+/// `jail_dir`: a child of the caller (read after the jailer exited 0).
+pub fn detached_pid(jail_dir: &Path) -> Result<Pid, JailError> {
+    let path = jail_dir.join(PID_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| record_error(&path, e))?;
+    let pid = text.trim().parse().map_err(|e| record_error(&path, e))?;
+    Ok(Pid::from_raw(pid))
 }
 
 /// How controllers jail their VMs.
@@ -146,15 +254,6 @@ impl Slot {
             path: path.to_owned(),
             source,
         })
-    }
-
-    /// Kills the VM: every process in the jail's cgroup. Its jailer then
-    /// reaps it, removes the jail and dies of the same signal.
-    pub fn kill_vm(&self) {
-        match Cgroup::named(&self.uid.to_string()) {
-            Ok(cg) => cg.kill(),
-            Err(e) => log::warn!("cannot kill the jailed VM: {e}"),
-        }
     }
 
     /// Removes the jail's cgroup (killing what runs in it), its staging
@@ -294,7 +393,7 @@ fn elf_interpreter(elf: &[u8]) -> Option<PathBuf> {
     })
 }
 
-/// The jailer's command line for `slot`, firerunner `firerunner` with
+/// The jailer's command line for `slot` (detached: see the top), firerunner `firerunner` with
 /// `args` (its own command line, paths as the controller sees them) and
 /// `libs` ([`libraries`] of firerunner).
 pub fn jailer_args(
@@ -316,6 +415,7 @@ pub fn jailer_args(
         a.push("--lib".into());
         a.push(l.into());
     }
+    a.push("--detach".into());
     a.push("--".into());
     a.push(firerunner.into());
     a.extend(args);

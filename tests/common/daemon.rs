@@ -127,7 +127,7 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// firerunner processes this daemon started (children of its jailers).
+    /// firerunner processes this daemon started.
     pub fn firerunners(&self) -> Vec<u32> {
         descendants_named(self.child.id(), "firerunner")
     }

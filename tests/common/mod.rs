@@ -222,7 +222,7 @@ pub fn run_singlevm(scratch: &Scratch, extra: &[&str], input: &str, limit: Durat
 }
 
 /// PIDs of `ancestor`'s descendants whose command name is `name`: its
-/// children, and theirs (a jailed firerunner is a child of the jailer).
+/// children, and theirs.
 pub fn descendants_named(ancestor: u32, name: &str) -> Vec<u32> {
     // (pid, command name, parent pid) of every process.
     let mut procs = Vec::new();
