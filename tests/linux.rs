@@ -100,7 +100,20 @@ fn singlevm(s: &Scratch, name: &str, args: &[String], input: &str) -> (Outcome, 
         .env("TMPDIR", &s.0)
         .env("RUST_LOG", "info");
     let started = Instant::now();
-    let out = run_with_input(cmd, input.as_bytes().to_vec(), LIMIT);
+    // A run that times out panics; its message gets the VM's console (a
+    // guest that hangs says why there, if anywhere).
+    let run =
+        std::panic::AssertUnwindSafe(|| run_with_input(cmd, input.as_bytes().to_vec(), LIMIT));
+    let out = std::panic::catch_unwind(run).unwrap_or_else(|e| {
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "singlevm's run panicked".into());
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!("{name}: {why}\nconsole (last lines):\n{}", tail.join("\n"))
+    });
     eprintln!(
         "{name}: singlevm exited {:?} after {:?}",
         out.code(),
