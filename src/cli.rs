@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser};
 
+use crate::control::RestoreRequest;
 use crate::jail::{JailOptions, DEFAULT_JAIL_DIR, DEFAULT_UID_BASE, DEFAULT_UID_COUNT};
 use crate::vmm::config::{
     BootConfig, Copies, RestoreConfig, RestoreMemory, Start, VmConfig, DEFAULT_KERNEL_ARGS,
@@ -48,6 +49,12 @@ pub enum FlagError {
         "--cpu_template cannot be used with --load_dir: a snapshot keeps the CPUID it was taken with"
     )]
     TemplateAtRestore,
+    #[error("a shell restores a snapshot: `restore` needs at least one layer")]
+    ShellWithoutLayers,
+    #[error(
+        "snapshot layer {0:?}: a layer path cannot hold a comma (layer lists are comma lists)"
+    )]
+    CommaInLayer(String),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -322,6 +329,72 @@ impl FirerunnerArgs {
             a.push("--force_exit".into());
         }
         a
+    }
+}
+
+/// `firerunner shell`: a VM of a given shape, built before anyone knows
+/// which snapshot it will run (see src/vmm/shell.rs).
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "firerunner shell",
+    about = "Build a VM shell (VM, vCPUs, memory slots) and restore the snapshot a `restore` \
+             command names into it"
+)]
+pub struct ShellArgs {
+    /// Guest memory in MiB: only snapshots of this size restore.
+    #[arg(long = "mem_size", alias = "mem-size", default_value_t = 128)]
+    pub mem_size: u64,
+    /// Number of vCPUs: only snapshots with this many restore.
+    #[arg(long = "vcpu_count", alias = "vcpu-count", default_value_t = 1)]
+    pub vcpu_count: u64,
+    /// As firerunner's: the memory slots then keep a dirty log.
+    #[arg(long = "snapshot_dir", alias = "snapshot-dir")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// As firerunner's.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// As firerunner's.
+    #[arg(long = "vsock_uds", alias = "vsock-uds")]
+    pub vsock_uds: Option<PathBuf>,
+    /// The control channel the `restore` command comes on (required).
+    #[arg(long = "control_fd", alias = "control-fd")]
+    pub control_fd: i32,
+    /// As firerunner's.
+    #[arg(long = "no_seccomp", alias = "no-seccomp")]
+    pub no_seccomp: bool,
+}
+
+impl ShellArgs {
+    /// The VM a shell of this shape becomes for `r`: the same checks as
+    /// firerunner's own flags ([`VmArgs::vm_config`]).
+    pub fn vm_config(&self, r: &RestoreRequest) -> Result<VmConfig, FlagError> {
+        if r.layers.is_empty() {
+            return Err(FlagError::ShellWithoutLayers);
+        }
+        let layers: Vec<String> = r.layers.iter().map(|l| l.display().to_string()).collect();
+        if let Some(l) = layers.iter().find(|l| l.contains(',')) {
+            return Err(FlagError::CommaInLayer(l.clone()));
+        }
+        let args = VmArgs {
+            kernel: PathBuf::new(),
+            kernel_args: None,
+            rootfs: r.rootfs.clone(),
+            appfs: r.appfs.clone(),
+            mem_size: self.mem_size,
+            vcpu_count: self.vcpu_count,
+            id: r.id.unwrap_or(DEFAULT_CID),
+            load_dir: Some(layers.join(",")),
+            diff_dirs: None,
+            dump_dir: None,
+            snapshot_dir: self.snapshot_dir.clone(),
+            dump_ws: r.dump_ws.clone(),
+            load_ws: r.load_ws,
+            copy_base: r.copy_base,
+            copy_diff: r.copy_diff,
+            cpu_template: None,
+            no_seccomp: self.no_seccomp,
+        };
+        args.vm_config(self.console.clone(), self.vsock_uds.clone())
     }
 }
 

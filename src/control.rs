@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -56,6 +57,13 @@ pub enum Event {
     WsFailed { us: u64, reason: String },
     /// A `snapshot` command was refused or failed; the VM runs on.
     SnapshotFailed { us: u64, reason: String },
+    /// A shell (`firerunner shell`) has its VM, vCPUs and memory slots
+    /// and waits for `restore`.
+    ShellReady { us: u64 },
+    /// A `restore` command was refused before the shell was touched; the
+    /// shell waits for another. (A snapshot refused while it is restored
+    /// ends the shell, with the reason in `exit`.)
+    RestoreFailed { us: u64, reason: String },
     /// The VM ended; `code` is firerunner's exit code.
     Exit { code: i32, reason: String },
 }
@@ -77,6 +85,32 @@ pub enum Command {
     /// restored, as after any restore. Answered with `snapshot_written` or
     /// `snapshot_failed`.
     Snapshot { name: String, then: AfterSnapshot },
+    /// To a shell: restore the snapshot `layers` (bottom first) into it,
+    /// with the flags of the same names (`--rootfs`, `--appfs`, `--id`,
+    /// `--copy_base`, `--copy_diff`, `--load_ws`, `--dump_ws`). Answered
+    /// with `ready`, and the guest's connection, or `restore_failed`.
+    Restore(RestoreRequest),
+}
+
+/// What a `restore` command restores; see [`Command::Restore`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub rootfs: PathBuf,
+    #[serde(default)]
+    pub appfs: Option<PathBuf>,
+    pub layers: Vec<PathBuf>,
+    #[serde(default)]
+    pub id: Option<u64>,
+    #[serde(default)]
+    pub copy_base: bool,
+    #[serde(default)]
+    pub copy_diff: bool,
+    #[serde(default)]
+    pub load_ws: bool,
+    /// `--dump_ws [DIR]`: `""` records into the top layer.
+    #[serde(default)]
+    pub dump_ws: Option<String>,
 }
 
 /// What a VM does after a `snapshot` command wrote its layer.

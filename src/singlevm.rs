@@ -71,6 +71,9 @@ fn log_event(e: Event) {
         } => log::info!("working set written to {dir}: {pages} pages, {faults} faults"),
         Event::WsFailed { reason, .. } => log::error!("working set not written: {reason}"),
         Event::SnapshotFailed { reason, .. } => log::error!("snapshot not written: {reason}"),
+        // singlevm starts no shells.
+        Event::ShellReady { us } => log::info!("shell ready in: {us} us"),
+        Event::RestoreFailed { reason, .. } => log::error!("restore refused: {reason}"),
         Event::Exit { code, reason } => log::info!("firerunner exited {code}: {reason}"),
     }
 }

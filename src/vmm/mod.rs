@@ -2,7 +2,8 @@
 //! boot, devices and the device event loop.
 //!
 //! Rooms: [`config`] says what to build; [`boot`] builds a fresh VM and
-//! [`restore`] rebuilds one from snapshot layers; [`runner`] runs either
+//! [`restore`] rebuilds one from snapshot layers (into a [`shell`] built
+//! ahead, or a new VM); [`runner`] runs either
 //! until it ends; [`capture`] writes a snapshot of a running VM, whose
 //! state is the tree of [`persist::Persist`] states of its parts (each
 //! saved and restored beside its own code: [`vcpu`], [`vm`], [`memory`],
@@ -21,6 +22,7 @@ pub mod persist;
 pub(crate) mod restore;
 pub mod runner;
 pub mod seccomp;
+pub mod shell;
 pub(crate) mod vcpu;
 pub(crate) mod vm;
 pub(crate) mod x86_64;

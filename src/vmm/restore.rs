@@ -10,7 +10,9 @@
 //! milliseconds (mostly `KVM_SET_USER_MEMORY_REGION`), so they run on a
 //! helper thread while this one reads and checks the state files; the diff
 //! layers' ranges reach it once the top state file is read. A refusal
-//! simply drops that VM.
+//! simply drops that VM. Restored into a shell ([`super::shell`]), the VM,
+//! its vCPUs and its registered memory are already there: the helper
+//! thread only fills the memory, once every check has passed.
 
 use std::fs::File;
 use std::path::Path;
@@ -26,6 +28,7 @@ use super::memory::restore::{self as fill, FillError, RestorePlan};
 use super::memory::{self, MemoryError};
 use super::persist::{MicrovmState, Persist};
 use super::runner::{legacy_bus, BuiltVm, Wiring, SPAWN_TIME_ENV};
+use super::shell::Shell;
 use super::vcpu::{Vcpu, VcpuError};
 use super::vm::{KvmVm, KvmVmError};
 use crate::snapshot::disk::{self, DiskError};
@@ -69,12 +72,13 @@ pub enum RestoreError {
     Panicked,
 }
 
-/// Builds the VM restored from `r.layers`; returns it and the rootfs
-/// identity the snapshot was checked against.
+/// Builds the VM restored from `r.layers` (into `shell`, when given);
+/// returns it and the rootfs identity the snapshot was checked against.
 pub(super) fn restore(
     config: &VmConfig,
     r: &RestoreConfig,
     wiring: &Wiring,
+    shell: Option<Shell>,
 ) -> Result<(BuiltVm, DiskIdentity), RestoreError> {
     let mut phases = Phases::new(wiring.start);
     let top = r.top();
@@ -89,16 +93,30 @@ pub(super) fn restore(
     // The VM and its memory, on a helper thread.
     let (plan_tx, plan_rx) = crossbeam_channel::bounded::<RestorePlan>(1);
     let (thread_r, mem_mib, log_dirty) = (r.clone(), config.mem_mib, config.snapshots());
+    let (shell_vm, shell_vcpus) = match shell {
+        Some(s) => (Some((s.vm, s.mem, s.log_dirty)), Some(s.vcpus)),
+        None => (None, None),
+    };
     let memory_thread = std::thread::Builder::new()
         .name("restore-memory".into())
         .spawn(move || -> Result<_, RestoreError> {
             let t = Instant::now();
-            let vm = KvmVm::new()?;
-            let t_vm = t.elapsed();
-            let filled = fill::fill(&thread_r, mem_mib, base_file, plan_rx)?;
-            let t_slots = Instant::now();
-            vm.register_memory(&filled.mem, log_dirty)?;
-            Ok((vm, filled, t_vm, t_slots.elapsed()))
+            let Some((vm, mem, shell_logs)) = shell_vm else {
+                let vm = KvmVm::new()?;
+                let t_vm = t.elapsed();
+                let filled = fill::fill(&thread_r, mem_mib, base_file, plan_rx, None)?;
+                let t_slots = Instant::now();
+                vm.register_memory(&filled.mem, log_dirty)?;
+                return Ok((vm, filled, t_vm, t_slots.elapsed()));
+            };
+            let filled = fill::fill(&thread_r, mem_mib, base_file, plan_rx, Some(mem))?;
+            if shell_logs {
+                // Nothing has run yet, so the log should be clean; a diff
+                // layer must not hold the restore's own writes, whatever
+                // KVM counted.
+                vm.take_dirty_log(&filled.mem)?;
+            }
+            Ok((vm, filled, Duration::ZERO, Duration::ZERO))
         })
         .map_err(RestoreError::Thread)?;
 
@@ -139,12 +157,20 @@ pub(super) fn restore(
     // KVM state: irqchip and PIT, then the vCPUs, then kvmclock.
     check_vcpu_limit(&vm, config.vcpus)?;
     vm.restore(&state.vm)?;
-    let msrs = Arc::new(vm.msr_index_list()?);
-    let mut vcpus = Vec::new();
-    for s in &state.vcpus {
-        let mut vcpu = Vcpu::new(vm.fd(), s.id, msrs.clone())?;
+    let mut vcpus = match shell_vcpus {
+        Some(v) => v,
+        None => {
+            let msrs = Arc::new(vm.msr_index_list()?);
+            state
+                .vcpus
+                .iter()
+                .map(|s| Vcpu::new(vm.fd(), s.id, msrs.clone()))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    // check_snapshot_shape: the states are those of vCPUs 0..n, in order.
+    for (vcpu, s) in vcpus.iter_mut().zip(&state.vcpus) {
         vcpu.restore(s)?;
-        vcpus.push(vcpu);
     }
     let clock = vm.restore_clock(&state.vm)?;
     phases.mark("KVM state");

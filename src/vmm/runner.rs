@@ -35,6 +35,7 @@ use super::layout;
 use super::memory::{GuestMemoryMmap, WsRuntime};
 use super::restore::{self, RestoreError};
 use super::seccomp::{self, SeccompError, ThreadClass};
+use super::shell::Shell;
 use super::vcpu::{self, Vcpu, VcpuContext, VcpuError, Vcpus};
 use super::vm::KvmVm;
 use super::VmExit;
@@ -78,6 +79,8 @@ pub enum StartError {
     Rootfs(#[from] disk::DiskError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error("a shell restores a snapshot; it cannot boot a kernel")]
+    BootInShell,
 }
 
 fn host_ram_mib() -> u64 {
@@ -166,26 +169,33 @@ pub mod hooks {
     }
 }
 
-/// Builds the VM `config` describes — booted, or restored — runs it and
-/// returns why it ended. `start` is when the process started (for timing
-/// logs); `control`, when given, is the channel to the controller that
-/// spawned us.
-pub fn run(
-    config: &VmConfig,
-    start: Instant,
-    control: Option<Arc<Channel>>,
-) -> Result<VmExit, StartError> {
-    // Termination signals are taken through a signalfd: block them before
-    // any other thread exists so every thread inherits the mask.
+/// The termination signals (SIGTERM, SIGINT, SIGHUP) blocked and taken
+/// through a signalfd. Called before any other thread exists, so that
+/// every thread inherits the mask.
+pub fn termination_signals() -> Result<SignalFd, StartError> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     signals.thread_block().map_err(StartError::Signals)?;
+    SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(StartError::Signals)
+}
+
+/// Builds the VM `config` describes — booted, or restored (into `shell`
+/// when given) — runs it and returns why it ended. `start` is when the
+/// process started (for timing logs); `control`, when given, is the
+/// channel to the controller that spawned us; `signal_fd` is
+/// [`termination_signals`]'.
+pub fn run(
+    config: &VmConfig,
+    start: Instant,
+    control: Option<Arc<Channel>>,
+    signal_fd: SignalFd,
+    shell: Option<Shell>,
+) -> Result<VmExit, StartError> {
     #[cfg(feature = "test-hooks")]
     hooks::start_hog();
-    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(StartError::Signals)?;
 
     let host_mib = host_ram_mib();
     if config.mem_mib > host_mib {
@@ -224,10 +234,11 @@ pub fn run(
             .as_ref()
             .map(|_| Wake::new(snap_tx.clone(), &waker)),
     };
-    let (built, rootfs_identity) = match &config.start {
-        Start::Boot(b) => (boot::boot(config, b, &wiring)?, None),
-        Start::Restore(r) => {
-            let (built, id) = restore::restore(config, r, &wiring)?;
+    let (built, rootfs_identity) = match (&config.start, shell) {
+        (Start::Boot(b), None) => (boot::boot(config, b, &wiring)?, None),
+        (Start::Boot(_), Some(_)) => return Err(StartError::BootInShell),
+        (Start::Restore(r), shell) => {
+            let (built, id) = restore::restore(config, r, &wiring, shell)?;
             (built, Some(id))
         }
     };
@@ -253,6 +264,7 @@ pub fn run(
     if let Some(c) = &control {
         event_manager.add_subscriber(Arc::new(Mutex::new(ControlCommands {
             channel: c.clone(),
+            start,
             pending: Vec::new(),
             exit: exit.clone(),
             ws_done: ws_tx.clone(),
@@ -700,6 +712,8 @@ impl MutEventSubscriber for Signals {
 /// The controller's commands; its channel closing stops the VM.
 struct ControlCommands {
     channel: Arc<Channel>,
+    /// When firerunner started (event times).
+    start: Instant,
     pending: Vec<u8>,
     exit: Wake<VmExit>,
     ws_done: Sender<()>,
@@ -721,6 +735,11 @@ impl MutEventSubscriber for ControlCommands {
                         Command::Snapshot { name, then } => {
                             let _ = self.snapshot.send((name, then));
                         }
+                        Command::Restore(_) => self.channel.send(&Event::RestoreFailed {
+                            us: self.start.elapsed().as_micros() as u64,
+                            reason: "this firerunner runs a VM already: only a shell restores"
+                                .into(),
+                        }),
                     }
                 }
                 false

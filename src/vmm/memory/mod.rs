@@ -100,6 +100,13 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
 /// zeros where its memory was.
 pub fn create_for_fault_handler(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mem = create(mem_mib)?;
+    no_huge_pages(&mem)?;
+    Ok(mem)
+}
+
+/// Makes anonymous guest memory that no one has touched yet fit for a
+/// userfaultfd handler (see [`create_for_fault_handler`]).
+pub fn no_huge_pages(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for region in mem.iter() {
         // SAFETY: the range is exactly one anonymous mapping that `mem`
         // owns; MADV_NOHUGEPAGE only changes how later faults are backed,
@@ -115,7 +122,7 @@ pub fn create_for_fault_handler(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryE
             return Err(MemoryError::NoHugePages(std::io::Error::last_os_error()));
         }
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Lazy restore: each region maps its part of `file` copy-on-write

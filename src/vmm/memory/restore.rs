@@ -89,25 +89,53 @@ pub struct Filled {
 /// once, then — once the state file is checked and `plan` arrives — the
 /// diff layers over it; or, for the working-set modes, anonymous memory
 /// behind the fault handler.
+///
+/// `shell`: a shell's memory (anonymous, never touched, already registered
+/// with KVM) to fill in place instead, at the same host addresses; it is
+/// left untouched until the plan arrives, so that a refused restore
+/// leaves it as it was. A file mapped over part of a registered slot
+/// (`MAP_FIXED`) is what the guest sees from then on (KVM follows the
+/// host's page tables through its MMU notifier).
 pub fn fill(
     r: &RestoreConfig,
     mem_mib: u64,
     base_file: File,
     plan: Receiver<RestorePlan>,
+    shell: Option<GuestMemoryMmap>,
 ) -> Result<Filled, FillError> {
     let t = Instant::now();
     let copies = r.memory.copies();
-    let mem = if r.memory.uses_fault_handler() {
-        super::create_for_fault_handler(mem_mib)?
-    } else if copies.base {
-        let ranges = super::data_ranges(&base_file)?;
-        super::copy_snapshot(&base_file, mem_mib, &ranges)?
-    } else {
-        super::map_snapshot(&base_file, mem_mib)?
-    };
-    let t_mem = t.elapsed();
     // Nothing to wait for if the main thread gave up (a refusal).
-    let plan = plan.recv().map_err(|_| FillError::Abandoned)?;
+    let recv_plan = || plan.recv().map_err(|_| FillError::Abandoned);
+    // (memory, plan, time mapping the base, time waiting for the plan)
+    let (mem, plan, t_map, t_wait) = match shell {
+        None => {
+            let mem = if r.memory.uses_fault_handler() {
+                super::create_for_fault_handler(mem_mib)?
+            } else if copies.base {
+                let ranges = super::data_ranges(&base_file)?;
+                super::copy_snapshot(&base_file, mem_mib, &ranges)?
+            } else {
+                super::map_snapshot(&base_file, mem_mib)?
+            };
+            let t_map = t.elapsed();
+            let plan = recv_plan()?;
+            (mem, plan, t_map, t.elapsed() - t_map)
+        }
+        Some(mem) => {
+            let plan = recv_plan()?;
+            let t_wait = t.elapsed();
+            if r.memory.uses_fault_handler() {
+                super::no_huge_pages(&mem)?;
+            } else if copies.base {
+                super::copy_ranges(&mem, &base_file, &super::data_ranges(&base_file)?)?;
+            } else {
+                let all = [(0, mem_mib << 20)];
+                super::overlay_ranges(&mem, &base_file, &all, usize::MAX)?;
+            }
+            (mem, plan, t.elapsed() - t_wait, t_wait)
+        }
+    };
     let t_plan = t.elapsed();
     let ws = if r.memory.uses_fault_handler() {
         // --load_ws with copies: those layers go in first, bottom up, so a
@@ -172,6 +200,6 @@ pub fn fill(
     Ok(Filled {
         mem,
         ws,
-        timings: [t_mem, t_plan - t_mem, t_layers - t_plan],
+        timings: [t_map, t_wait, t_layers - t_plan],
     })
 }
