@@ -1,0 +1,122 @@
+//! Restore into a VM shell against a fresh restore, interleaved (issue
+//! 21's benchmark): testguest `count`, 128 MiB, 1 vCPU, its full snapshot
+//! restored lazily. Fresh: spawning firerunner with `--load_dir` → the
+//! guest's first answer. Shell: a `firerunner shell` that reported ready
+//! (VM, vCPU and memory slots made ahead) → `restore` sent → the guest's
+//! first answer. Prints every sample's median, p10 and p90 and the ratio.
+//!
+//!   cargo bench --bench shell [-- RUNS]     (default 30; root, /dev/kvm)
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{app_image, firerunner, testguest, Scratch};
+use snapvm::control::{AfterSnapshot, Command, Event, RestoreRequest};
+use snapvm::launcher::{self, Launch, VmProcess};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn launch(args: Vec<OsString>) -> Launch {
+    Launch {
+        firerunner: PathBuf::from(firerunner()),
+        vm_args: args,
+        console: None,
+        jail: None,
+    }
+}
+
+/// Waits for the guest, then times its first answer; returns when it came.
+fn first_answer(mut vm: VmProcess) -> Instant {
+    let agent = vm.wait_for_guest(LIMIT).expect("the guest connects");
+    let deadline = Some(Instant::now() + LIMIT);
+    launcher::handshake(&agent, deadline).expect("handshake");
+    vm.call(&agent, b"{}", deadline).expect("an answer");
+    Instant::now()
+}
+
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    sorted[(sorted.len() - 1) * p / 100]
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(30);
+    let s = Scratch::new("bench-shell");
+    let rootfs = s.file("rootfs.img", &[7u8; 4096]);
+    let app = app_image(&s, "count.img", &["fn=count"]);
+    let snaps = s.path("snaps");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let base: Vec<OsString> = vec![
+        "--kernel".into(),
+        testguest().into(),
+        "--rootfs".into(),
+        rootfs.clone().into(),
+        "--appfs".into(),
+        app.clone().into(),
+    ];
+    // The snapshot: booted, one answer, snapshotted.
+    let mut args = base.clone();
+    args.extend(["--snapshot_dir".into(), snaps.clone().into()]);
+    let mut vm = VmProcess::spawn(&launch(args)).unwrap();
+    let agent = vm.wait_for_guest(LIMIT).unwrap();
+    launcher::handshake(&agent, None).unwrap();
+    vm.call(&agent, b"{}", None).unwrap();
+    vm.command(&Command::Snapshot {
+        name: "one".into(),
+        then: AfterSnapshot::Exit,
+    })
+    .unwrap();
+    assert!(vm.wait_for_exit(LIMIT).unwrap().success());
+    let snap: &Path = &snaps.join("one");
+
+    let mut fresh = Vec::new();
+    let mut shell = Vec::new();
+    for i in 0..runs {
+        for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if which == 0 {
+                let mut args = base.clone();
+                args.extend(["--load_dir".into(), snap.into()]);
+                let t = Instant::now();
+                let vm = VmProcess::spawn(&launch(args)).unwrap();
+                fresh.push((first_answer(vm) - t).as_secs_f64() * 1e3);
+            } else {
+                let a = vec!["shell".into(), "--mem_size".into(), "128".into()];
+                let sh = VmProcess::spawn(&launch(a)).unwrap();
+                match sh.events().recv_deadline(Instant::now() + LIMIT) {
+                    Ok(Event::ShellReady { .. }) => {}
+                    other => panic!("shell not ready: {other:?}"),
+                }
+                let t = Instant::now();
+                sh.command(&Command::Restore(RestoreRequest {
+                    rootfs: rootfs.clone(),
+                    appfs: Some(app.clone()),
+                    layers: vec![snap.to_path_buf()],
+                    ..Default::default()
+                }))
+                .unwrap();
+                shell.push((first_answer(sh) - t).as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let report = |name: &str, v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let m = percentile(v, 50);
+        println!(
+            "{name:<44} median {m:6.2} ms  p10 {:6.2}  p90 {:6.2}  (n={})",
+            percentile(v, 10),
+            percentile(v, 90),
+            v.len()
+        );
+        m
+    };
+    println!("restore of a 128 MiB testguest snapshot → first answer, interleaved:");
+    let f = report("fresh firerunner --load_dir", &mut fresh);
+    let sh = report("restore command to a ready shell", &mut shell);
+    println!("shell / fresh: x{:.2}", sh / f);
+}
