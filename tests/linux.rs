@@ -544,3 +544,56 @@ fn a_corrupt_layer_and_a_foreign_working_set_are_refused() {
         "belongs to another snapshot",
     );
 }
+
+/// A python3 function restored into a VM shell (`firerunner shell`, built
+/// before the snapshot was named): lazily, and with its working set,
+/// it answers its fixtures as the host tests do, as a fresh restore does.
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn python3_functions_restored_into_shells_answer_their_fixtures() {
+    use snapvm::control::{Command, Event, RestoreRequest};
+    use snapvm::launcher::{self, Launch, VmProcess};
+    for (f, load_ws) in [
+        ("hello-python3", false),
+        ("wordcount-python3", false),
+        ("wordcount-python3", true),
+    ] {
+        let t = tree();
+        let launch = Launch {
+            firerunner: bin("firerunner"),
+            vm_args: vec!["shell".into()],
+            console: None,
+            jail: None,
+        };
+        let mut vm = VmProcess::spawn(&launch).expect("spawn firerunner shell");
+        match vm.events().recv_deadline(Instant::now() + LIMIT) {
+            Ok(Event::ShellReady { .. }) => {}
+            other => panic!("{f}: the shell is not ready: {other:?}"),
+        }
+        vm.command(&Command::Restore(RestoreRequest {
+            rootfs: t.join(format!("images/{}.ext4", language(f))),
+            appfs: Some(app_of(f)),
+            layers: vec![t.join(language(f)), t.join("diff").join(f)],
+            load_ws,
+            ..Default::default()
+        }))
+        .unwrap();
+        let agent = vm
+            .wait_for_guest(LIMIT)
+            .unwrap_or_else(|e| panic!("{f}: {e}{}", vm.failure_detail()));
+        let deadline = Some(Instant::now() + LIMIT);
+        launcher::handshake(&agent, deadline).expect("handshake");
+        let got: Vec<Value> = requests(f)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let body = vm
+                    .call(&agent, l.as_bytes(), deadline)
+                    .unwrap_or_else(|e| panic!("{f}: {e}{}", vm.failure_detail()));
+                serde_json::from_slice(&body).expect("JSON")
+            })
+            .collect();
+        assert_eq!(got, expected(f), "{f} (load_ws {load_ws}) in a shell");
+        eprintln!("{f}: answered from a shell (load_ws {load_ws})");
+    }
+}
