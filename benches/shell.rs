@@ -93,12 +93,12 @@ fn main() {
                     other => panic!("shell not ready: {other:?}"),
                 }
                 let t = Instant::now();
-                sh.command(&Command::Restore(RestoreRequest {
+                sh.restore(&RestoreRequest {
                     rootfs: rootfs.clone(),
                     appfs: Some(app.clone()),
                     layers: vec![snap.to_path_buf()],
                     ..Default::default()
-                }))
+                })
                 .unwrap();
                 shell.push((first_answer(sh) - t).as_secs_f64() * 1e3);
             }

@@ -365,6 +365,33 @@ pub struct ShellArgs {
 }
 
 impl ShellArgs {
+    /// The same command line after `shell`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "--mem_size".into(),
+            self.mem_size.to_string().into(),
+            "--vcpu_count".into(),
+            self.vcpu_count.to_string().into(),
+            "--control_fd".into(),
+            self.control_fd.to_string().into(),
+        ];
+        let paths = [
+            ("--snapshot_dir", &self.snapshot_dir),
+            ("--console", &self.console),
+            ("--vsock_uds", &self.vsock_uds),
+        ];
+        for (name, path) in paths {
+            if let Some(p) = path {
+                a.push(name.into());
+                a.push(p.into());
+            }
+        }
+        if self.no_seccomp {
+            a.push("--no_seccomp".into());
+        }
+        a
+    }
+
     /// The VM a shell of this shape becomes for `r`: the same checks as
     /// firerunner's own flags ([`VmArgs::vm_config`]).
     pub fn vm_config(&self, r: &RestoreRequest) -> Result<VmConfig, FlagError> {

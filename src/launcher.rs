@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
-use crate::control::{self, Event};
+use crate::control::{self, Event, RestoreRequest};
 use crate::jail::{self, JailError, JailOptions, Slot};
 use crate::protocol::{self, ProtocolError, AGENT_PORT};
 
@@ -554,6 +554,17 @@ impl VmProcess {
             self.process.kill();
             let _ = self.wait();
         }
+    }
+
+    /// Tells a shell (`firerunner shell`) to restore `r`; a jailed shell
+    /// first gets `r`'s files in its jail ([`jail::stage_restore`]).
+    pub fn restore(&self, r: &RestoreRequest) -> Result<(), LaunchError> {
+        let staged = match &self.jail {
+            Some(slot) => jail::stage_restore(&slot.dir(), slot.uid(), r)?,
+            None => r.clone(),
+        };
+        self.command(&control::Command::Restore(staged))
+            .map_err(LaunchError::Control)
     }
 
     /// Sends `cmd` to firerunner over the control channel.

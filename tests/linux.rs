@@ -551,7 +551,7 @@ fn a_corrupt_layer_and_a_foreign_working_set_are_refused() {
 #[test]
 #[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
 fn python3_functions_restored_into_shells_answer_their_fixtures() {
-    use snapvm::control::{Command, Event, RestoreRequest};
+    use snapvm::control::{Event, RestoreRequest};
     use snapvm::launcher::{self, Launch, VmProcess};
     for (f, load_ws) in [
         ("hello-python3", false),
@@ -570,13 +570,13 @@ fn python3_functions_restored_into_shells_answer_their_fixtures() {
             Ok(Event::ShellReady { .. }) => {}
             other => panic!("{f}: the shell is not ready: {other:?}"),
         }
-        vm.command(&Command::Restore(RestoreRequest {
+        vm.restore(&RestoreRequest {
             rootfs: t.join(format!("images/{}.ext4", language(f))),
             appfs: Some(app_of(f)),
             layers: vec![t.join(language(f)), t.join("diff").join(f)],
             load_ws,
             ..Default::default()
-        }))
+        })
         .unwrap();
         let agent = vm
             .wait_for_guest(LIMIT)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::{app_image, firerunner, testguest, Scratch};
 use serde_json::Value;
 use snapvm::control::{AfterSnapshot, Command, Event, RestoreRequest};
+use snapvm::jail::JailOptions;
 use snapvm::launcher::{self, Launch, VmProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -105,8 +106,14 @@ fn shell(extra: &[&str]) -> VmProcess {
     }
 }
 
+/// The rootfs every VM here uses, written once: rewriting it under a VM
+/// that reads or verifies it would change its disk.
 fn rootfs(s: &Scratch) -> PathBuf {
-    s.file("rootfs.img", &[7u8; 4096])
+    let path = s.path("rootfs.img");
+    if !path.exists() {
+        s.file("rootfs.img", &[7u8; 4096]);
+    }
+    path
 }
 
 fn request(s: &Scratch, app: &Path, layers: &[&Path]) -> RestoreRequest {
@@ -120,7 +127,7 @@ fn request(s: &Scratch, app: &Path, layers: &[&Path]) -> RestoreRequest {
 
 /// `shell` restored as `r` asks, connected.
 fn restore(process: VmProcess, r: RestoreRequest) -> Vm {
-    process.command(&Command::Restore(r)).unwrap();
+    process.restore(&r).unwrap();
     Vm::connect(process)
 }
 
@@ -239,11 +246,8 @@ fn two_shells_restored_from_one_snapshot_differ_in_randomness() {
     vm.snapshot_and_exit("r");
     let r = snaps.join("r");
     let (one, other) = (shell(&[]), shell(&[]));
-    one.command(&Command::Restore(request(&s, &app, &[&r])))
-        .unwrap();
-    other
-        .command(&Command::Restore(request(&s, &app, &[&r])))
-        .unwrap();
+    one.restore(&request(&s, &app, &[&r])).unwrap();
+    other.restore(&request(&s, &app, &[&r])).unwrap();
     let (mut one, mut other) = (Vm::connect(one), Vm::connect(other));
     let (x, y) = (one.call("{}"), other.call("{}"));
     assert!(x["random"].is_string(), "{x}");
@@ -256,7 +260,7 @@ fn bad_restore_commands_are_refused_and_the_shell_waits_for_a_good_one() {
     let (app, two, diff, want) = count_snapshots(&s);
     let sh = shell(&[]);
     let refused = |sh: &VmProcess, r: RestoreRequest, why: &str| {
-        sh.command(&Command::Restore(r)).unwrap();
+        sh.restore(&r).unwrap();
         match sh.events().recv_deadline(Instant::now() + LIMIT) {
             Ok(Event::RestoreFailed { reason, .. }) => {
                 assert!(reason.contains(why), "{reason:?} does not say {why:?}")
@@ -287,9 +291,7 @@ fn bad_restore_commands_are_refused_and_the_shell_waits_for_a_good_one() {
     // A running VM is no shell.
     let mut vm = restore(sh, request(&s, &app, &[&two, &diff]));
     assert_eq!(vm.call("{}"), want[3]);
-    vm.process
-        .command(&Command::Restore(request(&s, &app, &[&two])))
-        .unwrap();
+    vm.process.restore(&request(&s, &app, &[&two])).unwrap();
     let reason = vm.event("restore_failed", |e| match e {
         Event::RestoreFailed { reason, .. } => Some(reason),
         _ => None,
@@ -301,7 +303,7 @@ fn bad_restore_commands_are_refused_and_the_shell_waits_for_a_good_one() {
 /// What a shell that cannot restore `r` says as it exits.
 fn ends_with(r: RestoreRequest, shell_flags: &[&str]) -> String {
     let mut sh = shell(shell_flags);
-    sh.command(&Command::Restore(r)).unwrap();
+    sh.restore(&r).unwrap();
     let status = sh.wait_for_exit(LIMIT).expect("the shell exits");
     assert_eq!(status.code(), Some(1), "{}", sh.failure_detail());
     sh.failure_detail()
@@ -330,4 +332,100 @@ fn a_snapshot_a_shell_cannot_restore_ends_it_with_the_reason() {
     r.rootfs = s.file("other-rootfs.img", &[8u8; 8192]);
     let why = ends_with(r, &[]);
     assert!(why.contains("rootfs"), "{why}");
+}
+
+fn jail_options(s: &Scratch) -> JailOptions {
+    JailOptions {
+        jailer: PathBuf::from(env!("CARGO_BIN_EXE_jailer")),
+        base: s.path("jails"),
+        uid_base: 720_000 + (std::process::id() % 10_000) * 16,
+        uid_count: 16,
+        vm_overhead_mib: snapvm::multivm::config::DEFAULT_VM_OVERHEAD_MIB,
+    }
+}
+
+/// A jailed shell is shown the layers and disks of its restore through its
+/// inbox (read-only bind mounts the controller makes after the shell
+/// started), restores lazily or with a working set, and when it ends its
+/// jail goes without taking a byte of the snapshot with it.
+#[test]
+fn a_jailed_shell_restores_what_its_controller_shows_it_and_the_layers_stay_whole() {
+    let s = Scratch::new("shell-jail");
+    let (app, two, diff, want) = count_snapshots(&s);
+    let jail = jail_options(&s);
+    let jailed = || {
+        let a = vec!["shell".into(), "--mem_size".into(), "128".into()];
+        let process = VmProcess::spawn(&Launch {
+            jail: Some(jail.clone()),
+            ..launch(a)
+        })
+        .expect("spawn a jailed shell");
+        match process.events().recv_deadline(Instant::now() + LIMIT) {
+            Ok(Event::ShellReady { .. }) => process,
+            other => panic!("the jailed shell is not ready: {other:?}"),
+        }
+    };
+    let before: Vec<(PathBuf, u64)> = [&two, &diff]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.clone(), std::fs::metadata(&p).unwrap().len()))
+        .collect();
+
+    let mut vm = restore(jailed(), request(&s, &app, &[&two, &diff]));
+    assert_eq!(vm.call("{}"), want[3]);
+    // It runs as a uid of the jail's range (other tests' VMs run as root).
+    let uids = jail.uid_base..jail.uid_base + jail.uid_count;
+    let jailed_vms = common::descendants_named(std::process::id(), "firerunner")
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|st| {
+            let line = st.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        .filter(|uid| uids.contains(uid))
+        .count();
+    assert_eq!(jailed_vms, 1, "the shell's VM is not jailed");
+    assert_eq!(vm.call("{}"), want[4]);
+    drop(vm);
+
+    // A working set recorded unjailed, loaded by a jailed shell.
+    let mut r = request(&s, &app, &[&two, &diff]);
+    r.dump_ws = Some(String::new());
+    let mut vm = restore(shell(&[]), r);
+    assert_eq!(vm.call("{}"), want[3]);
+    vm.process.command(&Command::WsDone).unwrap();
+    vm.event("ws_written", |e| match e {
+        Event::WsWritten { .. } => Some(()),
+        Event::WsFailed { reason, .. } => panic!("working set not written: {reason}"),
+        _ => None,
+    });
+    drop(vm);
+    let mut r = request(&s, &app, &[&two, &diff]);
+    r.load_ws = true;
+    let mut vm = restore(jailed(), r);
+    assert_eq!(vm.call("{}"), want[3], "working set loaded in a jail");
+    drop(vm);
+
+    // Recording a working set is refused before the shell hears of it.
+    let sh = jailed();
+    let mut r = request(&s, &app, &[&two]);
+    r.dump_ws = Some(String::new());
+    let e = sh.restore(&r).unwrap_err().to_string();
+    assert!(e.contains("cannot record a working set"), "{e}");
+    drop(sh);
+
+    for (path, len) in before {
+        let now = std::fs::metadata(&path).map(|m| m.len());
+        assert_eq!(now.ok(), Some(len), "{} changed", path.display());
+    }
+    let left: Vec<_> = std::fs::read_dir(s.path("jails"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "slots" && !n.starts_with("libraries-"))
+        .collect();
+    assert!(left.is_empty(), "jails left behind: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let jails = s.path("jails").display().to_string();
+    assert!(!mounts.contains(&jails), "inbox mounts left:\n{mounts}");
 }

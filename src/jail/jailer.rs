@@ -51,7 +51,7 @@ use nix::unistd::{chdir, chown, Gid, Pid, Uid};
 
 use super::cgroup::{Cgroup, CgroupError, Limits};
 use super::{JailError, Output, STAGING_LIST};
-use crate::cli::FirerunnerArgs;
+use crate::cli::{FirerunnerArgs, ShellArgs};
 use crate::control::{Channel, Event};
 
 /// Exit code of a jail that could not be set up (firerunner's for a
@@ -115,19 +115,6 @@ pub enum JailerError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "{path} is not readable by the VM's uid {uid} (mode {mode:o}, owner {owner}): a jailed VM \
-         opens its files as that uid; make it readable by others (chmod o+r{x}) or run without \
-         the jail (--no_jail; multivm: `jail: false`)",
-        x = if *dir { "x" } else { "" }
-    )]
-    Unreadable {
-        path: PathBuf,
-        uid: u32,
-        mode: u32,
-        owner: u32,
-        dir: bool,
-    },
     #[error("{0}: {1}")]
     Sys(String, nix::Error),
     #[error(transparent)]
@@ -156,6 +143,9 @@ struct Bind {
     jail: PathBuf,
     writable: bool,
     exec: bool,
+    /// A slave of the host's mount: mounts made under it on the host later
+    /// appear in the jail (a shell's inbox). Every other bind is private.
+    receives: bool,
 }
 
 /// The jail of one VM, ready to be entered.
@@ -173,47 +163,6 @@ struct Jail {
     fsize: u64,
     /// `--detach`: no parent-death signal (the parent is the caller).
     detach: bool,
-}
-
-/// Fails unless `uid` (whose gid is the same number) may read `path` and,
-/// for a directory (a snapshot layer), list it and read every file in it:
-/// inside the jail the VM opens them as that uid, and a refusal there
-/// would only name the in-jail path. Judged by the mode bits (ACLs are not
-/// consulted).
-fn check_readable(path: &Path, uid: u32) -> Result<(), JailerError> {
-    let check = |path: &Path, meta: &fs::Metadata| {
-        let dir = meta.is_dir();
-        let need = if dir { 0o5 } else { 0o4 };
-        let shift = if meta.uid() == uid {
-            6
-        } else if meta.gid() == uid {
-            3
-        } else {
-            0
-        };
-        if (meta.mode() >> shift) & need == need {
-            return Ok(());
-        }
-        Err(JailerError::Unreadable {
-            path: path.to_owned(),
-            uid,
-            mode: meta.mode() & 0o7777,
-            owner: meta.uid(),
-            dir,
-        })
-    };
-    let meta = fs::metadata(path).map_err(io("cannot bind", path))?;
-    check(path, &meta)?;
-    if meta.is_dir() {
-        for entry in fs::read_dir(path).map_err(io("cannot list", path))? {
-            let entry = entry.map_err(io("cannot list", path))?;
-            let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
-            if meta.is_file() {
-                check(&entry.path(), &meta)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn cstring(s: &OsStr) -> CString {
@@ -237,31 +186,112 @@ fn staging(dir: &Path, jail_dir: &Path, uid: u32) -> Result<PathBuf, JailerError
     Ok(staging)
 }
 
+/// firerunner's command line as the jailer reads it.
+pub enum Parsed {
+    Vm(Box<FirerunnerArgs>),
+    Shell(ShellArgs),
+}
+
+impl Parsed {
+    /// Parses `argv` (firerunner's, program name first).
+    fn parse(argv: &[OsString]) -> Result<Self, clap::Error> {
+        if argv.get(1).is_some_and(|a| a == "shell") {
+            ShellArgs::try_parse_from(&argv[1..]).map(Parsed::Shell)
+        } else {
+            FirerunnerArgs::try_parse_from(argv).map(|f| Parsed::Vm(Box::new(f)))
+        }
+    }
+
+    fn control_fd(&self) -> Option<RawFd> {
+        match self {
+            Parsed::Vm(f) => f.control_fd,
+            Parsed::Shell(s) => Some(s.control_fd),
+        }
+    }
+}
+
+fn ro(host: &Path, jail: &str) -> Bind {
+    Bind {
+        host: host.to_owned(),
+        jail: PathBuf::from(jail),
+        writable: false,
+        exec: false,
+        receives: false,
+    }
+}
+
+/// `--snapshot_dir`: snapshots on demand are written in place (the VM
+/// renames each into the directory itself), so the directory becomes the
+/// VM's, at `/snapshots`.
+fn snapshot_dir(d: &Path, uid: u32, binds: &mut Vec<Bind>) -> Result<PathBuf, JailerError> {
+    chown(d, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+        .map_err(sys(format!("cannot give {} to the VM", d.display())))?;
+    binds.push(Bind {
+        writable: true,
+        ..ro(d, "/snapshots")
+    });
+    Ok(PathBuf::from("/snapshots"))
+}
+
+/// A shell's inbox (see the module doc of src/jail/mod.rs): `DIR/inbox`
+/// bind-mounted onto itself as a shared mount of a peer group of its own,
+/// so that what the controller mounts under it later appears under the
+/// jail's `/inbox`, a slave copy (it never propagates back).
+fn inbox(jail_dir: &Path, binds: &mut Vec<Bind>) -> Result<(), JailerError> {
+    let inbox = jail_dir.join(super::INBOX);
+    fs::create_dir_all(&inbox).map_err(io("cannot create", &inbox))?;
+    let what = || format!("cannot make {} a shared mount", inbox.display());
+    mount(
+        Some(&inbox),
+        &inbox,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys(what()))?;
+    for flag in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+        mount(None::<&str>, &inbox, None::<&str>, flag, None::<&str>).map_err(sys(what()))?;
+    }
+    binds.push(Bind {
+        receives: true,
+        ..ro(&inbox, "/inbox")
+    });
+    Ok(())
+}
+
+/// Refuses what the VM's uid could not read among `binds`' read-only
+/// sources, before anything is made or given to the VM.
+fn check_all(binds: &[Bind], uid: u32) -> Result<(), JailerError> {
+    for b in binds.iter().filter(|b| !b.writable) {
+        super::check_readable(&b.host, uid)?;
+    }
+    Ok(())
+}
+
+/// The directory of the vsock sockets `uds`, at `/vsock`; returns the
+/// in-jail path of `uds`.
+fn vsock(uds: &Path, binds: &mut Vec<Bind>) -> Result<PathBuf, JailerError> {
+    let name = uds
+        .file_name()
+        .ok_or_else(|| JailerError::NoFileName(uds.to_owned()))?;
+    binds.push(Bind {
+        writable: true,
+        ..ro(uds.parent().unwrap_or(Path::new(".")), "/vsock")
+    });
+    Ok(Path::new("/vsock").join(name))
+}
+
 impl Jail {
-    /// Plans the jail for `args` and makes what lies outside it: the jail
-    /// directory, the staging directory, the console file and the cgroup.
-    fn prepare(args: &JailerArgs, fr: &FirerunnerArgs) -> Result<Self, JailerError> {
-        let uid = args.uid;
-        let jail_dir = &args.jail_dir;
-        let root = jail_dir.join("root");
-        fs::create_dir_all(&root).map_err(io("cannot create", &root))?;
-        let ro = |host: &Path, jail: &str| Bind {
-            host: host.to_owned(),
-            jail: PathBuf::from(jail),
-            writable: false,
-            exec: false,
-        };
-        let mut fr = fr.clone();
-        let mut binds = vec![Bind {
-            exec: true,
-            ..ro(Path::new(&args.firerunner[0]), "/firerunner")
-        }];
-        binds.extend(args.libs.iter().map(|lib| Bind {
-            host: lib.clone(),
-            jail: lib.clone(),
-            writable: false,
-            exec: true,
-        }));
+    /// A VM's own files (kernel, disks, layers, CPU template) at their
+    /// in-jail paths, checked readable, then its output directories (see
+    /// the layout in the module doc); rewrites `fr` to the in-jail paths.
+    /// Returns whether the VM writes up to its memory's size of files.
+    fn plan_vm(
+        args: &JailerArgs,
+        fr: &mut FirerunnerArgs,
+        binds: &mut Vec<Bind>,
+    ) -> Result<bool, JailerError> {
+        let (uid, jail_dir) = (args.uid, &args.jail_dir);
         let vm = &mut fr.vm;
         let layers = vm.layers();
         if layers.is_empty() {
@@ -289,11 +319,7 @@ impl Jail {
             vm.load_dir = Some(in_jail.join(","));
             vm.diff_dirs = None;
         }
-        // Every read-only bind is in place: refuse what the VM could not
-        // read before anything is made or given to it.
-        for b in &binds {
-            check_readable(&b.host, uid)?;
-        }
+        check_all(binds, uid)?;
         let out = |staging: &Path| Bind {
             writable: true,
             ..ro(staging, "/out")
@@ -326,32 +352,65 @@ impl Jail {
             vm.dump_ws = Some("/out".to_string());
             output = Some(Output::WorkingSet { staging, dir });
         }
-        // On-demand snapshots are written in place (the VM renames each
-        // into the directory itself): the directory becomes the VM's.
+        if let Some(o) = &output {
+            let record = jail_dir.join(super::OUTPUT_RECORD);
+            o.record(jail_dir).map_err(io("cannot write", &record))?;
+        }
         let on_demand = vm.snapshot_dir.take();
         if let Some(d) = &on_demand {
-            chown(d, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
-                .map_err(sys(format!("cannot give {} to the VM", d.display())))?;
-            binds.push(Bind {
-                writable: true,
-                ..ro(d, "/snapshots")
-            });
-            vm.snapshot_dir = Some(PathBuf::from("/snapshots"));
+            vm.snapshot_dir = Some(snapshot_dir(d, uid, binds)?);
         }
-        let mem = vm.mem_size << 20;
-        let vcpus = vm.vcpu_count;
-        let Some(uds) = &fr.vsock_uds else {
-            return Err(JailerError::NoVsockPath);
+        Ok(output.is_some() || on_demand.is_some())
+    }
+
+    /// Plans the jail for `args` and makes what lies outside it: the jail
+    /// directory, the staging directory (a shell's inbox), the console
+    /// file and the cgroup.
+    fn prepare(args: &JailerArgs, parsed: &Parsed) -> Result<Self, JailerError> {
+        let uid = args.uid;
+        let jail_dir = &args.jail_dir;
+        let root = jail_dir.join("root");
+        fs::create_dir_all(&root).map_err(io("cannot create", &root))?;
+        let mut binds = vec![Bind {
+            exec: true,
+            ..ro(Path::new(&args.firerunner[0]), "/firerunner")
+        }];
+        binds.extend(args.libs.iter().map(|lib| Bind {
+            exec: true,
+            ..ro(lib, &lib.to_string_lossy())
+        }));
+        let mut argv = vec![cstring(OsStr::new("/firerunner"))];
+        // (guest memory, vCPUs, whether the VM writes up to its memory's
+        // size of files, console)
+        let (mem, vcpus, writes, console) = match parsed {
+            Parsed::Vm(fr) => {
+                let mut fr = fr.as_ref().clone();
+                let writes = Self::plan_vm(args, &mut fr, &mut binds)?;
+                let (uds, console) = (fr.vsock_uds.take(), fr.console.take());
+                let mem = fr.vm.mem_size << 20;
+                let vcpus = fr.vm.vcpu_count;
+                let uds = uds.ok_or(JailerError::NoVsockPath)?;
+                fr.vsock_uds = Some(vsock(&uds, &mut binds)?);
+                argv.extend(fr.to_args().iter().map(|a| cstring(a)));
+                (mem, vcpus, writes, console)
+            }
+            Parsed::Shell(sa) => {
+                let mut sa = sa.clone();
+                check_all(&binds, uid)?;
+                if let Some(d) = sa.snapshot_dir.take() {
+                    sa.snapshot_dir = Some(snapshot_dir(&d, uid, &mut binds)?);
+                }
+                inbox(jail_dir, &mut binds)?;
+                let (uds, console) = (sa.vsock_uds.take(), sa.console.take());
+                let uds = uds.ok_or(JailerError::NoVsockPath)?;
+                sa.vsock_uds = Some(vsock(&uds, &mut binds)?);
+                argv.push(cstring(OsStr::new("shell")));
+                argv.extend(sa.to_args().iter().map(|a| cstring(a)));
+                let writes = sa.snapshot_dir.is_some();
+                (sa.mem_size << 20, sa.vcpu_count, writes, console)
+            }
         };
-        let name = uds
-            .file_name()
-            .ok_or_else(|| JailerError::NoFileName(uds.clone()))?;
-        binds.push(Bind {
-            writable: true,
-            ..ro(uds.parent().unwrap_or(Path::new(".")), "/vsock")
-        });
-        fr.vsock_uds = Some(Path::new("/vsock").join(name));
-        let console = match fr.console.take() {
+        let console = match console {
             Some(c) => Some(File::create(&c).map_err(io("cannot create the console", &c))?),
             None => None,
         };
@@ -359,24 +418,13 @@ impl Jail {
         // cache, and on tmpfs pages that cannot be reclaimed at all. A VM
         // that writes a snapshot or a working set (at most its memory's
         // size) may use that much more; a serving VM may not.
-        let output_bytes = if output.is_some() || on_demand.is_some() {
-            mem
-        } else {
-            0
-        };
         let limits = Limits {
-            memory_bytes: mem + output_bytes + (args.vm_overhead << 20),
+            memory_bytes: mem + if writes { mem } else { 0 } + (args.vm_overhead << 20),
             pids: vcpus + PIDS_SLACK,
             cpu_weight: (100 * vcpus).min(10_000),
         };
-        if let Some(o) = &output {
-            let record = jail_dir.join(super::OUTPUT_RECORD);
-            o.record(jail_dir).map_err(io("cannot write", &record))?;
-        }
         let name = jail_dir.file_name().unwrap_or_default().to_string_lossy();
         let cgroup = Cgroup::create(&name, &limits)?;
-        let mut argv = vec![cstring(OsStr::new("/firerunner"))];
-        argv.extend(fr.to_args().iter().map(|a| cstring(a)));
         let devices = [
             ("/dev/kvm", "/dev/kvm"),
             ("/dev/userfaultfd", "/dev/userfaultfd"),
@@ -402,15 +450,18 @@ impl Jail {
         self.cgroup.join()?;
         unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
             .map_err(sys("cannot unshare the mount, ipc and uts namespaces"))?;
-        // Nothing mounted from here on may propagate back to the host.
+        // Nothing mounted from here on may propagate back to the host
+        // (slaves receive, never send); the jail's own mounts are made
+        // private as they are made, but for a shell's inbox, which keeps
+        // receiving what the controller mounts under it on the host.
         mount(
             None::<&str>,
             "/",
             None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
             None::<&str>,
         )
-        .map_err(sys("cannot make the mounts private"))?;
+        .map_err(sys("cannot make the mounts slaves"))?;
         nix::unistd::sethostname("snapvm").map_err(sys("cannot set the hostname"))?;
         let root = &self.root;
         mount(
@@ -424,6 +475,14 @@ impl Jail {
             "cannot mount the jail's tmpfs on {}",
             root.display()
         )))?;
+        mount(
+            None::<&str>,
+            root,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(sys("cannot make the jail's root private"))?;
         for b in &self.binds {
             self.bind(b)?;
         }
@@ -482,6 +541,12 @@ impl Jail {
             None::<&str>,
         )
         .map_err(sys(what()))?;
+        let propagation = if b.receives {
+            MsFlags::MS_SLAVE
+        } else {
+            MsFlags::MS_PRIVATE
+        };
+        mount(None::<&str>, &at, None::<&str>, propagation, None::<&str>).map_err(sys(what()))?;
         let mut flags =
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if !b.writable {
@@ -590,8 +655,8 @@ enum Ended {
 /// dies of firerunner's signal.
 pub fn run(args: JailerArgs) -> ExitCode {
     let start = Instant::now();
-    let fr = FirerunnerArgs::try_parse_from(&args.firerunner);
-    let control = fr.as_ref().ok().and_then(|f| f.control_fd);
+    let parsed = Parsed::parse(&args.firerunner);
+    let control = parsed.as_ref().ok().and_then(Parsed::control_fd);
     let fail = |e: JailerError| {
         let reason = format!("jail: {e}");
         eprintln!("jailer: error: {e}");
@@ -606,11 +671,11 @@ pub fn run(args: JailerArgs) -> ExitCode {
     if !nix::unistd::geteuid().is_root() {
         return fail(JailerError::NotRoot);
     }
-    let fr = match fr {
-        Ok(f) => f,
+    let parsed = match parsed {
+        Ok(p) => p,
         Err(e) => return fail(JailerError::Args(e)),
     };
-    let ended = Jail::prepare(&args, &fr).and_then(|jail| spawn(&jail, &args, control, start));
+    let ended = Jail::prepare(&args, &parsed).and_then(|jail| spawn(&jail, &args, control, start));
     let status = match ended {
         Ok(Ended::Detached) => return ExitCode::SUCCESS,
         Ok(Ended::Status(s)) => s,

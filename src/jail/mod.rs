@@ -20,8 +20,17 @@
 //! namespace), `<base>/<uid>/staging` (the writable directories made for
 //! the VM's output, one path a line, so that a leftover is found),
 //! `<base>/<uid>/output` (where that output goes when the VM has written
-//! it: an [`Output`] in JSON) and `<base>/<uid>/pid` (a detached
-//! firerunner's pid); the cgroup is `snapvm/<uid>`.
+//! it: an [`Output`] in JSON), `<base>/<uid>/pid` (a detached
+//! firerunner's pid) and, for a shell, `<base>/<uid>/inbox`; the cgroup is
+//! `snapvm/<uid>`.
+//!
+//! A shell (`firerunner shell`) learns which snapshot it runs only when it
+//! is told to restore, long after its jail was made. Its inbox is a
+//! shared mount on the host whose copy in the jail (`/inbox`) is a slave:
+//! [`stage_restore`] bind-mounts the layers and disks under it on the host
+//! (read-only), they appear in the jail at once, and nothing the jail
+//! mounts ever reaches the host. [`remove`] unmounts the inbox before it
+//! removes anything, so that no file is removed through a bind mount.
 
 pub mod cgroup;
 pub mod jailer;
@@ -40,6 +49,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::control::RestoreRequest;
 use crate::snapshot::{dir, ws};
 use cgroup::Cgroup;
 
@@ -57,6 +67,8 @@ const STAGING_LIST: &str = "staging";
 const OUTPUT_RECORD: &str = "output";
 /// The file holding a detached firerunner's pid.
 const PID_FILE: &str = "pid";
+/// A shell's inbox: where its controller mounts what it restores.
+const INBOX: &str = "inbox";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -77,6 +89,32 @@ pub enum JailError {
     Snapshot(#[from] dir::DirError),
     #[error("cannot hand over the VM's working set: {0}")]
     WorkingSet(#[from] ws::WsError),
+    #[error(
+        "{path} is not readable by the VM's uid {uid} (mode {mode:o}, owner {owner}): a jailed VM \
+         opens its files as that uid; make it readable by others (chmod o+r{x}) or run without \
+         the jail (--no_jail; multivm: `jail: false`)",
+        x = if *dir { "x" } else { "" }
+    )]
+    Unreadable {
+        path: PathBuf,
+        uid: u32,
+        mode: u32,
+        owner: u32,
+        dir: bool,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot show {path} to the jailed shell: {source}")]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error(
+        "a jailed shell cannot record a working set (its layers are read-only in its jail): \
+         record it with a VM of its own"
+    )]
+    ShellDumpWs,
 }
 
 /// What a jailed VM writes outside its jail (in a staging directory next
@@ -115,6 +153,14 @@ impl Output {
     }
 }
 
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailError + 'a {
+    move |source| JailError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 fn record_error(path: &Path, reason: impl ToString) -> JailError {
     JailError::Record {
         path: path.to_owned(),
@@ -148,6 +194,113 @@ pub fn finish(jail_dir: &Path, status: ExitStatus) -> Result<(), JailError> {
     };
     remove(jail_dir);
     delivered
+}
+
+/// Fails unless `uid` (whose gid is the same number) may read `path` and,
+/// for a directory (a snapshot layer), list it and read every file in it:
+/// inside the jail the VM opens them as that uid, and a refusal there
+/// would only name the in-jail path. Judged by the mode bits (ACLs are not
+/// consulted).
+pub fn check_readable(path: &Path, uid: u32) -> Result<(), JailError> {
+    let check = |path: &Path, meta: &fs::Metadata| {
+        let dir = meta.is_dir();
+        let need = if dir { 0o5 } else { 0o4 };
+        let shift = if meta.uid() == uid {
+            6
+        } else if meta.gid() == uid {
+            3
+        } else {
+            0
+        };
+        if (meta.mode() >> shift) & need == need {
+            return Ok(());
+        }
+        Err(JailError::Unreadable {
+            path: path.to_owned(),
+            uid,
+            mode: meta.mode() & 0o7777,
+            owner: meta.uid(),
+            dir,
+        })
+    };
+    let meta = fs::metadata(path).map_err(io("cannot bind", path))?;
+    check(path, &meta)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).map_err(io("cannot list", path))? {
+            let entry = entry.map_err(io("cannot list", path))?;
+            let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
+            if meta.is_file() {
+                check(&entry.path(), &meta)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes `r`'s files (rootfs, appfs, layers) visible to the shell jailed
+/// at `jail_dir` as uid `uid`, read-only under its `/inbox`, and returns
+/// `r` with their in-jail paths. Refuses what that uid cannot read, and a
+/// working set to record (it would be written into a layer, read-only in
+/// the jail).
+pub fn stage_restore(
+    jail_dir: &Path,
+    uid: u32,
+    r: &RestoreRequest,
+) -> Result<RestoreRequest, JailError> {
+    if r.dump_ws.is_some() {
+        return Err(JailError::ShellDumpWs);
+    }
+    // A directory of its own for each restore asked (a refused one may be
+    // followed by another).
+    let inbox = jail_dir.join(INBOX);
+    let n = fs::read_dir(&inbox)
+        .map_err(io("cannot list the shell's inbox", &inbox))?
+        .count();
+    let sub = n.to_string();
+    let dir = inbox.join(&sub);
+    fs::create_dir(&dir).map_err(io("cannot create", &dir))?;
+    let stage = |host: &Path, name: &str| -> Result<PathBuf, JailError> {
+        check_readable(host, uid)?;
+        let at = dir.join(name);
+        if host.is_dir() {
+            fs::create_dir(&at).map_err(io("cannot create", &at))?;
+        } else {
+            File::create_new(&at).map_err(io("cannot create", &at))?;
+        }
+        let fail = |source| JailError::Mount {
+            path: host.to_owned(),
+            source,
+        };
+        use nix::mount::{mount, MsFlags};
+        mount(
+            Some(host),
+            &at,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(fail)?;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        mount(None::<&str>, &at, None::<&str>, flags, None::<&str>).map_err(fail)?;
+        Ok(Path::new("/").join(INBOX).join(&sub).join(name))
+    };
+    let mut staged = r.clone();
+    staged.rootfs = stage(&r.rootfs, "rootfs")?;
+    if let Some(a) = &r.appfs {
+        staged.appfs = Some(stage(a, "appfs")?);
+    }
+    staged.layers = r
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| stage(l, &format!("layer-{i}")))
+        .collect::<Result<_, _>>()?;
+    Ok(staged)
 }
 
 /// Records `pid` as the detached firerunner of the jail at `jail_dir`.
@@ -271,8 +424,22 @@ impl Drop for Slot {
 
 /// Removes the jail at `dir`: its cgroup (after killing what runs there),
 /// the staging directories it lists and the directory, in that order.
-/// What is not there is skipped.
+/// What is not there is skipped. A shell's inbox is unmounted (with all
+/// that was mounted under it) first; if that fails, the directory stays.
 pub fn remove(dir: &Path) {
+    let inbox = dir.join(INBOX);
+    match nix::mount::umount2(&inbox, nix::mount::MntFlags::MNT_DETACH) {
+        // Not a mount point, or no inbox at all.
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            log::error!(
+                "cannot unmount {}: {e}; the jail {} is left in place",
+                inbox.display(),
+                dir.display()
+            );
+            return;
+        }
+    }
     if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
         match Cgroup::named(name) {
             Ok(cg) => cg.remove(),
