@@ -1,9 +1,11 @@
 //! Restore into a VM shell against a fresh restore, interleaved (issue
-//! 21's benchmark): testguest `count`, 128 MiB, 1 vCPU, its full snapshot
-//! restored lazily. Fresh: spawning firerunner with `--load_dir` → the
-//! guest's first answer. Shell: a `firerunner shell` that reported ready
-//! (VM, vCPU and memory slots made ahead) → `restore` sent → the guest's
-//! first answer. Prints every sample's median, p10 and p90 and the ratio.
+//! 21's benchmark), unjailed and jailed: testguest `count`, 128 MiB, 1
+//! vCPU, its full snapshot restored lazily. Fresh: spawning firerunner
+//! (through the jailer when jailed) with `--load_dir` → the guest's first
+//! answer. Shell: a `firerunner shell` that reported ready (VM, vCPU and
+//! memory slots made ahead, in its jail when jailed) → its restore asked
+//! (the layers shown to a jailed shell included) → the guest's first
+//! answer. Prints each side's median, p10 and p90 and the ratios.
 //!
 //!   cargo bench --bench shell [-- RUNS]     (default 30; root, /dev/kvm)
 
@@ -16,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use common::{app_image, firerunner, testguest, Scratch};
 use snapvm::control::{AfterSnapshot, Command, Event, RestoreRequest};
+use snapvm::jail::JailOptions;
 use snapvm::launcher::{self, Launch, VmProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn launch(args: Vec<OsString>) -> Launch {
+fn launch(args: Vec<OsString>, jail: &Option<JailOptions>) -> Launch {
     Launch {
         firerunner: PathBuf::from(firerunner()),
         vm_args: args,
         console: None,
-        jail: None,
+        jail: jail.clone(),
     }
 }
 
@@ -63,7 +66,7 @@ fn main() {
     // The snapshot: booted, one answer, snapshotted.
     let mut args = base.clone();
     args.extend(["--snapshot_dir".into(), snaps.clone().into()]);
-    let mut vm = VmProcess::spawn(&launch(args)).unwrap();
+    let mut vm = VmProcess::spawn(&launch(args, &None)).unwrap();
     let agent = vm.wait_for_guest(LIMIT).unwrap();
     launcher::handshake(&agent, None).unwrap();
     vm.call(&agent, b"{}", None).unwrap();
@@ -75,33 +78,44 @@ fn main() {
     assert!(vm.wait_for_exit(LIMIT).unwrap().success());
     let snap: &Path = &snaps.join("one");
 
-    let mut fresh = Vec::new();
-    let mut shell = Vec::new();
+    let jail = Some(JailOptions {
+        jailer: PathBuf::from(env!("CARGO_BIN_EXE_jailer")),
+        base: s.path("jails"),
+        uid_base: 730_000,
+        uid_count: 64,
+        vm_overhead_mib: snapvm::multivm::config::DEFAULT_VM_OVERHEAD_MIB,
+    });
+    let request = RestoreRequest {
+        rootfs: rootfs.clone(),
+        appfs: Some(app.clone()),
+        layers: vec![snap.to_path_buf()],
+        ..Default::default()
+    };
+    // [fresh, shell] x [unjailed, jailed]
+    let mut samples: [Vec<f64>; 4] = Default::default();
     for i in 0..runs {
-        for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
-            if which == 0 {
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(i % 4);
+        for k in order {
+            let jail = if k >= 2 { &jail } else { &None };
+            let ms = if k % 2 == 0 {
                 let mut args = base.clone();
                 args.extend(["--load_dir".into(), snap.into()]);
                 let t = Instant::now();
-                let vm = VmProcess::spawn(&launch(args)).unwrap();
-                fresh.push((first_answer(vm) - t).as_secs_f64() * 1e3);
+                let vm = VmProcess::spawn(&launch(args, jail)).unwrap();
+                first_answer(vm) - t
             } else {
                 let a = vec!["shell".into(), "--mem_size".into(), "128".into()];
-                let sh = VmProcess::spawn(&launch(a)).unwrap();
+                let sh = VmProcess::spawn(&launch(a, jail)).unwrap();
                 match sh.events().recv_deadline(Instant::now() + LIMIT) {
                     Ok(Event::ShellReady { .. }) => {}
                     other => panic!("shell not ready: {other:?}"),
                 }
                 let t = Instant::now();
-                sh.restore(&RestoreRequest {
-                    rootfs: rootfs.clone(),
-                    appfs: Some(app.clone()),
-                    layers: vec![snap.to_path_buf()],
-                    ..Default::default()
-                })
-                .unwrap();
-                shell.push((first_answer(sh) - t).as_secs_f64() * 1e3);
-            }
+                sh.restore(&request).unwrap();
+                first_answer(sh) - t
+            };
+            samples[k].push(ms.as_secs_f64() * 1e3);
         }
     }
     let report = |name: &str, v: &mut Vec<f64>| {
@@ -116,7 +130,18 @@ fn main() {
         m
     };
     println!("restore of a 128 MiB testguest snapshot → first answer, interleaved:");
-    let f = report("fresh firerunner --load_dir", &mut fresh);
-    let sh = report("restore command to a ready shell", &mut shell);
-    println!("shell / fresh: x{:.2}", sh / f);
+    let [f, sh, jf, jsh] = &mut samples;
+    let f = report("fresh firerunner --load_dir", f);
+    let sh = report("restore command to a ready shell", sh);
+    let jf = report("fresh, jailed", jf);
+    let jsh = report("ready jailed shell", jsh);
+    println!(
+        "shell / fresh: x{:.2}; jailed shell / jailed fresh: x{:.2}",
+        sh / f,
+        jsh / jf
+    );
+    println!(
+        "jailed shell - unjailed fresh: {:+.2} ms (what a jailed VM adds to a restore)",
+        jsh - f
+    );
 }
