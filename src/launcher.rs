@@ -151,6 +151,7 @@ pub fn handshake(stream: &UnixStream, deadline: Option<Instant>) -> Result<(), P
 }
 
 /// What to start.
+#[derive(Clone)]
 pub struct Launch {
     pub firerunner: PathBuf,
     /// VM flags passed through to firerunner.

@@ -807,3 +807,84 @@ fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
     let (code, log) = d.terminate(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// Shells (`shells:` in the config) kept ready, jailed like every VM:
+/// restores take one (`X-Start: cold-shell`) and the pool refills; ready
+/// shells that die are never handed out (the request is still answered);
+/// under eviction the shells' share and the VMs together stay within the
+/// budget.
+#[test]
+fn restores_take_ready_shells_which_are_refilled_and_counted_in_the_budget() {
+    let s = Scratch::new("mv-shells");
+    let snap = s.path("snap");
+    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
+    let mut cmd = Command::new(common::firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--mem_size", &MEM.to_string(), "--dump_dir"])
+        .arg(&snap)
+        .arg("--console")
+        .arg(s.path("dump.log"));
+    let made = common::run_with_deadline(cmd, Duration::from_secs(60));
+    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+    let restore = format!("load_dir: {}", snap.display());
+    let cfg = config(
+        &s,
+        &[("one", "hello", &restore), ("two", "hello", &restore)],
+    )
+    .replace(
+        "functions:\n",
+        &format!("shells:\n  - memory: {MEM}\n    count: 2\nfunctions:\n"),
+    );
+    // Two shells (8 MiB each) and one VM (40 MiB): the two functions evict
+    // each other.
+    let budget = 2 * OVERHEAD + VM_MIB;
+    let d = Daemon::start(&s, &cfg, budget, &[]);
+    let ready = format!("multivm_shells_ready{{memory_mib=\"{MEM}\",vcpus=\"1\"}}");
+    let full = |d: &Daemon| d.metric(&ready) == 2.0;
+    d.wait_for("two ready shells", Duration::from_secs(20), full);
+    assert_eq!(d.metric("multivm_memory_used_mib"), (2 * OVERHEAD) as f64);
+    assert_eq!(d.metric("multivm_memory_budget_mib"), budget as f64);
+
+    for (i, f) in ["one", "two", "one", "two"].iter().enumerate() {
+        let r = d.post(f, r#"{"name": "shell"}"#);
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        assert_eq!(r.json(), json!({"message": "hello, shell"}));
+        assert_eq!(r.header("x-start"), Some("cold-shell"), "request {i}");
+        d.wait_for("the pool refilled", Duration::from_secs(20), full);
+    }
+    assert_eq!(
+        d.metric("multivm_cold_starts_total{function=\"one\",kind=\"shell\"}"),
+        2.0
+    );
+    assert!(d.metric("multivm_memory_high_water_mib") <= budget as f64);
+
+    // Both ready shells killed (and the idle VM, once a shell too): the
+    // next restore must not get one.
+    let shells: Vec<u32> = d
+        .firerunners()
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|&b| b == 0).any(|a| a == b"shell")
+        })
+        .collect();
+    assert_eq!(
+        shells.len(),
+        3,
+        "two ready shells and the idle VM: {shells:?}"
+    );
+    for pid in &shells {
+        // SAFETY: kill(2) on a firerunner of this test's daemon.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    let r = d.post("one", "{}");
+    assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
+    assert_eq!(r.json(), json!({"message": "hello, world"}));
+    d.wait_for("dead shells replaced", Duration::from_secs(20), full);
+    assert!(d.metric("multivm_memory_high_water_mib") <= budget as f64);
+    let (code, log) = d.terminate(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{log}");
+}

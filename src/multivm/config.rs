@@ -12,6 +12,10 @@
 //! boot_timeout: 30s                    # launch (boot or restore) deadline
 //! vm_overhead: 8                       # MiB accounted per VM on top of `memory`
 //! jail: true                           # jail each VM (as root); false = --no_jail
+//! shells:                              # VM shells kept ready per shape, for restores
+//!   - memory: 128                      # MiB: functions with this memory and vcpus
+//!     vcpus: 1                         #   that restore (load_dir) use them
+//!     count: 2                         # each counted as vm_overhead MiB of the budget
 //! functions:
 //!   hello:
 //!     runtimefs: python3.ext4          # required
@@ -58,6 +62,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::control::RestoreRequest;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -178,9 +184,18 @@ struct RawConfig {
     boot_timeout: Option<Spanned<Seconds>>,
     vm_overhead: Option<Spanned<u64>>,
     jail: Option<Spanned<bool>>,
+    shells: Option<Spanned<Vec<Spanned<RawShells>>>>,
     #[serde(default)]
     functions: Option<Spanned<BTreeMap<String, Spanned<RawFunction>>>>,
     deploy: Option<Spanned<RawDeploy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShells {
+    memory: Spanned<u64>,
+    vcpus: Option<Spanned<u64>>,
+    count: Spanned<u64>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +246,8 @@ struct RawFunction {
 pub enum LaunchKind {
     Boot,
     Restore,
+    /// A restore into a ready VM shell.
+    Shell,
 }
 
 impl LaunchKind {
@@ -238,6 +255,7 @@ impl LaunchKind {
         match self {
             LaunchKind::Boot => "boot",
             LaunchKind::Restore => "restore",
+            LaunchKind::Shell => "shell",
         }
     }
 }
@@ -286,6 +304,22 @@ impl Function {
             && self.load_dir == other.load_dir
             && (self.copy_base, self.copy_diff, self.load_ws)
                 == (other.copy_base, other.copy_diff, other.load_ws)
+    }
+
+    /// What a VM shell of this function's shape restores for one of its
+    /// VMs; none for a function that boots.
+    pub fn restore_request(&self) -> Option<RestoreRequest> {
+        let layers = self.load_dir.as_ref()?;
+        Some(RestoreRequest {
+            rootfs: self.rootfs.clone(),
+            appfs: self.appfs.clone(),
+            layers: layers.split(',').map(PathBuf::from).collect(),
+            id: None,
+            copy_base: self.copy_base,
+            copy_diff: self.copy_diff,
+            load_ws: self.load_ws,
+            dump_ws: None,
+        })
     }
 
     /// Whether firerunner would accept this function's VM flags.
@@ -341,6 +375,33 @@ pub struct Config {
     pub deploy: Option<DeployConfig>,
     /// Run every firerunner with `--no_seccomp` (multivm's own flag).
     pub no_seccomp: bool,
+    /// VM shells kept ready, per shape.
+    pub shells: Vec<ShellShape>,
+}
+
+/// `count` shells of `memory_mib` and `vcpus` kept ready (src/multivm/shells.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShellShape {
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    pub count: usize,
+}
+
+impl Config {
+    /// What the shells are counted at in the budget: `vm_overhead` each
+    /// (their process and KVM's memory for them; their guest memory is
+    /// never touched until they become VMs, which are counted as VMs).
+    pub fn shells_mib(&self) -> u64 {
+        self.shells
+            .iter()
+            .map(|s| s.count as u64 * self.vm_overhead_mib)
+            .sum()
+    }
+
+    /// The part of a `budget_mib` budget left for VMs.
+    pub fn vm_budget_mib(&self, budget_mib: u64) -> u64 {
+        budget_mib.saturating_sub(self.shells_mib())
+    }
 }
 
 /// The `deploy` section: where deployments live and what they run on.
@@ -562,6 +623,44 @@ impl Resolver<'_> {
             .vm_overhead
             .as_ref()
             .map_or(DEFAULT_VM_OVERHEAD_MIB, |s| s.value);
+        let mut shells = Vec::new();
+        for (i, sh) in raw.shells.iter().flat_map(|s| s.value.iter()).enumerate() {
+            let key = |k: &str| format!("shells[{i}].{k}");
+            let sv = &sh.value;
+            if sv.memory.value < MIN_MEMORY_MIB {
+                let m = format!("a VM needs at least {MIN_MEMORY_MIB} MiB");
+                return Err(self.err(&sv.memory, &key("memory"), m));
+            }
+            let vcpus = match &sv.vcpus {
+                Some(v) if !(1..=u64::from(crate::vmm::MAX_VCPUS)).contains(&v.value) => {
+                    let m = format!("must be between 1 and {}", crate::vmm::MAX_VCPUS);
+                    return Err(self.err(v, &key("vcpus"), m));
+                }
+                Some(v) => v.value,
+                None => 1,
+            };
+            if sv.count.value == 0 {
+                return Err(self.err(&sv.count, &key("count"), "must be at least 1"));
+            }
+            shells.push(ShellShape {
+                memory_mib: sv.memory.value,
+                vcpus,
+                count: usize::try_from(sv.count.value).unwrap_or(usize::MAX),
+            });
+        }
+        let shells_mib: u64 = shells
+            .iter()
+            .map(|s| (s.count as u64).saturating_mul(vm_overhead_mib))
+            .sum();
+        if let Some(at) = raw.shells.as_ref().filter(|_| shells_mib >= budget_mib) {
+            return Err(self.err(
+                at,
+                "shells",
+                format!("{shells_mib} MiB of shells leave nothing of the --mem budget of {budget_mib} MiB for VMs"),
+            ));
+        }
+        // Functions are checked against what the shells leave.
+        let budget_mib = budget_mib - shells_mib;
         let deploy = raw
             .deploy
             .as_ref()
@@ -778,6 +877,7 @@ impl Resolver<'_> {
             functions,
             deploy,
             no_seccomp: false,
+            shells,
         })
     }
 
@@ -960,6 +1060,60 @@ functions:
     cmdline: quiet
     max_queue: 0
 ";
+
+    #[test]
+    fn shells_are_kept_per_shape_and_set_aside_from_the_budget() {
+        let d = fixture("shells");
+        let yaml = format!("shells:\n  - memory: 64\n    count: 2\n  - memory: 128\n    vcpus: 2\n    count: 1\n{GOOD}");
+        let c = parse(&d, &yaml, 1024).unwrap();
+        let shape = |memory_mib, vcpus, count| ShellShape {
+            memory_mib,
+            vcpus,
+            count,
+        };
+        assert_eq!(c.shells, vec![shape(64, 1, 2), shape(128, 2, 1)]);
+        assert_eq!(c.shells_mib(), 3 * DEFAULT_VM_OVERHEAD_MIB);
+        assert_eq!(c.vm_budget_mib(1024), 1024 - 3 * DEFAULT_VM_OVERHEAD_MIB);
+        let restored = c.functions.iter().find(|f| f.name == "restored").unwrap();
+        let r = restored.restore_request().unwrap();
+        assert_eq!(r.layers, vec![d.0.join("snap/base")]);
+        assert!(r.copy_base && !r.load_ws && r.dump_ws.is_none());
+        assert!(c.functions[0].restore_request().is_none(), "hello boots");
+
+        for (shells, key, says) in [
+            (
+                "  - memory: 64\n    count: 0\n",
+                "shells[0].count",
+                "at least 1",
+            ),
+            (
+                "  - memory: 1\n    count: 1\n",
+                "shells[0].memory",
+                "at least",
+            ),
+            (
+                "  - memory: 64\n    vcpus: 0\n    count: 1\n",
+                "shells[0].vcpus",
+                "between 1",
+            ),
+            (
+                "  - memory: 64\n    count: 200\n",
+                "shells",
+                "nothing of the --mem budget",
+            ),
+        ] {
+            let (_, k, m) = invalid(parse(&d, &format!("shells:\n{shells}{GOOD}"), 1024));
+            assert_eq!(k, key, "{m}");
+            assert!(m.contains(says), "{m}");
+        }
+        // The min_idle VM of `hello` (64 + 8 MiB) no longer fits beside the shells.
+        let (_, k, _) = invalid(parse(
+            &d,
+            &format!("shells:\n  - memory: 64\n    count: 2\n{GOOD}"),
+            80,
+        ));
+        assert!(k.starts_with("functions"), "{k}");
+    }
 
     #[test]
     fn a_good_config_resolves_paths_and_defaults() {

@@ -101,6 +101,8 @@ pub struct Gauges {
     pub vms: Vec<(String, &'static str, usize)>,
     /// (function, waiting requests).
     pub queue_depth: Vec<(String, usize)>,
+    /// ((guest MiB, vCPUs), ready VM shells) per configured shape.
+    pub shells_ready: Vec<((u64, u64), usize)>,
 }
 
 #[derive(Default)]
@@ -290,7 +292,7 @@ impl Metrics {
             &mut o,
             "multivm_memory_used_mib",
             "gauge",
-            "MiB reserved for VMs (guest memory plus VMM overhead).",
+            "MiB reserved for VMs (guest memory plus VMM overhead) and VM shells.",
         );
         let _ = writeln!(o, "multivm_memory_used_mib {}", g.memory_used_mib);
         head(
@@ -327,6 +329,20 @@ impl Metrics {
         );
         for (f, n) in &g.queue_depth {
             let _ = writeln!(o, "multivm_queue_depth{{function=\"{}\"}} {n}", esc(f));
+        }
+        if !g.shells_ready.is_empty() {
+            head(
+                &mut o,
+                "multivm_shells_ready",
+                "gauge",
+                "VM shells ready to restore into, by shape.",
+            );
+            for ((mib, vcpus), n) in &g.shells_ready {
+                let _ = writeln!(
+                    o,
+                    "multivm_shells_ready{{memory_mib=\"{mib}\",vcpus=\"{vcpus}\"}} {n}"
+                );
+            }
         }
 
         head(
@@ -481,6 +497,7 @@ mod tests {
             memory_high_water_mib: 272,
             vms: vec![("hello".into(), "idle", 1), ("hello".into(), "busy", 2)],
             queue_depth: vec![("hello".into(), 0)],
+            shells_ready: vec![((128, 1), 2)],
         });
         assert_eq!(
             sample(

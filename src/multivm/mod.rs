@@ -23,6 +23,7 @@ pub mod metrics;
 mod pool;
 pub mod provider;
 pub mod scheduler;
+pub mod shells;
 pub mod vm;
 
 use std::io::Write;
@@ -146,7 +147,18 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         opts.mem_mib,
         dir.path().to_path_buf(),
     );
-    let provider = Provider::start(Arc::clone(&sched), cfg, opts.mem_mib, credentials)?;
+    // Deployments must fit in what the shells leave of the budget.
+    let vm_budget = cfg.vm_budget_mib(opts.mem_mib);
+    let provider = Provider::start(Arc::clone(&sched), cfg, vm_budget, credentials)?;
+    let refill = sched
+        .shells()
+        .map(|pool| {
+            std::thread::Builder::new()
+                .name("shell-refill".into())
+                .spawn(move || pool.refill())
+        })
+        .transpose()
+        .map_err(MultiVmError::Thread)?;
     let maintainer = {
         let s = Arc::clone(&sched);
         std::thread::Builder::new()
@@ -208,6 +220,9 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
     sched.shutdown(opts.drain_timeout);
     api.wait_idle();
     let _ = maintainer.join();
+    if let Some(r) = refill {
+        let _ = r.join();
+    }
     drop(dir);
     log::info!("multivm stopped");
     served

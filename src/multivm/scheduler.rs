@@ -39,6 +39,7 @@ use crate::jail::JailOptions;
 use super::config::{Config, Function, LaunchKind};
 use super::metrics::{Gauges, Metrics};
 use super::pool::{self, FnId, VmState};
+use super::shells::ShellPool;
 
 type State = pool::State<FunctionVm>;
 type Grant = pool::Grant<FunctionVm>;
@@ -104,6 +105,7 @@ impl Start {
         match self {
             Start::Warm => "warm",
             Start::Cold(LaunchKind::Boot) => "cold-boot",
+            Start::Cold(LaunchKind::Shell) => "cold-shell",
             Start::Cold(LaunchKind::Restore) => "cold-restore",
         }
     }
@@ -138,6 +140,9 @@ pub struct Scheduler {
     cfg: Arc<Config>,
     /// How VMs are jailed (none: unjailed).
     jail: Option<JailOptions>,
+    /// Ready VM shells, when the config keeps some.
+    shells: Option<Arc<ShellPool>>,
+    /// The budget for VMs: `--mem` less the shells' share.
     budget_mib: u64,
     log_dir: PathBuf,
     state: Mutex<State>,
@@ -159,7 +164,8 @@ fn reap(victims: Vec<FunctionVm>) {
 impl Scheduler {
     /// A scheduler serving the functions of `cfg` (more come and go
     /// through [`Scheduler::deploy`] and [`Scheduler::remove_function`]);
-    /// its VMs are jailed with `jail` when given.
+    /// its VMs are jailed with `jail` when given. `budget_mib` is `--mem`;
+    /// the shells' share of it is set aside.
     pub fn new(
         cfg: Arc<Config>,
         jail: Option<JailOptions>,
@@ -173,15 +179,21 @@ impl Scheduler {
         }
         Arc::new(Self {
             state: Mutex::new(state),
+            shells: ShellPool::new(&cfg, jail.clone()),
+            budget_mib: cfg.vm_budget_mib(budget_mib),
             cfg,
             jail,
-            budget_mib,
             log_dir,
             changed: Condvar::new(),
             wake,
             wake_rx,
             metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// The pool of ready VM shells, if the config keeps some.
+    pub fn shells(&self) -> Option<Arc<ShellPool>> {
+        self.shells.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -361,12 +373,18 @@ impl Scheduler {
                     match FunctionVm::launch(
                         &self.cfg,
                         self.jail.as_ref(),
+                        self.shells.as_deref(),
                         (fid, generation, spec),
                         id,
                         &log,
                     ) {
                         Ok(vm) => {
                             launch = t.elapsed();
+                            let kind = if vm.from_shell {
+                                LaunchKind::Shell
+                            } else {
+                                kind
+                            };
                             self.metrics.cold_start(&name, kind.as_str(), launch);
                             log::info!(
                                 "[{rid}] launched VM {id} of {name} by {} in {} us",
@@ -733,11 +751,17 @@ impl Scheduler {
         match FunctionVm::launch(
             &self.cfg,
             self.jail.as_ref(),
+            self.shells.as_deref(),
             (fi, generation, spec),
             id,
             &self.log_path(id),
         ) {
             Ok(vm) => {
+                let kind = if vm.from_shell {
+                    LaunchKind::Shell
+                } else {
+                    kind
+                };
                 self.metrics.cold_start(&name, kind.as_str(), t.elapsed());
                 log::info!(
                     "pre-warmed VM {id} of {name} in {} us",
@@ -779,6 +803,9 @@ impl Scheduler {
     /// lets requests in progress finish for up to `drain`, then fails the
     /// rest by cutting their VMs' connections; returns once every VM is gone.
     pub fn shutdown(&self, drain: Duration) {
+        if let Some(p) = &self.shells {
+            p.stop();
+        }
         let victims: Vec<FunctionVm> = {
             let mut st = self.lock();
             st.shutting_down = true;
@@ -841,12 +868,15 @@ impl Scheduler {
             vms.push((name.clone(), VmState::Busy.as_str(), f.busy));
             queue_depth.push((name.clone(), f.queued));
         }
+        // The shells' share is reserved whether they are ready or not.
+        let shells_mib = self.cfg.shells_mib();
         Gauges {
-            memory_used_mib: st.used_mib,
-            memory_budget_mib: self.budget_mib,
-            memory_high_water_mib: st.high_water_mib,
+            memory_used_mib: st.used_mib + shells_mib,
+            memory_budget_mib: self.budget_mib + shells_mib,
+            memory_high_water_mib: st.high_water_mib + shells_mib,
             vms,
             queue_depth,
+            shells_ready: self.shells.as_ref().map_or_else(Vec::new, |p| p.counts()),
         }
     }
 

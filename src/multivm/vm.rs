@@ -16,6 +16,7 @@ use crate::protocol::ProtocolError;
 
 use super::config::{Config, Function};
 use super::pool::FnId;
+use super::shells::ShellPool;
 
 pub type VmId = u64;
 
@@ -42,6 +43,8 @@ pub struct FunctionVm {
     /// The function's generation and spec this VM was launched from.
     pub generation: u64,
     pub spec: Arc<Function>,
+    /// Restored into a ready shell (src/multivm/shells.rs).
+    pub from_shell: bool,
     vm: VmProcess,
     stream: UnixStream,
 }
@@ -49,20 +52,42 @@ pub struct FunctionVm {
 impl FunctionVm {
     /// Starts a VM of `spec` (restore when it has `load_dir`, boot
     /// otherwise) with its console in `console`, and waits for its agent.
+    /// A restore takes a ready shell of its shape from `shells` if there
+    /// is one (its console then stays in the shell's runtime directory).
     pub fn launch(
         cfg: &Config,
         jail: Option<&JailOptions>,
+        shells: Option<&ShellPool>,
         (function, generation, spec): (FnId, u64, Arc<Function>),
         id: VmId,
         console: &Path,
     ) -> Result<Self, VmError> {
-        let launch = Launch {
-            firerunner: cfg.firerunner.clone(),
-            vm_args: spec.firerunner_args(cfg.no_seccomp),
-            console: Some(console.to_path_buf()),
-            jail: jail.cloned(),
+        let shell = shells.zip(spec.restore_request()).and_then(|(pool, r)| {
+            let sh = pool.take((spec.memory_mib, spec.vcpus))?;
+            match sh.restore(&r) {
+                Ok(()) => Some(sh),
+                Err(e) => {
+                    log::warn!(
+                        "a shell could not restore {}: {e}; starting a VM",
+                        spec.name
+                    );
+                    None
+                }
+            }
+        });
+        let from_shell = shell.is_some();
+        let mut vm = match shell {
+            Some(sh) => sh,
+            None => {
+                let launch = Launch {
+                    firerunner: cfg.firerunner.clone(),
+                    vm_args: spec.firerunner_args(cfg.no_seccomp),
+                    console: Some(console.to_path_buf()),
+                    jail: jail.cloned(),
+                };
+                VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?
+            }
         };
-        let mut vm = VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
         let stream = match vm.wait_for_guest(cfg.boot_timeout) {
             Ok(s) => s,
             Err(e) => {
@@ -79,6 +104,7 @@ impl FunctionVm {
             function,
             generation,
             spec,
+            from_shell,
             vm,
             stream,
         })
