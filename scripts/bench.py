@@ -26,6 +26,9 @@ Sections (--only picks some; each replaces its own rows in results.json):
             `hello` function with its seccomp filters and with
             --no_seccomp, booted and restored (lazy, and with its working
             set), 128 MiB.
+  shells    multivm request -> first response of a cold function (every
+            request evicts the other function's VM): boot, fresh restore,
+            and restore into a pooled VM shell, three daemons interleaved.
   jail      singlevm exec -> first response, boot and lazy restore, jailed
             and --no_jail interleaved; PSS per idle restored VM under
             multivm, jailed and not (no jailer stays beside a VM).
@@ -58,7 +61,7 @@ import time
 import urllib.error
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail", "shells")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -1203,6 +1206,89 @@ def bench_jail(b):
         log(f"jail: PSS per idle VM {j}: median {statistics.median(v):.3f} MiB")
 
 
+def bench_shells(b):
+    """multivm request -> first response for a cold function, three ways,
+    interleaved across three daemons of the same budget for one VM:
+    booted, restored by a fresh firerunner, and restored into a ready
+    shell of the daemon's pool (`shells:`). Two situations: with room
+    (the function's VM stopped by its idle_timeout before each request)
+    and under eviction (two functions called in turn, each request
+    evicting the other's VM)."""
+    mem = 128
+    app = b.app("shells-hello.img", ["fn=hello"])
+    base, diff = b.path("shells-base"), b.path("shells-diff")
+    for d in (base, diff):
+        shutil.rmtree(d, ignore_errors=True)
+    vm = ["--mem_size", str(mem)]
+    for args in (["--dump_dir", base], ["--appfs", app, "--load_dir", base, "--dump_dir", diff]):
+        argv = [os.path.join(b.bindir, "singlevm"), "--kernel", b.tg, "--rootfs", b.rootfs, *vm, *args,
+                "--force_exit"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           env=dict(os.environ, TMPDIR=b.tmp), timeout=300)
+        if r.returncode != 0:
+            raise BenchError(f"singlevm {args}: exit {r.returncode}: {r.stderr[-600:]}")
+    boot = [f"runtimefs: {b.rootfs}", f"appfs: {app}", f"memory: {mem}"]
+    restore = boot + [f"load_dir: {base},{diff}"]
+    one_vm = mem + 8
+    ready = f'multivm_shells_ready{{memory_mib="{mem}",vcpus="1"}}'
+    want = {"boot": "cold-boot", "restore": "cold-restore", "shell": "cold-shell"}
+
+    def wait(d, what, cond):
+        end = time.monotonic() + 20
+        while not cond(d.get("/metrics")):
+            if time.monotonic() > end:
+                raise BenchError(f"shells: {what} within 20 s")
+            time.sleep(0.005)
+
+    for situation in ("room", "eviction"):
+        fns = "a" if situation == "room" else "ab"
+        # With room, a VM stops 50 ms after its request; under eviction,
+        # only to make room.
+        stop = ["idle_timeout: 50ms"] if situation == "room" else []
+        daemons = {}
+        try:
+            daemons["boot"] = Multivm(b, {f: boot + stop for f in fns}, one_vm)
+            daemons["restore"] = Multivm(b, {f: restore + stop for f in fns}, one_vm)
+            daemons["shell"] = Multivm(b, {f: restore + stop for f in fns}, one_vm + 2 * 8,
+                                       f"shells:\n  - memory: {mem}\n    count: 2\n")
+            samples = {k: [] for k in daemons}
+            kinds = list(daemons)
+            for i in range(3 * b.n + 2):  # the first two rounds warm the page cache
+                for k in kinds[i % 3:] + kinds[:i % 3]:
+                    d = daemons[k]
+                    f = fns[i % len(fns)]
+                    if situation == "room":
+                        wait(d, "the idle VM stopped", lambda m: metric(m, f'multivm_vms{{function="{f}",state="idle"}}') == 0)
+                    if k == "shell":
+                        wait(d, "the pool refilled", lambda m: metric(m, ready) >= 1)
+                    req = urllib.request.Request(f"http://{d.addr}/function/{f}", data=b'{"name": "c"}',
+                                                 method="POST", headers={"Content-Type": "application/json"})
+                    t0 = time.monotonic()
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        body, start = r.read(), r.headers.get("X-Start")
+                    t = (time.monotonic() - t0) * 1e3
+                    if json.loads(body) != {"message": "hello, c"} or start != want[k]:
+                        raise BenchError(f"shells {situation} {k}: {start} {body[:200]!r}")
+                    if i >= 2:
+                        samples[k].append(t)
+        finally:
+            stop_all(list(daemons.values()))
+        for k, v in samples.items():
+            b.results.add("shells", "snapvm", k, f"cold_first_response_{situation}", "ms", v, mem_mib=mem)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        log(f"shells ({situation}): multivm cold request -> first response, median: " +
+            ", ".join(f"{k} {m:.2f} ms" for k, m in med.items()) +
+            f"; shell/restore x{med['shell'] / med['restore']:.2f}, shell/boot x{med['shell'] / med['boot']:.2f}")
+
+
+def metric(page, sample):
+    """The value of `sample` in a Prometheus text page (0 when absent)."""
+    for line in page.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 # ------------------------------------------------------------- plots
 
 
@@ -1365,7 +1451,7 @@ def main():
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
              "multivm": bench_multivm, "provider": bench_provider, "density": bench_density, "isolation": bench_isolation,
-             "jail": bench_jail}
+             "jail": bench_jail, "shells": bench_shells}
     started = time.monotonic()
     try:
         for s in sections:
