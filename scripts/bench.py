@@ -1169,13 +1169,11 @@ def jail_pss(b, app, snap, mem, n, jailed):
         stop_all([d])
 
 
-def bench_jail(b):
-    """What the jail costs: singlevm exec -> first response, boot and lazy
-    restore (language snapshot + diff layer), jailed and --no_jail in
-    alternating order; then PSS per idle VM, alternating too."""
-    mem = 128
-    app = b.app("jail-hello.img", ["fn=hello"])
-    base, diff = b.path("jail-base"), b.path("jail-diff")
+def hello_snapshots(b, name, mem):
+    """testguest `hello` of `mem` MiB: its app image, a language snapshot
+    and a diff layer over it, made with singlevm (the SnapFaaS workflow)."""
+    app = b.app(f"{name}-hello.img", ["fn=hello"])
+    base, diff = b.path(f"{name}-base"), b.path(f"{name}-diff")
     for d in (base, diff):
         shutil.rmtree(d, ignore_errors=True)
     vm = ["--mem_size", str(mem)]
@@ -1186,6 +1184,16 @@ def bench_jail(b):
                            env=dict(os.environ, TMPDIR=b.tmp), timeout=300)
         if r.returncode != 0:
             raise BenchError(f"singlevm {args}: exit {r.returncode}: {r.stderr[-600:]}")
+    return app, base, diff
+
+
+def bench_jail(b):
+    """What the jail costs: singlevm exec -> first response, boot and lazy
+    restore (language snapshot + diff layer), jailed and --no_jail in
+    alternating order; then PSS per idle VM, alternating too."""
+    mem = 128
+    app, base, diff = hello_snapshots(b, "jail", mem)
+    vm = ["--mem_size", str(mem)]
     modes = {"boot": vm + ["--appfs", app], "restore": vm + ["--appfs", app, "--load_dir", f"{base},{diff}"]}
     sides = {"jailed": [], "unjailed": ["--no_jail"]}
     samples = {(m, j): [] for m in modes for j in sides}
@@ -1215,18 +1223,7 @@ def bench_shells(b):
     and under eviction (two functions called in turn, each request
     evicting the other's VM)."""
     mem = 128
-    app = b.app("shells-hello.img", ["fn=hello"])
-    base, diff = b.path("shells-base"), b.path("shells-diff")
-    for d in (base, diff):
-        shutil.rmtree(d, ignore_errors=True)
-    vm = ["--mem_size", str(mem)]
-    for args in (["--dump_dir", base], ["--appfs", app, "--load_dir", base, "--dump_dir", diff]):
-        argv = [os.path.join(b.bindir, "singlevm"), "--kernel", b.tg, "--rootfs", b.rootfs, *vm, *args,
-                "--force_exit"]
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           env=dict(os.environ, TMPDIR=b.tmp), timeout=300)
-        if r.returncode != 0:
-            raise BenchError(f"singlevm {args}: exit {r.returncode}: {r.stderr[-600:]}")
+    app, base, diff = hello_snapshots(b, "shells", mem)
     boot = [f"runtimefs: {b.rootfs}", f"appfs: {app}", f"memory: {mem}"]
     restore = boot + [f"load_dir: {base},{diff}"]
     one_vm = mem + 8

@@ -311,16 +311,13 @@ impl FirerunnerArgs {
     /// The same command line, without the program name.
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a = self.vm.to_firerunner_args();
-        let paths = [
-            ("--console", &self.console),
-            ("--vsock_uds", &self.vsock_uds),
-        ];
-        for (name, path) in paths {
-            if let Some(p) = path {
-                a.push(name.into());
-                a.push(p.into());
-            }
-        }
+        push_paths(
+            &mut a,
+            [
+                ("--console", &self.console),
+                ("--vsock_uds", &self.vsock_uds),
+            ],
+        );
         if let Some(fd) = self.control_fd {
             a.push("--control_fd".into());
             a.push(fd.to_string().into());
@@ -329,6 +326,16 @@ impl FirerunnerArgs {
             a.push("--force_exit".into());
         }
         a
+    }
+}
+
+/// Appends `--name PATH` for each path that is set.
+fn push_paths<const N: usize>(a: &mut Vec<OsString>, paths: [(&str, &Option<PathBuf>); N]) {
+    for (name, path) in paths {
+        if let Some(p) = path {
+            a.push(name.into());
+            a.push(p.into());
+        }
     }
 }
 
@@ -375,17 +382,14 @@ impl ShellArgs {
             "--control_fd".into(),
             self.control_fd.to_string().into(),
         ];
-        let paths = [
-            ("--snapshot_dir", &self.snapshot_dir),
-            ("--console", &self.console),
-            ("--vsock_uds", &self.vsock_uds),
-        ];
-        for (name, path) in paths {
-            if let Some(p) = path {
-                a.push(name.into());
-                a.push(p.into());
-            }
-        }
+        push_paths(
+            &mut a,
+            [
+                ("--snapshot_dir", &self.snapshot_dir),
+                ("--console", &self.console),
+                ("--vsock_uds", &self.vsock_uds),
+            ],
+        );
         if self.no_seccomp {
             a.push("--no_seccomp".into());
         }
