@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         }
         ExitCode::from(EXIT_CONFIG)
     };
-    let config = match args.vm.vm_config(args.console, args.vsock_uds) {
+    let config = match args.vm_config() {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };

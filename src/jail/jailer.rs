@@ -96,6 +96,11 @@ pub enum JailerError {
         "a jailed firerunner needs --vsock_uds: its default lies in /tmp, which a jail has not"
     )]
     NoVsockPath,
+    #[error(
+        "a jailed firerunner cannot take --tap/--network yet: the controller would have to open \
+         the TAP and pass its fd into the jail (not implemented); run with --no_jail"
+    )]
+    TapInJail,
     #[error("{0} has no file name to stage it under")]
     NoFileName(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -621,6 +626,9 @@ pub fn run(args: JailerArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(JailerError::Args(e)),
     };
+    if fr.tap.is_some() || fr.network.is_some() {
+        return fail(JailerError::TapInJail);
+    }
     let jail = match Jail::prepare(&args, &fr) {
         Ok(j) => j,
         Err(e) => {
