@@ -169,8 +169,17 @@ fn rootfs(s: &Scratch) -> std::path::PathBuf {
     s.file("rootfs.img", &[0x5a; 4096])
 }
 
-#[test]
-fn frames_cross_between_the_guest_and_the_tap() {
+/// What one `testguest.net=MODE` run left: the console, firerunner's
+/// stderr and exit code, the guest's first test frame and its echo of ours.
+struct Exchange {
+    console: String,
+    stderr: String,
+    code: Option<i32>,
+    first: Option<([u8; 6], Vec<u8>)>,
+    echo: Option<([u8; 6], Vec<u8>)>,
+}
+
+fn exchange(mode: &str, rust_log: &str) -> Exchange {
     let s = Scratch::new("net-frames");
     let ns = Netns::new();
     let wire = ns.wire();
@@ -180,10 +189,11 @@ fn frames_cross_between_the_guest_and_the_tap() {
         .arg("--rootfs")
         .arg(rootfs(&s))
         .args(["--tap", TAP, "--mac", MAC])
-        .args([
-            "--kernel_args",
-            "console=ttyS0 testguest.net=1 testguest.exit=reboot",
-        ])
+        .arg("--kernel_args")
+        .arg(format!(
+            "console=ttyS0 testguest.net={mode} testguest.exit=reboot"
+        ))
+        .env("RUST_LOG", rust_log)
         .arg("--vsock_uds")
         .arg(s.path("v.vsock"))
         .stdin(Stdio::null())
@@ -197,8 +207,8 @@ fn frames_cross_between_the_guest_and_the_tap() {
             .map_while(Result::ok)
             .collect::<Vec<_>>()
     });
-    let got = wire.recv(Duration::from_secs(60));
-    if got.is_some() {
+    let first = wire.recv(Duration::from_secs(60));
+    if first.is_some() {
         wire.send(b"ping 42");
     }
     let echo = wire.recv(Duration::from_secs(30));
@@ -216,13 +226,24 @@ fn frames_cross_between_the_guest_and_the_tap() {
     let lines = lines.join().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    let console = lines.join("\n");
+    Exchange {
+        console: lines.join("\n"),
+        stderr,
+        code: status.code(),
+        first,
+        echo,
+    }
+}
+
+/// The frames of a good exchange went both ways and the VM ended cleanly.
+fn check_exchange(x: &Exchange) {
+    let (console, stderr) = (&x.console, &x.stderr);
     assert!(
         console.contains(&format!("testguest: net: mac {MAC}")),
         "{console}\n{stderr}"
     );
     assert_eq!(
-        got,
+        x.first,
         Some((mac_bytes(MAC), b"hello from testguest".to_vec())),
         "the guest's frame on the TAP\n{console}\n{stderr}"
     );
@@ -230,10 +251,44 @@ fn frames_cross_between_the_guest_and_the_tap() {
         console.contains("testguest: net: received 7 bytes: ping 42"),
         "{console}"
     );
-    assert_eq!(echo, Some((mac_bytes(MAC), b"echo: ping 42".to_vec())));
-    assert_eq!(status.code(), Some(0), "{console}\n{stderr}");
+    assert_eq!(x.echo, Some((mac_bytes(MAC), b"echo: ping 42".to_vec())));
+    assert_eq!(x.code, Some(0), "{console}\n{stderr}");
 }
 
+#[test]
+fn frames_cross_between_the_guest_and_the_tap() {
+    check_exchange(&exchange("1", "warn"));
+}
+
+#[test]
+fn hostile_tx_chains_are_dropped_and_a_corrupt_ring_needs_a_reset() {
+    let x = exchange("hostile", "snapvm::vmm::devices::virtio::net=debug,warn");
+    // No malformed chain put a frame on the wire: the first test frame
+    // there is the one sent after the device was reset.
+    check_exchange(&x);
+    for case in [
+        "short", "writable", "outside", "oversize", "loop", "bad-next",
+    ] {
+        assert!(
+            x.console
+                .contains(&format!("testguest: net: hostile {case}: used id 0 len 0")),
+            "{case}\n{}",
+            x.console
+        );
+    }
+    assert!(
+        x.console.contains("testguest: net: needs reset 1"),
+        "{}",
+        x.console
+    );
+    assert!(
+        x.stderr.contains("tx available ring is corrupt"),
+        "{}",
+        x.stderr
+    );
+    let drops = x.stderr.matches("tx frame dropped").count();
+    assert_eq!(drops, 6, "one log line per bad chain:\n{}", x.stderr);
+}
 /// Boots testguest with a network card, drives it, and snapshots at the
 /// guest's first snapshot point.
 fn networked_snapshot(s: &Scratch, ns: &Netns, dir: &Path) {

@@ -112,7 +112,7 @@ fn bsp_main(boot: &BootInfo) -> ! {
     }
 
     // Stage 2: the virtio devices (not needed when the test only boots).
-    let wants_devices = opts.exit.is_none() || opts.diskcheck || opts.readbench.is_some() || opts.net;
+    let wants_devices = opts.exit.is_none() || opts.diskcheck || opts.readbench.is_some() || opts.net.is_some();
     let mut devs = if wants_devices { Some(disks::probe(&opts)) } else { None };
     if let Some(devs) = devs.as_mut() {
         if opts.diskcheck {
@@ -122,9 +122,9 @@ fn bsp_main(boot: &BootInfo) -> ! {
                 }
             }
         }
-        if opts.net {
+        if let Some(mode) = opts.net {
             match devs.net.take() {
-                Some(dev) => net::exchange(dev),
+                Some(dev) => net::exchange(dev, mode == b"hostile"),
                 None => println!("testguest: net: no network card"),
             }
         }

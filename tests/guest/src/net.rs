@@ -3,8 +3,12 @@
 //! per frame. It sends one test frame, then echoes the first test frame it
 //! receives (ethertype 0x88b5, IEEE 802 local experimental), prefixed with
 //! `echo: `. Other frames (the host kernel's own) are given back unread.
+//! With `testguest.net=hostile` it first sends malformed tx chains (each
+//! holding a test frame saying `must not be sent`), reports the used
+//! length the device gave each, breaks the tx ring's index, reports
+//! DEVICE_NEEDS_RESET, and re-initialises the card before the exchange.
 
-use crate::virtio::{wait_until, Buf, Device, VirtQueue, REG_CONFIG};
+use crate::virtio::{wait_until, Buf, Device, VirtQueue, REG_CONFIG, REG_STATUS};
 use crate::{mem, println, serial};
 
 const F_MAC: u64 = 1 << 5;
@@ -16,6 +20,11 @@ const RX_BUFS: usize = 8;
 const BUF_LEN: usize = 2048;
 /// How long to wait for the host's frame, in 4 s steps.
 const WAIT_STEPS: usize = 8;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const STATUS_NEEDS_RESET: u32 = 64;
+/// Far above any test VM's RAM.
+const OUTSIDE_RAM: u64 = 1 << 40;
 
 struct Net {
     dev: Device,
@@ -63,9 +72,9 @@ impl Net {
         }
     }
 
-    /// Sends a broadcast test frame carrying `parts` and waits until the
-    /// device returns it.
-    fn send(&mut self, parts: &[&[u8]]) -> bool {
+    /// Writes a broadcast test frame carrying `parts` into the tx buffer;
+    /// returns its length, header included.
+    fn frame(&mut self, parts: &[&[u8]]) -> usize {
         let b = &mut *self.tx_buf;
         b[..HDR].fill(0);
         b[HDR..HDR + 6].fill(0xff);
@@ -77,6 +86,14 @@ impl Net {
             b[len..len + n].copy_from_slice(&p[..n]);
             len += n;
         }
+        len
+    }
+
+    /// Sends a broadcast test frame carrying `parts` and waits until the
+    /// device returns it.
+    fn send(&mut self, parts: &[&[u8]]) -> bool {
+        let len = self.frame(parts);
+        let b = &*self.tx_buf;
         if self.tx.add(&[Buf::out(b.as_ptr(), len)]).is_none() {
             return false;
         }
@@ -105,12 +122,59 @@ impl Net {
     }
 }
 
+/// Publishes one raw tx chain (descriptors 0.. as given) and reports the
+/// used length the device returns.
+fn hostile_chain(net: &mut Net, name: &str, descs: &[(u64, u32, u16, u16)]) {
+    for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+        net.tx.raw_desc(i as u16, addr, len, flags, next);
+    }
+    net.tx.raw_publish(0);
+    net.tx.notify();
+    let (dev, tx) = (&mut net.dev, &mut net.tx);
+    let mut used = None;
+    wait_until(2000, || {
+        dev.ack_interrupt();
+        used = tx.raw_pop_used();
+        used.is_some()
+    });
+    match used {
+        Some((id, len)) => println!("testguest: net: hostile {}: used id {} len {}", name, id, len),
+        None => println!("testguest: net: hostile {}: no answer", name),
+    }
+}
+
+/// Malformed tx chains, then a corrupt available index; gives the device
+/// back for a fresh start.
+fn hostile(mut net: Net) -> Device {
+    let len = net.frame(&[b"must not be sent"]) as u32;
+    let buf = net.tx_buf.as_ptr() as u64;
+    hostile_chain(&mut net, "short", &[(buf, 8, 0, 0)]);
+    hostile_chain(&mut net, "writable", &[(buf, len, DESC_F_WRITE, 0)]);
+    hostile_chain(&mut net, "outside", &[(OUTSIDE_RAM, len, 0, 0)]);
+    hostile_chain(&mut net, "oversize", &[(buf, 65536, DESC_F_NEXT, 1), (buf, 64, 0, 0)]);
+    hostile_chain(&mut net, "loop", &[(buf, len, DESC_F_NEXT, 1), (buf, len, DESC_F_NEXT, 0)]);
+    hostile_chain(&mut net, "bad-next", &[(buf, len, DESC_F_NEXT, 200)]);
+    let idx = net.tx.size().wrapping_mul(3);
+    net.tx.raw_set_avail_idx(idx);
+    net.tx.notify();
+    let dev = &mut net.dev;
+    let broken = wait_until(2000, || dev.read(REG_STATUS) & STATUS_NEEDS_RESET != 0);
+    println!("testguest: net: needs reset {}", broken as u8);
+    net.dev
+}
+
 /// The `testguest.net=1` exchange, reported on the serial console.
-pub fn exchange(dev: Device) {
+pub fn exchange(dev: Device, hostile_first: bool) {
     let mut net = match Net::new(dev) {
         Ok(n) => n,
         Err(e) => return println!("testguest: net: {}", e),
     };
+    if hostile_first {
+        net = match Net::new(hostile(net)) {
+            Ok(n) => n,
+            Err(e) => return println!("testguest: net: after the hostile cases: {}", e),
+        };
+    }
     let m = net.mac;
     println!("testguest: net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
     if !net.send(&[b"hello from testguest"]) {
