@@ -11,7 +11,7 @@ use crate::vmm::config::{
     BootConfig, Copies, NetConfig, RestoreConfig, RestoreMemory, Start, VmConfig,
     DEFAULT_KERNEL_ARGS,
 };
-use crate::vmm::devices::virtio::net::{NetError, DEFAULT_MAC};
+use crate::vmm::devices::virtio::net::NetError;
 use crate::vmm::MAX_VCPUS;
 
 /// The guest CID (`--id`) when none is given.
@@ -306,7 +306,8 @@ pub struct FirerunnerArgs {
     /// vnet_hdr`). A snapshot of such a VM restores only with --tap.
     #[arg(long, conflicts_with = "network")]
     pub tap: Option<String>,
-    /// The guest's MAC address with --tap (default 06:00:ac:10:00:02).
+    /// The guest's MAC address with --tap (default 06:00:ac:10:00:02 at
+    /// boot, the snapshot's at restore).
     #[arg(long, requires = "tap")]
     pub mac: Option<String>,
     /// SnapFaaS's spelling of --tap TAP --mac MAC.
@@ -339,12 +340,12 @@ impl FirerunnerArgs {
             },
             (None, None) => return Ok(None),
         };
-        let mac = match mac {
-            Some(m) => m
-                .parse()
-                .map_err(|e: NetError| FlagError::Mac(e.to_string()))?,
-            None => DEFAULT_MAC,
-        };
+        let mac = mac
+            .map(|m| {
+                m.parse()
+                    .map_err(|e: NetError| FlagError::Mac(e.to_string()))
+            })
+            .transpose()?;
         Ok(Some(NetConfig { tap, mac }))
     }
 

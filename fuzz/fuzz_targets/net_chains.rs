@@ -105,7 +105,7 @@ fn run(data: &[u8]) {
         }
     }
     let net = Arc::new(Mutex::new(
-        Net::new(TAP, DEFAULT_MAC).expect("cannot attach to the fuzz TAP"),
+        Net::new(TAP, Some(DEFAULT_MAC)).expect("cannot attach to the fuzz TAP"),
     ));
     let mut em = EventManager::new().expect("cannot create an event manager");
     em.add_subscriber(Arc::new(Mutex::new(Backend(net.clone()))));

@@ -40,11 +40,11 @@ pub struct VmConfig {
 }
 
 /// The VM's network card: the TAP interface it is attached to, and the
-/// guest's MAC.
+/// guest's MAC if given (else the default, or a snapshot's own).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
-    pub mac: Mac,
+    pub mac: Option<Mac>,
 }
 
 /// How the VM comes to life.

@@ -32,8 +32,9 @@
 //!
 //! Snapshots save the MAC and the broken flag; a frame waiting for a
 //! buffer is dropped (the network may lose frames). Restore opens the TAP
-//! named on the command line; another MAC than at snapshot time is taken
-//! and announced as a configuration change.
+//! named on the command line and keeps the snapshot's MAC, unless another
+//! one was given: that one is taken and announced as a configuration
+//! change.
 
 use std::sync::Arc;
 
@@ -158,6 +159,8 @@ enum RxEnd {
 pub struct Net {
     tap: Tap,
     mac: Mac,
+    /// The MAC came from the command line (restore keeps it).
+    mac_given: bool,
     config_generation: u32,
     queue_max_sizes: [u16; 2],
     active: Option<Active>,
@@ -217,11 +220,13 @@ fn collect_chain(
 }
 
 impl Net {
-    /// A network card with address `mac` on the TAP interface `tap`.
-    pub fn new(tap: &str, mac: Mac) -> Result<Self, NetError> {
+    /// A network card on the TAP interface `tap` with address `mac`, or
+    /// [`DEFAULT_MAC`] (or at restore, the snapshot's) when none is given.
+    pub fn new(tap: &str, mac: Option<Mac>) -> Result<Self, NetError> {
         Ok(Self {
             tap: Tap::open(tap)?,
-            mac,
+            mac: mac.unwrap_or(DEFAULT_MAC),
+            mac_given: mac.is_some(),
             config_generation: 0,
             queue_max_sizes: [QUEUE_SIZE; 2],
             active: None,
@@ -621,14 +626,17 @@ impl Persist for Net {
     }
 
     /// Applies `s` to a device built from the command line, after
-    /// `activate` with the restored queues if it was running. A MAC other
-    /// than the snapshot's is announced to the driver.
+    /// `activate` with the restored queues if it was running. The
+    /// snapshot's MAC is kept unless another was given; that one is
+    /// announced to the driver.
     fn restore(&mut self, s: &NetState) -> Result<(), NetError> {
         self.config_generation = s.config_generation;
         if let Some(active) = &mut self.active {
             active.broken = s.broken;
         }
-        if s.mac != self.mac {
+        if !self.mac_given {
+            self.mac = s.mac;
+        } else if s.mac != self.mac {
             debug!("virtio-net: MAC {} at snapshot, {} now", s.mac, self.mac);
             self.config_generation = self.config_generation.wrapping_add(1);
             if let Some(active) = &self.active {

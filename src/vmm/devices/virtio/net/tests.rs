@@ -145,7 +145,7 @@ impl Rig {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
-        let mut net = Net::new(tap, DEFAULT_MAC).unwrap();
+        let mut net = Net::new(tap, Some(DEFAULT_MAC)).unwrap();
         let vqs = [RXQ, TXQ].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QUEUE_SIZE));
         let queues = vqs.iter().map(|vq| vq.create_queue().unwrap()).collect();
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
@@ -423,6 +423,26 @@ fn state_round_trip_and_a_new_mac_is_announced() {
 }
 
 #[test]
+fn without_a_mac_given_a_restore_keeps_the_snapshots() {
+    in_netns(|| {
+        let mac: Mac = "06:11:22:33:44:55".parse().unwrap();
+        let s = NetState {
+            mac,
+            config_generation: 3,
+            broken: false,
+            tap: TAP.into(),
+        };
+        let mut net = Net::new(TAP, None).unwrap();
+        assert_eq!(net.mac(), DEFAULT_MAC);
+        net.restore(&s).unwrap();
+        assert_eq!((net.mac(), net.config_generation()), (mac, 3));
+        let mut c = [0u8; 6];
+        net.read_config(0, &mut c);
+        assert_eq!(c, mac.0);
+    });
+}
+
+#[test]
 fn macs_and_tap_names() {
     let m: Mac = "06:00:AC:10:00:02".parse().unwrap();
     assert_eq!(m, DEFAULT_MAC);
@@ -439,10 +459,7 @@ fn macs_and_tap_names() {
     }
     for bad in ["", "a/b", "x y", "waytoolongforaniface", ".."] {
         assert!(
-            matches!(
-                Net::new(bad, DEFAULT_MAC),
-                Err(NetError::Tap(TapError::Name(_)))
-            ),
+            matches!(Net::new(bad, None), Err(NetError::Tap(TapError::Name(_)))),
             "{bad:?}"
         );
     }
