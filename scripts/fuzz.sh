@@ -28,7 +28,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-all_targets=(block_chain vsock_packets mmio_registers snapshot_state deployment)
+all_targets=(block_chain net_chains vsock_packets mmio_registers snapshot_state deployment)
 seconds="${FUZZ_SECONDS:-60}"
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
     seconds="$1"

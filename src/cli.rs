@@ -9,8 +9,10 @@ use clap::{Args, Parser};
 use crate::control::RestoreRequest;
 use crate::jail::{JailOptions, DEFAULT_JAIL_DIR, DEFAULT_UID_BASE, DEFAULT_UID_COUNT};
 use crate::vmm::config::{
-    BootConfig, Copies, RestoreConfig, RestoreMemory, Start, VmConfig, DEFAULT_KERNEL_ARGS,
+    BootConfig, Copies, NetConfig, RestoreConfig, RestoreMemory, Start, VmConfig,
+    DEFAULT_KERNEL_ARGS,
 };
+use crate::vmm::devices::virtio::net::NetError;
 use crate::vmm::MAX_VCPUS;
 
 /// The guest CID (`--id`) when none is given.
@@ -55,6 +57,10 @@ pub enum FlagError {
         "snapshot layer {0:?}: a layer path cannot hold a comma (layer lists are comma lists)"
     )]
     CommaInLayer(String),
+    #[error("--network {0:?}: expected TAP/MAC (SnapFaaS), e.g. tap0/06:00:ac:10:00:02")]
+    Network(String),
+    #[error("{0}")]
+    Mac(String),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -229,6 +235,7 @@ impl VmArgs {
             vsock_uds,
             dump_dir: self.dump_dir.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
+            net: None,
             start,
         })
     }
@@ -301,6 +308,18 @@ pub struct FirerunnerArgs {
     /// src/control.rs); set by singlevm and multivm.
     #[arg(long = "control_fd", alias = "control-fd")]
     pub control_fd: Option<i32>,
+    /// Give the VM a virtio-net card (its fourth device) on this TAP
+    /// interface, which must exist (`ip tuntap add NAME mode tap
+    /// vnet_hdr`). A snapshot of such a VM restores only with --tap.
+    #[arg(long, conflicts_with = "network")]
+    pub tap: Option<String>,
+    /// The guest's MAC address with --tap (default 06:00:ac:10:00:02 at
+    /// boot, the snapshot's at restore).
+    #[arg(long, requires = "tap")]
+    pub mac: Option<String>,
+    /// SnapFaaS's spelling of --tap TAP --mac MAC.
+    #[arg(long)]
+    pub network: Option<String>,
     /// Accepted for SnapFaaS compatibility: firerunner always exits after
     /// writing a snapshot.
     #[arg(long = "force_exit", alias = "force-exit")]
@@ -308,6 +327,35 @@ pub struct FirerunnerArgs {
 }
 
 impl FirerunnerArgs {
+    /// The VM these flags describe (see [`VmArgs::vm_config`]), with its
+    /// network card.
+    pub fn vm_config(&self) -> Result<VmConfig, FlagError> {
+        let mut config = self
+            .vm
+            .vm_config(self.console.clone(), self.vsock_uds.clone())?;
+        config.net = self.net_config()?;
+        Ok(config)
+    }
+
+    /// The network card of `--tap [--mac]` or `--network TAP/MAC`.
+    fn net_config(&self) -> Result<Option<NetConfig>, FlagError> {
+        let (tap, mac) = match (&self.tap, &self.network) {
+            (Some(tap), _) => (tap.clone(), self.mac.as_deref()),
+            (None, Some(n)) => match n.split_once('/') {
+                Some((tap, mac)) if !tap.is_empty() => (tap.to_owned(), Some(mac)),
+                _ => return Err(FlagError::Network(n.clone())),
+            },
+            (None, None) => return Ok(None),
+        };
+        let mac = mac
+            .map(|m| {
+                m.parse()
+                    .map_err(|e: NetError| FlagError::Mac(e.to_string()))
+            })
+            .transpose()?;
+        Ok(Some(NetConfig { tap, mac }))
+    }
+
     /// The same command line, without the program name.
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a = self.vm.to_firerunner_args();
@@ -316,6 +364,14 @@ impl FirerunnerArgs {
             [
                 ("--console", &self.console),
                 ("--vsock_uds", &self.vsock_uds),
+            ],
+        );
+        push_paths(
+            &mut a,
+            [
+                ("--tap", &self.tap),
+                ("--mac", &self.mac),
+                ("--network", &self.network),
             ],
         );
         if let Some(fd) = self.control_fd {
@@ -329,12 +385,15 @@ impl FirerunnerArgs {
     }
 }
 
-/// Appends `--name PATH` for each path that is set.
-fn push_paths<const N: usize>(a: &mut Vec<OsString>, paths: [(&str, &Option<PathBuf>); N]) {
+/// Appends `--name VALUE` for each value that is set.
+fn push_paths<T: Clone + Into<OsString>, const N: usize>(
+    a: &mut Vec<OsString>,
+    paths: [(&str, &Option<T>); N],
+) {
     for (name, path) in paths {
         if let Some(p) = path {
             a.push(name.into());
-            a.push(p.into());
+            a.push(p.clone().into());
         }
     }
 }

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(e.to_string()),
             }
         }
-        Mode::Vm(args) => match args.vm.vm_config(args.console, args.vsock_uds) {
+        Mode::Vm(args) => match args.vm_config() {
             Ok(c) => (c, None, args.vm.no_seccomp),
             Err(e) => return fail(e.to_string()),
         },

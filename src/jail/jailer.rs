@@ -107,6 +107,11 @@ pub enum JailerError {
         "a jailed firerunner needs --vsock_uds: its default lies in /tmp, which a jail has not"
     )]
     NoVsockPath,
+    #[error(
+        "a jailed firerunner cannot take --tap/--network yet: the controller would have to open \
+         the TAP and pass its fd into the jail (not implemented); run with --no_jail"
+    )]
+    TapInJail,
     #[error("{0} has no file name to stage it under")]
     NoFileName(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -675,6 +680,11 @@ pub fn run(args: JailerArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(JailerError::Args(e)),
     };
+    if let Parsed::Vm(fr) = &parsed {
+        if fr.tap.is_some() || fr.network.is_some() {
+            return fail(JailerError::TapInJail);
+        }
+    }
     let ended = Jail::prepare(&args, &parsed).and_then(|jail| spawn(&jail, &args, control, start));
     let status = match ended {
         Ok(Ended::Detached) => return ExitCode::SUCCESS,

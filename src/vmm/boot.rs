@@ -75,6 +75,7 @@ pub(super) fn boot(
         appfs: config.appfs.as_deref(),
         cid: config.cid,
         vsock_uds: &config.vsock_path(),
+        net: config.net.as_ref(),
     })?;
     kernel::cmdline(&boot.kernel_args, &[])?;
 

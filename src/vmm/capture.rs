@@ -158,7 +158,7 @@ pub(super) fn create(m: &Machine, target: &Path) -> Result<Written, CreateError>
         shape: VmShape {
             mem_mib: m.mem_mib,
             vcpus: vcpus.len() as u8,
-            devices: devices::device_list(),
+            devices: m.devices.device_list(),
         },
         rootfs,
         memory: MemoryTable {

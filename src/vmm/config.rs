@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use super::devices::virtio::net::Mac;
+
 /// Kernel command line used when the user gives none.
 pub const DEFAULT_KERNEL_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodules i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
@@ -30,8 +32,19 @@ pub struct VmConfig {
     pub dump_dir: Option<PathBuf>,
     /// Where the controller's `snapshot` commands write (`--snapshot_dir`).
     pub snapshot_dir: Option<PathBuf>,
+    /// A network card on a TAP (`--tap`/`--network`): the fourth virtio
+    /// device, present only when given.
+    pub net: Option<NetConfig>,
     /// Boot a kernel, or restore a snapshot.
     pub start: Start,
+}
+
+/// The VM's network card: the TAP interface it is attached to, and the
+/// guest's MAC if given (else the default, or a snapshot's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<Mac>,
 }
 
 /// How the VM comes to life.

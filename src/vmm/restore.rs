@@ -130,6 +130,7 @@ pub(super) fn restore(
         appfs: config.appfs.as_deref(),
         cid: config.cid,
         vsock_uds: &config.vsock_path(),
+        net: config.net.as_ref(),
     })?;
     let console = devices::console_sink(config.console.as_ref())?;
     let plan = RestorePlan {
@@ -272,7 +273,7 @@ fn check_snapshot_shape(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let ours = devices::device_list();
+    let ours = devices::device_list(config.net.is_some());
     if s.shape.devices != ours || s.devices.len() != ours.len() {
         return Err(mismatch(format!(
             "its devices are [{}], this VM has [{}]",

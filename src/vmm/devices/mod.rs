@@ -2,7 +2,8 @@
 //! devices on the MMIO bus, and the VM's one list of virtio devices.
 //!
 //! [`VirtioDevices`] is that list, in slot order (DESIGN.md, "Guest
-//! protocol": vda = rootfs, vdb = appfs, vsock). Everything that walks the
+//! protocol": vda = rootfs, vdb = appfs, vsock, then virtio-net only for a
+//! VM given a TAP). Everything that walks the
 //! devices walks it: placing them on the bus, announcing them on the
 //! kernel command line, the snapshot's device list, saving and restoring
 //! their state. A new device is one more [`VirtioSlot`] variant.
@@ -18,9 +19,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::serial::{ConsoleSink, SerialDevice};
 use self::virtio::block::{Block, BlockError};
 use self::virtio::mmio::{self, MmioDeviceHandle, MmioError, TransportState};
+use self::virtio::net::{Net, NetError};
 use self::virtio::vsock::{Vsock, VsockError};
 use self::virtio::DeviceState;
 use super::bus::{lock, Bus};
+use super::config::NetConfig;
 use super::event_loop::EventManager;
 use super::layout;
 use super::memory::GuestMemoryMmap;
@@ -42,6 +45,8 @@ pub enum DeviceError {
     },
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("--tap: {0}")]
+    Net(#[from] NetError),
     #[error("cannot attach a virtio device: {0}")]
     Attach(#[from] MmioError),
     #[error("cannot save a {kind} device: {source}")]
@@ -73,8 +78,14 @@ pub enum DeviceError {
 }
 
 /// What each virtio slot serves, in slot order: the one list of the
-/// VM's devices (DESIGN.md, "Guest protocol").
+/// VM's devices (DESIGN.md, "Guest protocol"); a VM given a network has
+/// [`Role::Net`] after them.
 const SLOTS: [Role; 3] = [Role::Rootfs, Role::Appfs, Role::Vsock];
+
+/// The roles of a VM's slots: [`SLOTS`], then the network card if any.
+fn roles(net: bool) -> impl Iterator<Item = Role> {
+    SLOTS.into_iter().chain(net.then_some(Role::Net))
+}
 
 /// What a virtio device serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +93,7 @@ enum Role {
     Rootfs,
     Appfs,
     Vsock,
+    Net,
 }
 
 impl Role {
@@ -90,6 +102,7 @@ impl Role {
             Role::Rootfs => "rootfs",
             Role::Appfs => "appfs",
             Role::Vsock => "vsock",
+            Role::Net => "net",
         }
     }
 
@@ -97,14 +110,15 @@ impl Role {
         match self {
             Role::Rootfs | Role::Appfs => "block",
             Role::Vsock => "vsock",
+            Role::Net => "net",
         }
     }
 }
 
-/// The device list a snapshot of this VM records, and a restore requires.
-pub fn device_list() -> Vec<DeviceEntry> {
-    SLOTS
-        .iter()
+/// The device list a snapshot of a VM records, and a restore requires:
+/// the three of every VM, and the network card when it has one.
+pub fn device_list(net: bool) -> Vec<DeviceEntry> {
+    roles(net)
         .map(|r| DeviceEntry {
             kind: r.kind().into(),
             role: r.name().into(),
@@ -116,6 +130,7 @@ pub fn device_list() -> Vec<DeviceEntry> {
 pub enum VirtioSlot {
     Block(Arc<Mutex<Block>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Net(Arc<Mutex<Net>>),
 }
 
 impl VirtioSlot {
@@ -123,6 +138,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Block(_) => "block",
             VirtioSlot::Vsock(_) => "vsock",
+            VirtioSlot::Net(_) => "net",
         }
     }
 
@@ -130,6 +146,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Block(device) => device.clone(),
             VirtioSlot::Vsock(device) => device.clone(),
+            VirtioSlot::Net(device) => device.clone(),
         }
     }
 
@@ -144,6 +161,9 @@ impl VirtioSlot {
             }
             VirtioSlot::Vsock(device) => {
                 DeviceState::Vsock(lock(device).save().map_err(|e| fail(e.into()))?)
+            }
+            VirtioSlot::Net(device) => {
+                DeviceState::Net(lock(device).save().map_err(|e| fail(e.into()))?)
             }
         })
     }
@@ -162,6 +182,9 @@ impl VirtioSlot {
             (VirtioSlot::Vsock(device), DeviceState::Vsock(s)) => {
                 lock(device).restore(s).map_err(|e| fail(e.into()))
             }
+            (VirtioSlot::Net(device), DeviceState::Net(s)) => {
+                lock(device).restore(s).map_err(|e| fail(e.into()))
+            }
             (ours, saved) => Err(DeviceError::Kind {
                 saved: state_kind(saved),
                 kind: ours.kind(),
@@ -174,6 +197,7 @@ fn state_kind(s: &DeviceState) -> &'static str {
     match s {
         DeviceState::Block(_) => "block",
         DeviceState::Vsock(_) => "vsock",
+        DeviceState::Net(_) => "net",
     }
 }
 
@@ -192,25 +216,29 @@ pub struct DeviceConfig<'a> {
     pub appfs: Option<&'a std::path::Path>,
     pub cid: u64,
     pub vsock_uds: &'a std::path::Path,
+    pub net: Option<&'a NetConfig>,
 }
 
 /// The VM's virtio devices in slot order, before and after they are
 /// placed on the bus.
 pub struct VirtioDevices {
     devices: Vec<VirtioSlot>,
+    /// Whether the last slot is a network card.
+    net: bool,
     handles: Vec<MmioDeviceHandle>,
 }
 
 impl VirtioDevices {
     /// Opens the devices of [`device_list`], in slot order: the rootfs,
-    /// the appfs (an empty disk without one) and vsock.
+    /// the appfs (an empty disk without one), vsock, and the network card
+    /// when one is configured.
     pub fn open(c: &DeviceConfig<'_>) -> Result<Self, DeviceError> {
         let disk = |what, path: &std::path::Path| {
             Block::new(path).map_err(|source| DeviceError::Disk { what, source })
         };
         let block = |b| VirtioSlot::Block(Arc::new(Mutex::new(b)));
         let mut devices = Vec::new();
-        for role in SLOTS {
+        for role in roles(c.net.is_some()) {
             devices.push(match role {
                 Role::Rootfs => block(disk("--rootfs", c.rootfs)?),
                 Role::Appfs => block(match c.appfs {
@@ -220,12 +248,22 @@ impl VirtioDevices {
                 Role::Vsock => {
                     VirtioSlot::Vsock(Arc::new(Mutex::new(Vsock::new(c.cid, c.vsock_uds)?)))
                 }
+                Role::Net => match c.net {
+                    Some(n) => VirtioSlot::Net(Arc::new(Mutex::new(Net::new(&n.tap, n.mac)?))),
+                    None => continue,
+                },
             });
         }
         Ok(Self {
             devices,
+            net: c.net.is_some(),
             handles: Vec::new(),
         })
+    }
+
+    /// This VM's device list, as its snapshots record it.
+    pub fn device_list(&self) -> Vec<DeviceEntry> {
+        device_list(self.net)
     }
 
     /// Places every device in its slot: MMIO window, interrupt line, queue

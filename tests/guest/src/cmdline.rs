@@ -26,6 +26,9 @@ pub struct Options<'a> {
     pub readbench: Option<&'a [u8]>,
     /// `testguest.crash=`: fail on purpose (tests of the crash path).
     pub crash: Option<&'a [u8]>,
+    /// `testguest.net=1`: the virtio-net exchange (`net.rs`) after boot;
+    /// `testguest.net=hostile`: bad tx chains first.
+    pub net: Option<&'a [u8]>,
     pub devices: [Option<MmioDevice>; MAX_DEVICES],
 }
 
@@ -75,7 +78,7 @@ fn parse_device(s: &[u8]) -> Option<MmioDevice> {
 }
 
 pub fn parse(cmdline: &[u8]) -> Options<'_> {
-    let mut o = Options { exit: None, bad_exit: None, diskcheck: false, readbench: None, crash: None, devices: [None; MAX_DEVICES] };
+    let mut o = Options { exit: None, bad_exit: None, diskcheck: false, readbench: None, crash: None, net: None, devices: [None; MAX_DEVICES] };
     let mut ndev = 0;
     for w in words(cmdline) {
         if let Some(v) = w.strip_prefix(b"testguest.exit=") {
@@ -89,6 +92,8 @@ pub fn parse(cmdline: &[u8]) -> Options<'_> {
             o.diskcheck = v != b"0";
         } else if let Some(v) = w.strip_prefix(b"testguest.readbench=") {
             o.readbench = Some(v);
+        } else if let Some(v) = w.strip_prefix(b"testguest.net=") {
+            o.net = Some(v).filter(|v| *v != b"0");
         } else if let Some(v) = w.strip_prefix(b"testguest.crash=") {
             o.crash = Some(v);
         } else if let Some(v) = w.strip_prefix(b"virtio_mmio.device=") {

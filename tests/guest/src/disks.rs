@@ -5,16 +5,19 @@ use crate::blk::{Blk, SECTOR, T_OUT};
 use crate::cmdline::Options;
 use crate::manifest::Manifest;
 use crate::util::fnv1a;
-use crate::virtio::{Device, DEVICE_BLOCK, DEVICE_VSOCK};
+use crate::virtio::{Device, DEVICE_BLOCK, DEVICE_NET, DEVICE_VSOCK};
 use crate::{io, mem, println, serial};
 
 pub const MAX_DISKS: usize = 4;
 
 /// The devices from the command line, in order: block devices become vda,
-/// vdb, ...; the first vsock device is kept for the agent.
+/// vdb, ...; the first vsock device is kept for the agent, the first
+/// network card for `testguest.net=1`.
 pub struct Devices {
     pub disks: [Option<Blk>; MAX_DISKS],
     pub vsock: Option<Device>,
+    /// The first network card, for `testguest.net=1`.
+    pub net: Option<Device>,
 }
 
 pub fn disk_name(i: usize) -> [u8; 3] {
@@ -26,7 +29,7 @@ fn name_str(n: &[u8; 3]) -> &str {
 }
 
 pub fn probe(opts: &Options) -> Devices {
-    let mut devs = Devices { disks: [None, None, None, None], vsock: None };
+    let mut devs = Devices { disks: [None, None, None, None], vsock: None, net: None };
     let mut ndisks = 0;
     for spec in opts.devices.iter().flatten() {
         let dev = match Device::probe(spec) {
@@ -46,6 +49,7 @@ pub fn probe(opts: &Options) -> Devices {
                 }
             }
             DEVICE_VSOCK if devs.vsock.is_none() => devs.vsock = Some(dev),
+            DEVICE_NET if devs.net.is_none() => devs.net = Some(dev),
             id => println!("testguest: virtio-mmio at {:#x}: device id {} ignored", spec.base, id),
         }
     }

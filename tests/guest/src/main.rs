@@ -20,6 +20,7 @@ mod json;
 mod manifest;
 mod mem;
 mod mptable;
+mod net;
 mod serial;
 mod smp;
 mod util;
@@ -111,7 +112,7 @@ fn bsp_main(boot: &BootInfo) -> ! {
     }
 
     // Stage 2: the virtio devices (not needed when the test only boots).
-    let wants_devices = opts.exit.is_none() || opts.diskcheck || opts.readbench.is_some();
+    let wants_devices = opts.exit.is_none() || opts.diskcheck || opts.readbench.is_some() || opts.net.is_some();
     let mut devs = if wants_devices { Some(disks::probe(&opts)) } else { None };
     if let Some(devs) = devs.as_mut() {
         if opts.diskcheck {
@@ -119,6 +120,12 @@ fn bsp_main(boot: &BootInfo) -> ! {
                 if let Some(blk) = d.as_mut() {
                     disks::check(i, blk);
                 }
+            }
+        }
+        if let Some(mode) = opts.net {
+            match devs.net.take() {
+                Some(dev) => net::exchange(dev, mode == b"hostile"),
+                None => println!("testguest: net: no network card"),
             }
         }
         if let Some(which) = opts.readbench {

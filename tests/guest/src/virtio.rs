@@ -8,6 +8,7 @@ use crate::io::{mmio_read32, mmio_write32};
 use crate::{apic, cpl0, mem};
 
 pub const MAGIC: u32 = 0x7472_6976; // "virt"
+pub const DEVICE_NET: u32 = 1;
 pub const DEVICE_BLOCK: u32 = 2;
 pub const DEVICE_VSOCK: u32 = 19;
 

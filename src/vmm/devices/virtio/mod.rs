@@ -26,6 +26,7 @@ use super::super::memory::GuestMemoryMmap;
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 /// Device ids (virtio 1.x, 5 "Device Types").
@@ -173,6 +174,7 @@ impl From<QueuePersist> for QueueState {
 pub enum DeviceState {
     Block(block::BlockState),
     Vsock(vsock::VsockState),
+    Net(net::NetState),
 }
 
 /// What a device receives when the driver sets DRIVER_OK.
@@ -194,7 +196,7 @@ pub enum ActivateError {
 
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
-    /// virtio device id ([`TYPE_BLOCK`], [`TYPE_VSOCK`]).
+    /// virtio device id ([`TYPE_BLOCK`], [`TYPE_VSOCK`], [`net::TYPE_NET`]).
     fn device_type(&self) -> u32;
     /// Maximum size of each of the device's queues; its length is the
     /// number of queues.

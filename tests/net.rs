@@ -1,0 +1,428 @@
+//! virtio-net on real KVM and a real TAP: testguest (`testguest.net=1`)
+//! sends a frame and echoes the one it gets back; a networked VM's
+//! snapshot restores only with a network card.
+//!
+//! Every test makes its own network namespace (`ip netns add`) holding a
+//! TAP, runs firerunner inside it (`ip netns exec`), and deletes it on
+//! drop — on failure too — so nothing reaches the host's network. The
+//! test's end of the wire is an AF_PACKET socket made inside that
+//! namespace. Needs root, `ip`, and the tun module.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{app_image, firerunner, run_with_deadline, testguest, Scratch};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const TAP: &str = "tap0";
+const MAC: &str = "06:11:22:33:44:55";
+const ETHERTYPE: u16 = 0x88b5;
+
+/// A network namespace with TAP `tap0` (up, vnet_hdr), deleted on drop.
+struct Netns(String);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("snapvm-net-{}-{n}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ns.exec_ip(&["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"]);
+        ns.exec_ip(&["link", "set", TAP, "up"]);
+        ns
+    }
+
+    fn exec_ip(&self, args: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.0, "ip"];
+        a.extend_from_slice(args);
+        ip(&a);
+    }
+
+    /// `firerunner ARGS` inside the namespace.
+    fn firerunner(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0, firerunner()]);
+        cmd
+    }
+
+    /// A packet socket on the TAP's interface, made inside the namespace
+    /// (a socket stays in the namespace it was made in).
+    fn wire(&self) -> Wire {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            Wire::open()
+        })
+        .join()
+        .expect("wire thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Wire(OwnedFd);
+
+impl Wire {
+    fn open() -> Self {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the fd is owned right below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a new open socket nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(TAP).unwrap();
+        // SAFETY: `name` is NUL-terminated.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no {TAP} in the namespace");
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: `sa` is a sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        Wire(fd)
+    }
+
+    fn send(&self, payload: &[u8]) {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x06, 0, 0, 0, 0, 0x99]);
+        f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+        f.extend_from_slice(payload);
+        // SAFETY: `f` is valid for its length.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The next test frame on the wire within `wait`: (source MAC, payload).
+    fn recv(&self, wait: Duration) -> Option<([u8; 6], Vec<u8>)> {
+        let end = Instant::now() + wait;
+        let mut buf = vec![0u8; 70000];
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32 + 1) } <= 0 {
+                continue;
+            }
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            // Our own frames come back as outgoing packets: skip them.
+            if n > 14
+                && buf[12..14] == ETHERTYPE.to_be_bytes()
+                && buf[6..12] != [6, 0, 0, 0, 0, 0x99]
+            {
+                let src = buf[6..12].try_into().unwrap();
+                return Some((src, buf[14..n as usize].to_vec()));
+            }
+        }
+    }
+}
+
+fn mac_bytes(mac: &str) -> [u8; 6] {
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+fn rootfs(s: &Scratch) -> std::path::PathBuf {
+    s.file("rootfs.img", &[0x5a; 4096])
+}
+
+/// What one `testguest.net=MODE` run left: the console, firerunner's
+/// stderr and exit code, the guest's first test frame and its echo of ours.
+struct Exchange {
+    console: String,
+    stderr: String,
+    code: Option<i32>,
+    first: Option<([u8; 6], Vec<u8>)>,
+    echo: Option<([u8; 6], Vec<u8>)>,
+}
+
+fn exchange(mode: &str, rust_log: &str) -> Exchange {
+    let s = Scratch::new("net-frames");
+    let ns = Netns::new();
+    let wire = ns.wire();
+    let mut cmd = ns.firerunner();
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(rootfs(&s))
+        .args(["--tap", TAP, "--mac", MAC])
+        .arg("--kernel_args")
+        .arg(format!(
+            "console=ttyS0 testguest.net={mode} testguest.exit=reboot"
+        ))
+        .env("RUST_LOG", rust_log)
+        .arg("--vsock_uds")
+        .arg(s.path("v.vsock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn firerunner");
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let first = wire.recv(Duration::from_secs(60));
+    if first.is_some() {
+        wire.send(b"ping 42");
+    }
+    let echo = wire.recv(Duration::from_secs(30));
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let lines = lines.join().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    Exchange {
+        console: lines.join("\n"),
+        stderr,
+        code: status.code(),
+        first,
+        echo,
+    }
+}
+
+/// The frames of a good exchange went both ways and the VM ended cleanly.
+fn check_exchange(x: &Exchange) {
+    let (console, stderr) = (&x.console, &x.stderr);
+    assert!(
+        console.contains(&format!("testguest: net: mac {MAC}")),
+        "{console}\n{stderr}"
+    );
+    assert_eq!(
+        x.first,
+        Some((mac_bytes(MAC), b"hello from testguest".to_vec())),
+        "the guest's frame on the TAP\n{console}\n{stderr}"
+    );
+    assert!(
+        console.contains("testguest: net: received 7 bytes: ping 42"),
+        "{console}"
+    );
+    assert_eq!(x.echo, Some((mac_bytes(MAC), b"echo: ping 42".to_vec())));
+    assert_eq!(x.code, Some(0), "{console}\n{stderr}");
+}
+
+#[test]
+fn frames_cross_between_the_guest_and_the_tap() {
+    check_exchange(&exchange("1", "warn"));
+}
+
+#[test]
+fn hostile_tx_chains_are_dropped_and_a_corrupt_ring_needs_a_reset() {
+    let x = exchange("hostile", "snapvm::vmm::devices::virtio::net=debug,warn");
+    // No malformed chain put a frame on the wire: the first test frame
+    // there is the one sent after the device was reset.
+    check_exchange(&x);
+    for case in [
+        "short", "writable", "outside", "oversize", "loop", "bad-next",
+    ] {
+        assert!(
+            x.console
+                .contains(&format!("testguest: net: hostile {case}: used id 0 len 0")),
+            "{case}\n{}",
+            x.console
+        );
+    }
+    assert!(
+        x.console.contains("testguest: net: needs reset 1"),
+        "{}",
+        x.console
+    );
+    assert!(
+        x.stderr.contains("tx available ring is corrupt"),
+        "{}",
+        x.stderr
+    );
+    let drops = x.stderr.matches("tx frame dropped").count();
+    assert_eq!(drops, 6, "one log line per bad chain:\n{}", x.stderr);
+}
+/// Boots testguest with a network card, drives it, and snapshots at the
+/// guest's first snapshot point.
+fn networked_snapshot(s: &Scratch, ns: &Netns, dir: &Path) {
+    let mut cmd = ns.firerunner();
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(rootfs(s))
+        .arg("--appfs")
+        .arg(app_image(s, "app.img", &["fn=hello"]))
+        .args(["--network", &format!("{TAP}/{MAC}")])
+        .args(["--kernel_args", "console=ttyS0 testguest.net=1"])
+        .arg("--console")
+        .arg(s.path("dump-console.log"))
+        .arg("--vsock_uds")
+        .arg(s.path("dump.vsock"))
+        .arg("--dump_dir")
+        .arg(dir);
+    let wire = ns.wire();
+    // The guest waits for a frame before it reaches its snapshot point.
+    let feeder = std::thread::spawn(move || {
+        if wire.recv(Duration::from_secs(60)).is_some() {
+            wire.send(b"before the snapshot");
+        }
+    });
+    let out = run_with_deadline(cmd, LIMIT);
+    feeder.join().unwrap();
+    assert_eq!(out.code(), Some(0), "snapshot failed:\n{}", out.stderr);
+    let console = std::fs::read_to_string(s.path("dump-console.log")).unwrap();
+    assert!(console.contains("testguest: net: echoed"), "{console}");
+    let state = std::fs::read_to_string(dir.join("snapshot.json")).unwrap();
+    assert!(
+        state.contains(r#""kind":"net""#),
+        "no net device in the snapshot"
+    );
+}
+
+#[test]
+fn a_networked_snapshot_restores_only_with_a_network_card() {
+    let s = Scratch::new("net-snap");
+    let ns = Netns::new();
+    let dir = s.path("snap");
+    networked_snapshot(&s, &ns, &dir);
+
+    let restore = |extra: &[&str], name: &str| {
+        let mut cmd = ns.firerunner();
+        cmd.arg("--kernel")
+            .arg(testguest())
+            .arg("--rootfs")
+            .arg(rootfs(&s))
+            .arg("--appfs")
+            .arg(s.path("app.img"))
+            .arg("--load_dir")
+            .arg(&dir)
+            .arg("--console")
+            .arg(s.path(&format!("{name}-console.log")))
+            .arg("--vsock_uds")
+            .arg(s.path(&format!("{name}.vsock")))
+            .args(extra);
+        run_with_deadline(cmd, LIMIT)
+    };
+    let out = restore(&[], "bare");
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("net:net") && out.stderr.contains("this VM has ["),
+        "{}",
+        out.stderr
+    );
+
+    // With the card, the restored guest runs on to its diff snapshot
+    // point, and the diff records the card too.
+    let diff = s.path("diff");
+    let diff_arg = diff.display().to_string();
+    let out = restore(
+        &["--tap", TAP, "--mac", MAC, "--dump_dir", &diff_arg],
+        "net",
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let state = std::fs::read_to_string(diff.join("snapshot.json")).unwrap();
+    assert!(
+        state.contains(r#""kind":"net""#),
+        "no net device in the diff"
+    );
+}
+
+#[test]
+fn tap_flags_are_checked_before_the_vm_starts() {
+    let s = Scratch::new("net-flags");
+    let ns = Netns::new();
+    let run = |extra: &[&str]| {
+        let mut cmd = ns.firerunner();
+        cmd.arg("--kernel")
+            .arg(testguest())
+            .arg("--rootfs")
+            .arg(rootfs(&s))
+            .arg("--vsock_uds")
+            .arg(s.path("f.vsock"))
+            .args(extra);
+        run_with_deadline(cmd, LIMIT)
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--tap", TAP, "--mac", "01:00:5e:00:00:01"],
+            "invalid MAC address",
+        ),
+        (&["--network", "tap0"], "expected TAP/MAC"),
+        (&["--tap", "bad/name"], "TAP name"),
+    ];
+    for (args, msg) in cases {
+        let out = run(args);
+        assert_eq!(out.code(), Some(1), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(msg), "{args:?}: {}", out.stderr);
+    }
+    // A TAP in use by another VM (no multi-queue): one clear error.
+    let mut busy = ns.firerunner();
+    busy.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(rootfs(&s))
+        .args(["--tap", TAP])
+        .args(["--kernel_args", "console=ttyS0 testguest.exit=halt"])
+        .arg("--vsock_uds")
+        .arg(s.path("busy.vsock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut first = busy.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run(&["--tap", TAP]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot attach to TAP tap0"),
+        "{}",
+        out.stderr
+    );
+}
