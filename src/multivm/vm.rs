@@ -53,7 +53,9 @@ impl FunctionVm {
     /// Starts a VM of `spec` (restore when it has `load_dir`, boot
     /// otherwise) with its console in `console`, and waits for its agent.
     /// A restore takes a ready shell of its shape from `shells` if there
-    /// is one (its console then stays in the shell's runtime directory).
+    /// is one (its console then stays in the shell's runtime directory),
+    /// and starts a VM of its own if that shell fails before its guest
+    /// connects.
     pub fn launch(
         cfg: &Config,
         jail: Option<&JailOptions>,
@@ -62,22 +64,27 @@ impl FunctionVm {
         id: VmId,
         console: &Path,
     ) -> Result<Self, VmError> {
-        let shell = shells.zip(spec.restore_request()).and_then(|(pool, r)| {
-            let sh = pool.take((spec.memory_mib, spec.vcpus))?;
-            match sh.restore(&r) {
-                Ok(()) => Some(sh),
+        // A shell can die between the pool's last look and its guest's
+        // connection (it had not run the function yet): a VM of its own
+        // is started instead.
+        let from_pool = shells.zip(spec.restore_request()).and_then(|(pool, r)| {
+            let mut sh = pool.take((spec.memory_mib, spec.vcpus))?;
+            let connected = sh.restore(&r).map_err(|e| e.to_string()).and_then(|()| {
+                sh.wait_for_guest(cfg.boot_timeout)
+                    .map_err(|e| e.to_string())
+            });
+            match connected {
+                Ok(stream) => Some((sh, stream)),
                 Err(e) => {
-                    log::warn!(
-                        "a shell could not restore {}: {e}; starting a VM",
-                        spec.name
-                    );
+                    log::warn!("a shell did not restore {}: {e}; starting a VM", spec.name);
+                    sh.kill();
                     None
                 }
             }
         });
-        let from_shell = shell.is_some();
-        let mut vm = match shell {
-            Some(sh) => sh,
+        let from_shell = from_pool.is_some();
+        let (mut vm, stream) = match from_pool {
+            Some(started) => started,
             None => {
                 let launch = Launch {
                     firerunner: cfg.firerunner.clone(),
@@ -85,14 +92,15 @@ impl FunctionVm {
                     console: Some(console.to_path_buf()),
                     jail: jail.cloned(),
                 };
-                VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?
-            }
-        };
-        let stream = match vm.wait_for_guest(cfg.boot_timeout) {
-            Ok(s) => s,
-            Err(e) => {
-                vm.kill();
-                return Err(VmError::Launch(e.to_string()));
+                let mut vm =
+                    VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;
+                match vm.wait_for_guest(cfg.boot_timeout) {
+                    Ok(s) => (vm, s),
+                    Err(e) => {
+                        vm.kill();
+                        return Err(VmError::Launch(e.to_string()));
+                    }
+                }
             }
         };
         if let Err(e) = launcher::handshake(&stream, Some(Instant::now() + cfg.boot_timeout)) {
