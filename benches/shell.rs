@@ -29,6 +29,7 @@ fn launch(args: Vec<OsString>, jail: &Option<JailOptions>) -> Launch {
         vm_args: args,
         console: None,
         jail: jail.clone(),
+        network: false,
     }
 }
 

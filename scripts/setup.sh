@@ -5,9 +5,10 @@ set -euo pipefail
 
 # Usage: scripts/setup.sh [--bench]
 # python3-venv: scripts/api-fuzz.sh installs schemathesis into a venv.
+# nftables: the VMs' networks (src/network.rs: NAT and isolation).
 # haproxy, prometheus, iproute2: scripts/cluster.sh (several multivm nodes
 # behind HAProxy, scraped by Prometheus; tested by scripts/cluster-test.sh).
-packages=(binutils util-linux python3 python3-venv haproxy prometheus iproute2)
+packages=(binutils util-linux python3 python3-venv haproxy prometheus iproute2 nftables)
 if [[ ${1:-} == --bench ]]; then
     # scripts/bench.sh compares with QEMU microvm and plots with Debian's
     # python3 (/usr/bin/python3).

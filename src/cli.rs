@@ -9,7 +9,7 @@ use clap::{Args, Parser};
 use crate::control::RestoreRequest;
 use crate::jail::{JailOptions, DEFAULT_JAIL_DIR, DEFAULT_UID_BASE, DEFAULT_UID_COUNT};
 use crate::vmm::config::{
-    BootConfig, Copies, NetConfig, RestoreConfig, RestoreMemory, Start, VmConfig,
+    BootConfig, Copies, NetConfig, RestoreConfig, RestoreMemory, Start, TapSource, VmConfig,
     DEFAULT_KERNEL_ARGS,
 };
 use crate::vmm::devices::virtio::net::NetError;
@@ -61,6 +61,8 @@ pub enum FlagError {
     Network(String),
     #[error("{0}")]
     Mac(String),
+    #[error("--mac needs --tap or --tap_fd")]
+    MacWithoutTap,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -311,11 +313,17 @@ pub struct FirerunnerArgs {
     /// Give the VM a virtio-net card (its fourth device) on this TAP
     /// interface, which must exist (`ip tuntap add NAME mode tap
     /// vnet_hdr`). A snapshot of such a VM restores only with --tap.
-    #[arg(long, conflicts_with = "network")]
+    #[arg(long, conflicts_with_all = ["network", "tap_fd"])]
     pub tap: Option<String>,
-    /// The guest's MAC address with --tap (default 06:00:ac:10:00:02 at
-    /// boot, the snapshot's at restore).
-    #[arg(long, requires = "tap")]
+    /// Like --tap, on an inherited descriptor of a TAP opened (with
+    /// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) by the controller, which may be an
+    /// interface of another network namespace: how a jailed VM gets its
+    /// network card.
+    #[arg(long = "tap_fd", alias = "tap-fd", conflicts_with = "network")]
+    pub tap_fd: Option<i32>,
+    /// The guest's MAC address with --tap or --tap_fd (default
+    /// 06:00:ac:10:00:02 at boot, the snapshot's at restore).
+    #[arg(long, conflicts_with = "network")]
     pub mac: Option<String>,
     /// SnapFaaS's spelling of --tap TAP --mac MAC.
     #[arg(long)]
@@ -339,13 +347,15 @@ impl FirerunnerArgs {
 
     /// The network card of `--tap [--mac]` or `--network TAP/MAC`.
     fn net_config(&self) -> Result<Option<NetConfig>, FlagError> {
-        let (tap, mac) = match (&self.tap, &self.network) {
-            (Some(tap), _) => (tap.clone(), self.mac.as_deref()),
-            (None, Some(n)) => match n.split_once('/') {
-                Some((tap, mac)) if !tap.is_empty() => (tap.to_owned(), Some(mac)),
+        let (tap, mac) = match (&self.tap, self.tap_fd, &self.network) {
+            (Some(tap), _, _) => (TapSource::Name(tap.clone()), self.mac.as_deref()),
+            (None, Some(fd), _) => (TapSource::Fd(fd), self.mac.as_deref()),
+            (None, None, Some(n)) => match n.split_once('/') {
+                Some((tap, mac)) if !tap.is_empty() => (TapSource::Name(tap.to_owned()), Some(mac)),
                 _ => return Err(FlagError::Network(n.clone())),
             },
-            (None, None) => return Ok(None),
+            (None, None, None) if self.mac.is_some() => return Err(FlagError::MacWithoutTap),
+            (None, None, None) => return Ok(None),
         };
         let mac = mac
             .map(|m| {
@@ -374,9 +384,11 @@ impl FirerunnerArgs {
                 ("--network", &self.network),
             ],
         );
-        if let Some(fd) = self.control_fd {
-            a.push("--control_fd".into());
-            a.push(fd.to_string().into());
+        for (name, fd) in [("--tap_fd", self.tap_fd), ("--control_fd", self.control_fd)] {
+            if let Some(fd) = fd {
+                a.push(name.into());
+                a.push(fd.to_string().into());
+            }
         }
         if self.force_exit {
             a.push("--force_exit".into());

@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -16,10 +16,15 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
 use crate::control::{self, Event, RestoreRequest};
 use crate::jail::{self, JailError, JailOptions, Slot};
+use crate::network::{NetworkError, VmNetwork};
 use crate::protocol::{self, ProtocolError, AGENT_PORT};
+use nix::fcntl::{fcntl, FcntlArg};
 
 /// The fd number firerunner receives its control channel on.
 const CONTROL_FD: i32 = 3;
+/// The descriptor a networked VM's TAP is passed on (`--tap_fd`); the
+/// jailer keeps it open.
+pub const TAP_FD: i32 = 4;
 /// How long a VM gets to stop after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -54,6 +59,15 @@ pub enum LaunchError {
     Wait(std::io::Error),
     #[error(transparent)]
     Jail(#[from] JailError),
+    #[error("the VM's network: {0}")]
+    Network(#[from] NetworkError),
+    #[error(
+        "a VM gets a network only in a jail (its namespace is named after the jail slot): run as \
+         root without --no_jail / jail: false"
+    )]
+    NetworkWithoutJail,
+    #[error("cannot pass the VM's TAP: {0}")]
+    TapFd(std::io::Error),
 }
 
 /// Why a call to the guest agent got no response.
@@ -161,6 +175,9 @@ pub struct Launch {
     pub console: Option<PathBuf>,
     /// Run firerunner in a jail (src/jail/) through the jailer.
     pub jail: Option<JailOptions>,
+    /// Give the VM a network card in a network namespace of its own
+    /// (src/network.rs; needs the jail).
+    pub network: bool,
 }
 
 /// firerunner as this process sees it.
@@ -224,6 +241,8 @@ pub struct VmProcess {
     listener: UnixListener,
     console: PathBuf,
     pub spawned_at: Instant,
+    /// The VM's network namespace, removed after the VM is killed.
+    _network: Option<VmNetwork>,
     /// The jail's slot: dropped after the VM is killed, it removes what
     /// is left of the jail (fields drop after `Drop::drop`).
     jail: Option<Slot>,
@@ -279,9 +298,19 @@ impl VmProcess {
             "--control_fd".into(),
             CONTROL_FD.to_string().into(),
         ]);
-        let (mut cmd, slot) = match &launch.jail {
+        if launch.network && launch.jail.is_none() {
+            return Err(LaunchError::NetworkWithoutJail);
+        }
+        let (mut cmd, slot, network) = match &launch.jail {
             Some(opts) => {
                 let slot = Slot::acquire(opts)?;
+                let network = launch
+                    .network
+                    .then(|| VmNetwork::create(slot.uid()))
+                    .transpose()?;
+                if network.is_some() {
+                    args.extend(["--tap_fd".into(), TAP_FD.to_string().into()]);
+                }
                 // The VM binds its vsock socket here and connects to ours.
                 slot.hand_over(&sockets)?;
                 slot.hand_over(&agent_path)?;
@@ -294,14 +323,25 @@ impl VmProcess {
                     &launch.firerunner,
                     args,
                 ));
-                (cmd, Some(slot))
+                (cmd, Some(slot), network)
             }
             None => {
                 let mut cmd = Command::new(&launch.firerunner);
                 cmd.args(args);
-                (cmd, None)
+                (cmd, None, None)
             }
         };
+        // The TAP goes to TAP_FD from a descriptor above both fixed ones,
+        // so that neither dup2 below overwrites the other's source.
+        let tap = network
+            .as_ref()
+            .map(|n| fcntl(n.tap(), FcntlArg::F_DUPFD_CLOEXEC(10)))
+            .transpose()
+            .map_err(|e| LaunchError::TapFd(e.into()))?
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that this
+            // process owns and nothing else holds.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on fds this process
@@ -316,6 +356,11 @@ impl VmProcess {
                 } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(fd) = tap_fd {
+                    if libc::dup2(fd, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -325,6 +370,7 @@ impl VmProcess {
             source,
         })?;
         drop(theirs);
+        drop(tap);
         // A detached jailer exits as soon as firerunner runs (0), or after
         // it failed to set the jail up (its reason is on the control
         // channel): a status for the VM that never ran.
@@ -367,6 +413,7 @@ impl VmProcess {
             listener,
             console,
             spawned_at,
+            _network: network,
             jail: slot,
             _runtime_dir: runtime_dir,
         })

@@ -7,6 +7,7 @@ pub mod control;
 pub mod jail;
 pub mod launcher;
 pub mod multivm;
+pub mod network;
 pub mod protocol;
 pub mod singlevm;
 pub mod snapshot;

@@ -564,6 +564,7 @@ fn python3_functions_restored_into_shells_answer_their_fixtures() {
             vm_args: vec!["shell".into()],
             console: None,
             jail: None,
+            network: false,
         };
         let mut vm = VmProcess::spawn(&launch).expect("spawn firerunner shell");
         match vm.events().recv_deadline(Instant::now() + LIMIT) {

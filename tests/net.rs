@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{app_image, firerunner, run_with_deadline, testguest, Scratch};
+use common::{app_image, firerunner, run_with_deadline, singlevm, testguest, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const TAP: &str = "tap0";
@@ -63,14 +63,7 @@ impl Netns {
     /// A packet socket on the TAP's interface, made inside the namespace
     /// (a socket stays in the namespace it was made in).
     fn wire(&self) -> Wire {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the netns");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            Wire::open()
-        })
-        .join()
-        .expect("wire thread")
+        Wire::open_in(&self.0, TAP)
     }
 }
 
@@ -83,17 +76,46 @@ impl Drop for Netns {
 struct Wire(OwnedFd);
 
 impl Wire {
-    fn open() -> Self {
+    /// A packet socket on `iface` of the named network namespace, as
+    /// soon as both exist (within [`LIMIT`]).
+    fn open_in(netns: &str, iface: &'static str) -> Self {
+        let path = format!("/run/netns/{netns}");
+        let deadline = Instant::now() + LIMIT;
+        let wait = |what: &str, ready: &dyn Fn() -> bool| {
+            while !ready() {
+                assert!(Instant::now() < deadline, "no {what}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        };
+        wait(&path, &|| Path::new(&path).exists());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("open the netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let name = std::ffi::CString::new(iface).unwrap();
+                // SAFETY: `name` is NUL-terminated.
+                wait(
+                    iface,
+                    &|| unsafe { libc::if_nametoindex(name.as_ptr()) } != 0,
+                );
+                Wire::open(iface)
+            })
+            .join()
+            .expect("wire thread")
+        })
+    }
+
+    fn open(iface: &str) -> Self {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2); the fd is owned right below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
         assert!(fd >= 0, "{}", std::io::Error::last_os_error());
         // SAFETY: `fd` is a new open socket nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(TAP).unwrap();
+        let name = std::ffi::CString::new(iface).unwrap();
         // SAFETY: `name` is NUL-terminated.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(ifindex, 0, "no {TAP} in the namespace");
+        assert_ne!(ifindex, 0, "no {iface} in the namespace");
         // SAFETY: all-zero is a valid sockaddr_ll.
         let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sa.sll_family = libc::AF_PACKET as u16;
@@ -425,4 +447,174 @@ fn tap_flags_are_checked_before_the_vm_starts() {
         "{}",
         out.stderr
     );
+}
+
+/// A one-slot uid range per test of `singlevm --net`, so that the VM's
+/// namespace is known: `snapvm-<uid>` (src/network.rs).
+fn net_uid(test: u32) -> u32 {
+    980_000 + (std::process::id() % 1000) * 8 + test
+}
+
+/// `singlevm --net` on testguest in jail slot `uid`.
+fn net_singlevm(s: &Scratch, uid: u32, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(singlevm());
+    cmd.arg("--net")
+        .arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(rootfs(s))
+        .arg("--jail_dir")
+        .arg(s.path("jails"))
+        .args(["--jail_uid_base", &uid.to_string(), "--jail_uid_count", "1"])
+        .args(extra)
+        .env("TMPDIR", &s.0);
+    cmd
+}
+
+fn ip_out(args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Neither the VM's namespace nor its uplink is left.
+fn assert_no_network(uid: u32) {
+    assert!(
+        !Path::new(&format!("/run/netns/snapvm-{uid}")).exists(),
+        "namespace snapvm-{uid} left"
+    );
+    assert!(
+        !ip_out(&["link", "show", &format!("snv{uid}")]).0,
+        "uplink snv{uid} left"
+    );
+}
+
+#[test]
+fn singlevm_net_gives_the_vm_a_namespace_of_its_own_and_removes_it() {
+    let s = Scratch::new("net-singlevm");
+    let uid = net_uid(0);
+    let ns = format!("snapvm-{uid}");
+    let app = app_image(&s, "hello.img", &["fn=hello"]);
+    let mut cmd = net_singlevm(&s, uid, &["--kernel_args", "console=ttyS0 testguest.net=1"]);
+    cmd.arg("--appfs")
+        .arg(&app)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut vm = cmd.spawn().expect("spawn singlevm");
+    // Open before the guest boots (the VM starts once its namespace is
+    // complete), to catch its first frame.
+    let wire = Wire::open_in(&ns, "vm0");
+    // The namespace is complete once its uplink has its address.
+    let deadline = Instant::now() + LIMIT;
+    while !ip_out(&["-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])
+        .1
+        .contains("10.2")
+    {
+        if Instant::now() > deadline || vm.try_wait().unwrap().is_some() {
+            let _ = vm.kill();
+            let out = vm.wait_with_output().unwrap();
+            panic!(
+                "no namespace {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The layout every clone relies on: the gateway's address and MAC.
+    let (_, link) = ip_out(&["-n", &ns, "-o", "link", "show", "vm0"]);
+    assert!(link.contains("02:00:ac:10:00:01"), "{link}");
+    let (_, addr) = ip_out(&["-n", &ns, "-4", "-o", "addr", "show", "vm0"]);
+    assert!(addr.contains("172.16.0.1/30"), "{addr}");
+    let (_, routes) = ip_out(&["-n", &ns, "route"]);
+    assert!(routes.contains("default via 10.2"), "{routes}");
+    let (_, host) = ip_out(&["-4", "-o", "addr", "show", &format!("snv{uid}")]);
+    assert!(host.contains("10.2"), "{host}");
+    let rules = Command::new("nft")
+        .args(["list", "table", "inet", "snapvm"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rules.stdout).contains("iifname \"snv*\" drop"),
+        "the host's rules are not loaded"
+    );
+
+    // Frames cross between the jailed VM and the TAP in its namespace.
+    let first = wire.recv(Duration::from_secs(60));
+    assert_eq!(
+        first,
+        Some((
+            mac_bytes("06:00:ac:10:00:02"),
+            b"hello from testguest".to_vec()
+        ))
+    );
+    wire.send(b"ping 42");
+    assert_eq!(
+        wire.recv(Duration::from_secs(30)),
+        Some((mac_bytes("06:00:ac:10:00:02"), b"echo: ping 42".to_vec()))
+    );
+
+    // The VM serves, then stops with its input; its network goes with it.
+    let mut stdin = vm.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"{}\n").unwrap();
+    drop(stdin);
+    let out = vm.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("hello"), "{stdout}");
+    assert_no_network(uid);
+}
+
+#[test]
+fn a_vm_network_that_cannot_be_made_is_one_clear_error_and_leaves_nothing() {
+    let s = Scratch::new("net-refused");
+    let uid = net_uid(1);
+    let run = |cmd: Command| {
+        let out = run_with_deadline(cmd, LIMIT);
+        assert_eq!(out.code(), Some(1), "{}", out.stderr);
+        assert_no_network(uid);
+        out.stderr
+    };
+
+    // Unjailed: the namespace is named after the jail slot.
+    let err = run(net_singlevm(&s, uid, &["--no_jail"]));
+    assert!(err.contains("only in a jail"), "{err}");
+
+    // The uplink's name is taken.
+    struct Dummy(String);
+    impl Drop for Dummy {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let name = format!("snv{uid}");
+    ip(&["tuntap", "add", &name, "mode", "tap"]);
+    let dummy = Dummy(name.clone());
+    let out = run_with_deadline(net_singlevm(&s, uid, &[]), LIMIT);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("make the uplink {name}")) && out.stderr.contains("exists"),
+        "{}",
+        out.stderr
+    );
+    assert!(!Path::new(&format!("/run/netns/snapvm-{uid}")).exists());
+    drop(dummy);
+    assert_no_network(uid);
+
+    // No permission: not root.
+    let mut cmd = Command::new("setpriv");
+    let vm = net_singlevm(&s, uid, &[]);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(vm.get_program())
+        .args(vm.get_args())
+        .env("TMPDIR", "/tmp");
+    let err = run(cmd);
+    assert!(err.contains("needs root"), "{err}");
 }

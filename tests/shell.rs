@@ -33,6 +33,7 @@ fn launch(args: Vec<OsString>) -> Launch {
         vm_args: args,
         console: None,
         jail: None,
+        network: false,
     }
 }
 
@@ -357,6 +358,7 @@ fn a_jailed_shell_restores_what_its_controller_shows_it_and_the_layers_stay_whol
         let a = vec!["shell".into(), "--mem_size".into(), "128".into()];
         let process = VmProcess::spawn(&Launch {
             jail: Some(jail.clone()),
+            network: false,
             ..launch(a)
         })
         .expect("spawn a jailed shell");

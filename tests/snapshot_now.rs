@@ -38,6 +38,7 @@ impl Vm {
             vm_args,
             console: None,
             jail,
+            network: false,
         };
         let mut process = VmProcess::spawn(&launch).expect("spawn firerunner");
         let agent = match process.wait_for_guest(LIMIT) {

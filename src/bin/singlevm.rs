@@ -39,6 +39,12 @@ struct Args {
     /// written).
     #[arg(long = "force_exit", alias = "force-exit")]
     force_exit: bool,
+    /// Give the VM a network: a virtio-net card in a network namespace of
+    /// its own, NATed to the outside, unable to reach this host's own
+    /// addresses (src/network.rs; as root, jailed). A boot gets the
+    /// guest's address on its kernel command line.
+    #[arg(long)]
+    net: bool,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, String> {
@@ -72,20 +78,31 @@ fn main() -> ExitCode {
         eprintln!("singlevm: error: {e}");
         return ExitCode::from(1);
     }
+    let mut vm = args.vm;
+    if args.net {
+        if let Err(e) = snapvm::network::install_host_rules() {
+            eprintln!("singlevm: error: {e}");
+            return ExitCode::from(1);
+        }
+        if vm.load_dir.is_none() {
+            vm.kernel_args = Some(snapvm::network::with_kernel_arg(vm.kernel_args.as_deref()));
+        }
+    }
     let opts = Options {
         launch: Launch {
             firerunner: args.firerunner.unwrap_or_else(|| beside_exe("firerunner")),
-            vm_args: args.vm.to_firerunner_args(),
+            vm_args: vm.to_firerunner_args(),
             console: args.console,
             jail: args
                 .jail
                 .options(beside_exe("jailer"), DEFAULT_VM_OVERHEAD_MIB),
+            network: args.net,
         },
         boot_timeout,
         request_timeout,
         force_exit: args.force_exit,
-        dump_dir: args.vm.dump_dir.is_some(),
-        dump_ws: args.vm.dump_ws.is_some(),
+        dump_dir: vm.dump_dir.is_some(),
+        dump_ws: vm.dump_ws.is_some(),
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();

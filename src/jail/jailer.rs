@@ -53,6 +53,7 @@ use super::cgroup::{Cgroup, CgroupError, Limits};
 use super::{JailError, Output, STAGING_LIST};
 use crate::cli::{FirerunnerArgs, ShellArgs};
 use crate::control::{Channel, Event};
+use crate::launcher::TAP_FD;
 
 /// Exit code of a jail that could not be set up (firerunner's for a
 /// start-up failure).
@@ -108,10 +109,12 @@ pub enum JailerError {
     )]
     NoVsockPath,
     #[error(
-        "a jailed firerunner cannot take --tap/--network yet: the controller would have to open \
-         the TAP and pass its fd into the jail (not implemented); run with --no_jail"
+        "a jailed firerunner cannot open a TAP by name (--tap/--network): the controller opens it \
+         and passes it as --tap_fd {TAP_FD}"
     )]
     TapInJail,
+    #[error("a jailed firerunner takes its TAP on fd {TAP_FD} only, not --tap_fd {0}")]
+    TapFd(i32),
     #[error("{0} has no file name to stage it under")]
     NoFileName(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -168,6 +171,8 @@ struct Jail {
     fsize: u64,
     /// `--detach`: no parent-death signal (the parent is the caller).
     detach: bool,
+    /// firerunner has `--tap_fd` ([`TAP_FD`]): keep it open.
+    tap: bool,
 }
 
 fn cstring(s: &OsStr) -> CString {
@@ -447,6 +452,7 @@ impl Jail {
             cgroup,
             fsize: mem + FSIZE_SLACK,
             detach: args.detach,
+            tap: matches!(parsed, Parsed::Vm(f) if f.tap_fd.is_some()),
         })
     }
 
@@ -585,12 +591,14 @@ impl Jail {
         if let Some(console) = &self.console {
             nix::unistd::dup2_stdout(console).map_err(sys("cannot make the console stdout"))?;
         }
-        // Everything but 0-2 and the control channel (3; the launcher's
-        // CONTROL_FD): the console's own fd and anything the controller
-        // leaked. The control channel is passed only as fd 3.
-        // SAFETY: close_range only closes descriptors; none above 3 is
-        // used by this process after this point (the console was dup'ed).
-        if unsafe { libc::close_range(4, u32::MAX, 0) } < 0 {
+        // Everything but 0-2, the control channel (3; the launcher's
+        // CONTROL_FD) and the TAP if given (TAP_FD): the console's own fd
+        // and anything the controller leaked.
+        let first = if self.tap { TAP_FD + 1 } else { TAP_FD } as u32;
+        // SAFETY: close_range only closes descriptors; none above 3 but
+        // the TAP is used by this process after this point (the console
+        // was dup'ed).
+        if unsafe { libc::close_range(first, u32::MAX, 0) } < 0 {
             return Err(JailerError::Sys(
                 "cannot close inherited fds".into(),
                 nix::Error::last(),
@@ -683,6 +691,9 @@ pub fn run(args: JailerArgs) -> ExitCode {
     if let Parsed::Vm(fr) = &parsed {
         if fr.tap.is_some() || fr.network.is_some() {
             return fail(JailerError::TapInJail);
+        }
+        if let Some(fd) = fr.tap_fd.filter(|&fd| fd != TAP_FD) {
+            return fail(JailerError::TapFd(fd));
         }
     }
     let ended = Jail::prepare(&args, &parsed).and_then(|jail| spawn(&jail, &args, control, start));

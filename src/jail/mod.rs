@@ -382,6 +382,7 @@ impl Slot {
                 if slot.dir().exists() {
                     slot.remove_jail();
                 }
+                crate::network::remove(uid);
                 return Ok(slot);
             }
         }

@@ -8,7 +8,7 @@
 //! runtimefs_dir: images/rootfs         # base of relative `runtimefs` paths
 //! appfs_dir: images/appfs              # base of relative `appfs` paths
 //! snapshot_dir: snapshots              # base of relative `load_dir` entries
-//! allow_network: false                 # accepted; snapvm VMs have no network
+//! allow_network: false                 # let `network: true` functions have one
 //! boot_timeout: 30s                    # launch (boot or restore) deadline
 //! vm_overhead: 8                       # MiB accounted per VM on top of `memory`
 //! jail: true                           # jail each VM (as root); false = --no_jail
@@ -29,7 +29,9 @@
 //!     load_ws: false
 //!     kernel: other-vmlinux            # per-function kernel
 //!     cmdline: "quiet"                 # per-function kernel command line
-//!     network: false                   # `true` is refused: no network device
+//!     network: false                   # a network card in a namespace of its own, NAT
+//!                                      #   to the outside (src/network.rs; needs
+//!                                      #   allow_network and the jail)
 //!     min_idle: 0                      # pre-warmed idle VMs
 //!     idle_timeout: 5m                 # idle VMs beyond min_idle are stopped after this
 //!     request_timeout: 30s             # queue wait limit, and run limit (kills the VM)
@@ -70,6 +72,7 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use crate::cli::{VmArgs, DEFAULT_CID};
+use crate::network;
 use crate::vmm::MAX_VCPUS;
 
 /// MiB accounted per VM for firerunner itself (VMM heap, thread stacks,
@@ -277,6 +280,8 @@ pub struct Function {
     pub copy_base: bool,
     pub copy_diff: bool,
     pub load_ws: bool,
+    /// A network card in a namespace of its own (src/network.rs).
+    pub network: bool,
     pub min_idle: usize,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
@@ -302,13 +307,22 @@ impl Function {
             && self.vcpus == other.vcpus
             && self.memory_mib == other.memory_mib
             && self.load_dir == other.load_dir
-            && (self.copy_base, self.copy_diff, self.load_ws)
-                == (other.copy_base, other.copy_diff, other.load_ws)
+            && (self.copy_base, self.copy_diff, self.load_ws, self.network)
+                == (
+                    other.copy_base,
+                    other.copy_diff,
+                    other.load_ws,
+                    other.network,
+                )
     }
 
     /// What a VM shell of this function's shape restores for one of its
-    /// VMs; none for a function that boots.
+    /// VMs; none for a function that boots, or has a network (shells
+    /// have no network card).
     pub fn restore_request(&self) -> Option<RestoreRequest> {
+        if self.network {
+            return None;
+        }
         let layers = self.load_dir.as_ref()?;
         Some(RestoreRequest {
             rootfs: self.rootfs.clone(),
@@ -334,11 +348,17 @@ impl Function {
         self.vm_args(no_seccomp).to_firerunner_args()
     }
 
-    /// The VM flags of this function, as firerunner would parse them.
+    /// The VM flags of this function, as firerunner would parse them; a
+    /// networked one that boots gets its address on the kernel command
+    /// line (a restored one has it in its snapshot).
     fn vm_args(&self, no_seccomp: bool) -> VmArgs {
+        let mut kernel_args = self.cmdline.clone();
+        if self.network && self.load_dir.is_none() {
+            kernel_args = Some(network::with_kernel_arg(kernel_args.as_deref()));
+        }
         VmArgs {
             kernel: self.kernel.clone(),
-            kernel_args: self.cmdline.clone(),
+            kernel_args,
             rootfs: self.rootfs.clone(),
             appfs: self.appfs.clone(),
             mem_size: self.memory_mib,
@@ -595,11 +615,8 @@ impl Resolver<'_> {
         budget_mib: u64,
         default_firerunner: PathBuf,
     ) -> Result<Config, ConfigError> {
-        if let Some(n) = &raw.allow_network {
-            if n.value {
-                log::warn!("allow_network: snapvm VMs have no network device; ignored");
-            }
-        }
+        let allow_network = raw.allow_network.as_ref().is_some_and(|n| n.value);
+        let jail = raw.jail.as_ref().is_none_or(|j| j.value);
         let firerunner = match &raw.firerunner_path {
             Some(s) => self.file_in(self.base, s, "firerunner_path")?,
             None => default_firerunner,
@@ -689,15 +706,23 @@ impl Resolver<'_> {
                 return Err(self.err(f, &format!("functions.{name}"), message));
             }
             let fv = &f.value;
-            if let Some(n) = &fv.network {
-                if n.value {
+            let network = match &fv.network {
+                Some(n) if n.value && !allow_network => {
                     return Err(self.err(
                         n,
                         &key("network"),
-                        "snapvm VMs have no network device; remove the key or set it to false",
-                    ));
+                        "functions get a network only with `allow_network: true` at the top",
+                    ))
                 }
-            }
+                Some(n) if n.value && !jail => {
+                    return Err(self.err(
+                        n,
+                        &key("network"),
+                        "a VM's network namespace belongs to its jail: it needs `jail: true`",
+                    ))
+                }
+                n => n.as_ref().is_some_and(|n| n.value),
+            };
             let kernel = match (&fv.kernel, &kernel) {
                 (Some(s), _) => self.file_in(self.base, s, &key("kernel"))?,
                 (None, Some(k)) => k.clone(),
@@ -847,6 +872,7 @@ impl Resolver<'_> {
                 copy_base: flag(&fv.copy_base),
                 copy_diff: flag(&fv.copy_diff),
                 load_ws: flag(&fv.load_ws),
+                network,
                 min_idle,
                 idle_timeout,
                 request_timeout,
@@ -873,7 +899,7 @@ impl Resolver<'_> {
             firerunner,
             boot_timeout,
             vm_overhead_mib,
-            jail: raw.jail.as_ref().is_none_or(|j| j.value),
+            jail,
             functions,
             deploy,
             no_seccomp: false,
@@ -1238,8 +1264,26 @@ functions:
             "    appfs: app.img\n",
             "    appfs: app.img\n    network: true\n",
         );
-        let (line, key, _) = invalid(parse(&d, &yaml, 1024));
+        let (line, key, msg) = invalid(parse(&d, &yaml, 1024));
         assert_eq!((line, key.as_str()), (8, "functions.hello.network"));
+        assert!(msg.contains("allow_network"), "{msg}");
+        let allowed = format!("allow_network: true\n{yaml}");
+        let c = parse(&d, &allowed, 1024).unwrap();
+        let hello = &c.functions[0];
+        assert!(hello.network && hello.restore_request().is_none());
+        // A networked boot gets the guest's address on its command line.
+        let args: Vec<String> = hello
+            .firerunner_args(false)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let cmdline = &args[args.iter().position(|a| a == "--kernel_args").unwrap() + 1];
+        assert_eq!(cmdline, &format!("console=ttyS0 {}", network::kernel_arg()));
+        assert!(!c.functions[1].network);
+        let unjailed = format!("jail: false\n{allowed}");
+        let (_, key, msg) = invalid(parse(&d, &unjailed, 1024));
+        assert_eq!(key, "functions.hello.network");
+        assert!(msg.contains("jail"), "{msg}");
         let yaml = GOOD.replace(
             "    appfs: app.img\n",
             "    appfs: app.img\n    load_ws: true\n",

@@ -69,6 +69,13 @@ pub enum MultiVmError {
     Auth(#[from] AuthError),
     #[error("the deployed functions' state: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "functions with `network: true` need jailed VMs (their namespaces are named after the \
+         jail slots): run multivm as root, without --no_jail"
+    )]
+    NetworkWithoutJail,
+    #[error("the host's side of the VMs' network: {0}")]
+    Network(#[from] crate::network::NetworkError),
 }
 
 pub struct Options {
@@ -141,6 +148,12 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .jail
         .then(|| opts.jail.options(beside_exe("jailer"), cfg.vm_overhead_mib))
         .flatten();
+    if cfg.functions.iter().any(|f| f.network) {
+        if jail.is_none() {
+            return Err(MultiVmError::NetworkWithoutJail);
+        }
+        crate::network::install_host_rules()?;
+    }
     let sched = Scheduler::new(
         Arc::clone(&cfg),
         jail,

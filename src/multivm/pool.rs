@@ -478,6 +478,7 @@ mod tests {
             copy_base: false,
             copy_diff: false,
             load_ws: false,
+            network: false,
             min_idle: 0,
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(1),

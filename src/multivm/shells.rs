@@ -60,6 +60,7 @@ impl ShellPool {
                 vm_args,
                 console: None,
                 jail,
+                network: false,
             },
             stopping: AtomicBool::new(false),
             wake,

@@ -91,6 +91,7 @@ impl FunctionVm {
                     vm_args: spec.firerunner_args(cfg.no_seccomp),
                     console: Some(console.to_path_buf()),
                     jail: jail.cloned(),
+                    network: spec.network,
                 };
                 let mut vm =
                     VmProcess::spawn(&launch).map_err(|e| VmError::Launch(e.to_string()))?;

@@ -43,8 +43,18 @@ pub struct VmConfig {
 /// guest's MAC if given (else the default, or a snapshot's own).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub tap: TapSource,
     pub mac: Option<Mac>,
+}
+
+/// Where the card's TAP comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSource {
+    /// An interface of firerunner's own network namespace, opened by name.
+    Name(String),
+    /// An inherited descriptor of a TAP a controller opened, in a network
+    /// namespace firerunner need not be in (`--tap_fd`).
+    Fd(std::os::fd::RawFd),
 }
 
 /// How the VM comes to life.

@@ -271,6 +271,7 @@ impl Provider {
             copy_base: false,
             copy_diff: false,
             load_ws: false,
+            network: false,
             min_idle,
             idle_timeout: plan
                 .idle_timeout
@@ -435,6 +436,7 @@ impl Provider {
                 console: Some(dir.join("snapshot-console.log")),
                 // It runs the function's code: jailed like its VMs.
                 jail: self.sched.jail().cloned(),
+                network: false,
             };
             let mut vm = VmProcess::spawn(&launch).map_err(|e| e.to_string())?;
             let status = vm

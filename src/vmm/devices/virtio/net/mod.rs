@@ -52,6 +52,7 @@ use super::{
     ActivateContext, ActivateError, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, INT_CONFIG_CHANGE,
     INT_USED_RING, VIRTIO_F_VERSION_1,
 };
+use crate::vmm::config::TapSource;
 use crate::vmm::memory::GuestMemoryMmap;
 use crate::vmm::persist::Persist;
 
@@ -220,11 +221,15 @@ fn collect_chain(
 }
 
 impl Net {
-    /// A network card on the TAP interface `tap` with address `mac`, or
+    /// A network card on the TAP `tap` with address `mac`, or
     /// [`DEFAULT_MAC`] (or at restore, the snapshot's) when none is given.
-    pub fn new(tap: &str, mac: Option<Mac>) -> Result<Self, NetError> {
+    pub fn new(tap: &TapSource, mac: Option<Mac>) -> Result<Self, NetError> {
+        let tap = match tap {
+            TapSource::Name(name) => Tap::open(name)?,
+            TapSource::Fd(fd) => Tap::from_fd(*fd)?,
+        };
         Ok(Self {
-            tap: Tap::open(tap)?,
+            tap,
             mac: mac.unwrap_or(DEFAULT_MAC),
             mac_given: mac.is_some(),
             config_generation: 0,

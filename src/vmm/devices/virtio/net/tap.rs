@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Length of the virtio-net header (virtio 1.x, 5.1.6: `virtio_net_hdr`
@@ -33,6 +33,8 @@ pub enum TapError {
         name: String,
         source: std::io::Error,
     },
+    #[error("--tap_fd {fd}: {what}")]
+    BadFd { fd: RawFd, what: String },
     #[error("cannot set the virtio-net header size of TAP {name}: {source}")]
     VnetHdr {
         name: String,
@@ -92,20 +94,70 @@ impl Tap {
                 source: std::io::Error::last_os_error(),
             });
         }
+        Self::with_vnet_hdr(file, name.to_owned())
+    }
+
+    /// Takes over the inherited descriptor `fd`, which must be attached to
+    /// a TAP with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (a controller opened
+    /// it, in a network namespace of the VM's own). It is made non
+    /// blocking and close-on-exec.
+    pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
+        let bad = |what: String| TapError::BadFd { fd, what };
+        // SAFETY: F_GETFD only reads the flags of `fd`, if open.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad("not an open descriptor".into()));
+        }
+        // SAFETY: `fd` is open (checked above) and was handed to this
+        // process for the network card alone: nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: an all-zero `ifreq` is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one `ifreq`, which `ifr` is; on
+        // anything but a TAP/TUN descriptor it fails and writes nothing.
+        if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(bad(format!("not an attached TAP descriptor ({e})")));
+        }
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & want != want {
+            return Err(bad(format!(
+                "the TAP was opened with flags {flags:#x}, not IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"
+            )));
+        }
+        let name: String = ifr
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8 as char)
+            .collect();
+        for (cmd, arg) in [
+            (libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK),
+            (libc::F_SETFD, libc::FD_CLOEXEC),
+        ] {
+            // SAFETY: F_SETFL and F_SETFD only change the flags of `fd`.
+            if unsafe { libc::fcntl(fd, cmd, arg) } < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(bad(format!("cannot set its flags: {e}")));
+            }
+        }
+        Self::with_vnet_hdr(file, name)
+    }
+
+    /// Sets the 12-byte header size on `file`, attached to TAP `name`.
+    fn with_vnet_hdr(file: File, name: String) -> Result<Self, TapError> {
         let size = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one `int`, which `size` is; `file`
         // is attached to a TAP.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) };
         if r < 0 {
             return Err(TapError::VnetHdr {
-                name: name.to_owned(),
+                name,
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(Self {
-            file,
-            name: name.to_owned(),
-        })
+        Ok(Self { file, name })
     }
 
     pub fn name(&self) -> &str {
@@ -123,6 +175,12 @@ impl Tap {
     /// interface's queue is full.
     pub fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
         (&self.file).write(frame)
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

@@ -145,7 +145,7 @@ impl Rig {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
-        let mut net = Net::new(tap, Some(DEFAULT_MAC)).unwrap();
+        let mut net = Net::new(&TapSource::Name(tap.into()), Some(DEFAULT_MAC)).unwrap();
         let vqs = [RXQ, TXQ].map(|a| MockSplitQueue::create(mem, GuestAddress(a), QUEUE_SIZE));
         let queues = vqs.iter().map(|vq| vq.create_queue().unwrap()).collect();
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
@@ -432,7 +432,7 @@ fn without_a_mac_given_a_restore_keeps_the_snapshots() {
             broken: false,
             tap: TAP.into(),
         };
-        let mut net = Net::new(TAP, None).unwrap();
+        let mut net = Net::new(&TapSource::Name(TAP.into()), None).unwrap();
         assert_eq!(net.mac(), DEFAULT_MAC);
         net.restore(&s).unwrap();
         assert_eq!((net.mac(), net.config_generation()), (mac, 3));
@@ -459,8 +459,32 @@ fn macs_and_tap_names() {
     }
     for bad in ["", "a/b", "x y", "waytoolongforaniface", ".."] {
         assert!(
-            matches!(Net::new(bad, None), Err(NetError::Tap(TapError::Name(_)))),
+            matches!(
+                Net::new(&TapSource::Name(bad.into()), None),
+                Err(NetError::Tap(TapError::Name(_)))
+            ),
             "{bad:?}"
         );
+    }
+}
+
+#[test]
+fn an_inherited_descriptor_must_be_an_attached_tap() {
+    use std::os::fd::IntoRawFd;
+    let not_tap = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+    let closed = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+    // SAFETY: `closed` is this test's own descriptor, closed once.
+    unsafe { libc::close(closed) };
+    // An unattached /dev/net/tun descriptor is no TAP either.
+    let unattached = std::fs::File::open("/dev/net/tun").map(IntoRawFd::into_raw_fd);
+    for fd in [Some(-1), Some(closed), Some(not_tap), unattached.ok()]
+        .into_iter()
+        .flatten()
+    {
+        match Net::new(&TapSource::Fd(fd), None) {
+            Err(NetError::Tap(TapError::BadFd { fd: f, .. })) => assert_eq!(f, fd),
+            Err(e) => panic!("fd {fd}: {e}"),
+            Ok(_) => panic!("fd {fd} was taken for a TAP"),
+        }
     }
 }
