@@ -143,11 +143,31 @@ if [[ ! -f $base/initramfs.cpio ]]; then
     kver=${image_pkg#linux-image-}
     root=$tmp/root
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib/modules,proc,sys,dev,tmp,out,payload,root,etc}
-    for m in virt/lib/irqbypass drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
-        f=$tmp/pkg/lib/modules/$kver/kernel/$m.ko
-        if [[ ! -f $f && -f $f.xz ]]; then xz -dc "$f.xz" >"$f"; fi
-        [[ -f $f ]] || die "$image_pkg has no module $m.ko"
-        cp "$f" "$root/lib/modules/"
+    # KVM, and what VMs' networks use (src/network.rs: TAPs, veth pairs,
+    # nftables NAT): each module after the ones it depends on, in the
+    # order /init loads them (lib/modules/order).
+    mods=$tmp/pkg/lib/modules/$kver/kernel
+    declare -A loaded=()
+    add_module() { # NAME [optional]
+        local name=${1//-/_} f dep
+        [[ -z ${loaded[$name]:-} ]] || return 0
+        loaded[$name]=1
+        f=$(find "$mods" -name "$name.ko*" -o -name "${name//_/-}.ko*" | head -n1)
+        [[ -n $f || -z ${2:-} ]] || return 0
+        [[ -n $f ]] || die "$image_pkg has no module $name"
+        if [[ $f == *.xz ]]; then xz -dc "$f" >"${f%.xz}"; f=${f%.xz}; fi
+        for dep in $(modinfo -F depends "$f" | tr , ' '); do add_module "$dep"; done
+        cp "$f" "$root/lib/modules/$name.ko"
+        echo "$name" >>"$root/lib/modules/order"
+    }
+    for m in irqbypass ccp kvm kvm-amd tun veth; do
+        add_module "$m"
+    done
+    # libcrc32c (nf_tables, nf_conntrack) asks the crypto API for crc32c
+    # (a soft dependency modinfo does not list): built in on some kernels.
+    add_module crc32c_generic optional
+    for m in nf_tables nft_chain_nat nft_masq nft_ct; do
+        add_module "$m"
     done
     cp "$tmp/pkg/boot/vmlinuz-$kver" "$base.vmlinuz.tmp"
     # busybox for everything else, GNU tools first on PATH (scripts use
@@ -157,11 +177,14 @@ if [[ ! -f $base/initramfs.cpio ]]; then
     for a in $("$root/bin/busybox" --list); do
         [[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
     done
-    tools=(/bin/bash /usr/bin/flock /usr/bin/cmp /bin/grep /bin/sed /usr/bin/find)
+    # (ip and nft: the VMs' networks and the tests' upstream namespaces.)
+    tools=(/bin/bash /usr/bin/flock /usr/bin/cmp /bin/grep /bin/sed /usr/bin/find /usr/sbin/ip /usr/sbin/nft)
     mapfile -t -O "${#tools[@]}" tools < <(dpkg -L coreutils | grep -E '^/(usr/)?bin/[^/]+$')
     for t in "${tools[@]}"; do
         [[ -f $t ]] && cp "$t" "$root/usr/bin/"
     done
+    [[ -f $root/usr/bin/nft && -f $root/usr/bin/ip ]] || die "ip and nft are needed (scripts/setup.sh installs iproute2 and nftables)"
+
     libs=$(for t in "${tools[@]}" "$repo"/target/release/firerunner; do ldd "$t" 2>/dev/null; done |
         grep -oE '/[^ ]+\.so[^ ]*' | sort -u)
     for l in $libs /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/libm.so.6; do
@@ -200,9 +223,9 @@ report() { # STATUS: hand the status and /out to the host, power off
     sleep 1
     poweroff -f
 }
-for m in irqbypass ccp kvm kvm-amd; do
+while read -r m; do
     insmod /lib/modules/$m.ko 2>/dev/ttyS1 || echo "kvm-host: insmod $m failed" >/dev/ttyS1
-done
+done </lib/modules/order
 if [ ! -c /dev/kvm ]; then
     { echo "kvm-host: no /dev/kvm inside the emulated host; the kernel said:"
       dmesg | grep -iE 'kvm|svm|virtuali' | tail -n 20; } >/dev/ttyS1

@@ -58,7 +58,9 @@ tree's path as the last line of stdout.
 
 The tree:
   vmlinux, images/<language>.ext4, images/<function>.ext2   what the VMs use
-  <language>/         language snapshot (python3, python3+python3-pil, nodejs)
+  <language>/         language snapshot (python3, python3+python3-pil, nodejs;
+                      python3@net, booted with a network card, for
+                      functions with a \`network\` file: fetch-python3)
   diff/<function>/    diff snapshot and working set
   logs/               guest consoles and the working-set runs' responses
   multivm.yaml        resources/multivm-example.yaml
@@ -139,10 +141,15 @@ for fn in "${wanted[@]}"; do
             with+=(--with "$pkg")
         done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/[[:space:]]//g' "$dir/debian-packages" | sort -u)
     fi
-    language[$fn]=$label
     extras[$label]="${with[*]}"
+    # A function that needs a network restores from a language snapshot
+    # booted with a network card (singlevm --net): label@net, same image.
+    [[ ! -f $dir/network ]] || label+=@net
+    language[$fn]=$label
 done
 mapfile -t labels < <(printf '%s\n' "${language[@]}" | sort -u)
+mapfile -t image_labels < <(printf '%s\n' "${labels[@]%@net}" | sort -u)
+net_flag() { [[ $1 != *@net ]] || echo --net; } # LABEL: singlevm's flag
 
 # --- tools, binaries, and whether they can make snapshots yet ---------------
 [[ -r /dev/kvm && -w /dev/kvm ]] || fail "cannot open /dev/kvm: this needs a Linux host with KVM and access to /dev/kvm"
@@ -222,7 +229,7 @@ if [[ -z $kernel ]]; then
 fi
 place "$kernel" "$tree/vmlinux"
 kernel=$tree/vmlinux
-for label in "${labels[@]}"; do
+for label in "${image_labels[@]}"; do
     if [[ -n $images ]]; then
         [[ -f $images/$label.ext4 ]] || fail "--images: $images/$label.ext4 is missing"
         place "$images/$label.ext4" "$tree/images/$label.ext4"
@@ -304,7 +311,7 @@ first=1
 for label in "${labels[@]}"; do
     snap=$tree/$label
     console=$tree/logs/$label.console
-    key=$(key_of "$common_key" "rootfs $(sha "$tree/images/$label.ext4")" "args $kernel_args")
+    key=$(key_of "$common_key" "rootfs $(sha "$tree/images/${label%@net}.ext4")" "args $kernel_args")
     lang_key[$label]=$key
     if [[ -s $snap/snapshot.json && $(cat "$tree/keys/$label" 2>/dev/null) == "$key" ]]; then
         say "language snapshot $label: cached"
@@ -314,8 +321,9 @@ for label in "${labels[@]}"; do
     rm -rf -- "$snap" "$tree/keys/$label"
     say "language snapshot $label: booting (up to $limit s)"
     start=$SECONDS
+    # shellcheck disable=SC2046 # net_flag says nothing or one word
     run_vm "$label" /dev/null /dev/null --kernel "$kernel" --kernel_args "$kernel_args" \
-        --rootfs "$tree/images/$label.ext4" --mem_size "$mem" \
+        --rootfs "$tree/images/${label%@net}.ext4" --mem_size "$mem" $(net_flag "$label") \
         --dump_dir "$snap" --force_exit --console "$console"
     if ((rc != 0)) || [[ ! -s $snap/snapshot.json ]]; then
         explain "its language snapshot point (control port 124)" "$console" "$scratch/$label.err"
@@ -347,7 +355,8 @@ for fn in "${wanted[@]}"; do
     snap=$tree/diff/$fn
     console=$tree/logs/$fn.console
     app=$tree/images/$fn.ext2
-    vm=(--kernel "$kernel" --rootfs "$tree/images/$label.ext4" --appfs "$app" --mem_size "$mem")
+    vm=(--kernel "$kernel" --rootfs "$tree/images/${label%@net}.ext4" --appfs "$app" --mem_size "$mem")
+    [[ $label != *@net ]] || vm+=(--net)
     key=$(key_of "${lang_key[$label]}" "appfs $(sha "$app")")
     if [[ -s $snap/snapshot.json && $(cat "$tree/keys/$fn" 2>/dev/null) == "$key" ]]; then
         say "diff snapshot $fn: cached"

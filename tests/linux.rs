@@ -53,26 +53,39 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("paths here are UTF-8")
 }
 
-/// The language image label of a function, as mk-snapshots.sh names it.
+/// The language snapshot of a function, as mk-snapshots.sh names it: its
+/// root image's label, `@net` when it has a network.
 fn language(function: &str) -> &'static str {
     match function {
         "thumbnail-python3" => "python3+python3-pil",
+        "fetch-python3" => "python3@net",
         f if f.ends_with("-nodejs") => "nodejs",
         _ => "python3",
     }
 }
 
-/// A function's VM in the tree: kernel, root image and app image.
+/// The root image of a function's language snapshot.
+fn image(function: &str) -> PathBuf {
+    let label = language(function).trim_end_matches("@net");
+    tree().join(format!("images/{label}.ext4"))
+}
+
+/// A function's VM in the tree: kernel, root image and app image, and a
+/// network for a function that has one.
 fn vm_args(function: &str, app: &Path) -> Vec<String> {
     let t = tree();
-    vec![
+    let mut args: Vec<String> = vec![
         "--kernel".into(),
         path_str(&t.join("vmlinux")).into(),
         "--rootfs".into(),
-        path_str(&t.join(format!("images/{}.ext4", language(function)))).into(),
+        path_str(&image(function)).into(),
         "--appfs".into(),
         path_str(app).into(),
-    ]
+    ];
+    if language(function).ends_with("@net") {
+        args.push("--net".into());
+    }
+    args
 }
 
 fn app_of(function: &str) -> PathBuf {
@@ -572,7 +585,7 @@ fn python3_functions_restored_into_shells_answer_their_fixtures() {
             other => panic!("{f}: the shell is not ready: {other:?}"),
         }
         vm.restore(&RestoreRequest {
-            rootfs: t.join(format!("images/{}.ext4", language(f))),
+            rootfs: image(f),
             appfs: Some(app_of(f)),
             layers: vec![t.join(language(f)), t.join("diff").join(f)],
             load_ws,
@@ -597,4 +610,269 @@ fn python3_functions_restored_into_shells_answer_their_fixtures() {
         assert_eq!(got, expected(f), "{f} (load_ws {load_ws}) in a shell");
         eprintln!("{f}: answered from a shell (load_ws {load_ws})");
     }
+}
+
+/// The network test's outside world: namespace `snapvm-upstream`, joined
+/// to this host by a veth pair (here `up0` 10.99.0.1/24, there `eth0`
+/// 10.99.0.2/24), its HTTP server on 10.99.0.2:8080 noting who connects.
+/// Removed on drop, on failure too.
+struct Upstream {
+    seen: Seen,
+}
+
+/// The peers a listener saw.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
+
+const UPSTREAM_BODY: &[u8] = b"hello from upstream";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A thread in the named network namespace that accepts on `addr` and
+/// notes each peer in `seen`, answering HTTP/1.0 200 with
+/// [`UPSTREAM_BODY`].
+fn listen_in(netns: &str, addr: &str, seen: Seen) {
+    let (path, addr) = (format!("/run/netns/{netns}"), addr.to_owned());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = std::net::TcpListener::bind(&addr).expect("bind");
+        tx.send(()).unwrap();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            if let Ok(peer) = conn.peer_addr() {
+                seen.lock().unwrap().push(peer.ip());
+            }
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                UPSTREAM_BODY.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(UPSTREAM_BODY);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the listener started");
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", "snapvm-upstream"])
+            .status();
+        let _ = Command::new("ip").args(["link", "del", "up0"]).status();
+        ip(&["netns", "add", "snapvm-upstream"]);
+        ip(&[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            "snapvm-upstream",
+        ]);
+        ip(&["addr", "add", "10.99.0.1/24", "dev", "up0"]);
+        ip(&["link", "set", "up0", "up"]);
+        let n = ["-n", "snapvm-upstream"];
+        ip(&[&n[..], &["addr", "add", "10.99.0.2/24", "dev", "eth0"]].concat());
+        ip(&[&n[..], &["link", "set", "eth0", "up"]].concat());
+        ip(&[&n[..], &["link", "set", "lo", "up"]].concat());
+        let seen = std::sync::Arc::default();
+        listen_in(
+            "snapvm-upstream",
+            "10.99.0.2:8080",
+            std::sync::Arc::clone(&seen),
+        );
+        Upstream { seen }
+    }
+
+    fn seen(&self) -> Vec<std::net::IpAddr> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", "up0"]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", "snapvm-upstream"])
+            .status();
+    }
+}
+
+/// The addresses of jail slot `uid`'s uplink (src/network.rs): this host's
+/// end, the VM namespace's end.
+fn uplink_addrs(uid: u32) -> (String, String) {
+    let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0)) + (uid % 65_536) * 4;
+    let at = |n| std::net::Ipv4Addr::from(base + n).to_string();
+    (at(1), at(2))
+}
+
+/// The python3 fetch function (appfs/fetch-python3), restored with a
+/// network from its snapshots, fetches from an HTTP server outside this
+/// host, which sees the host's NAT address; it cannot reach this host's
+/// own services or a sibling VM's namespace; two clones of the one
+/// snapshot (same guest address and MAC) run at once and both fetch; the
+/// same function without a network reaches nothing.
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
+    let s = Scratch::new("linux-net");
+    let f = "fetch-python3";
+    let upstream = Upstream::start();
+    // A service of this host's, on every address.
+    let host_seen: Seen = Seen::default();
+    let host = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    {
+        let seen = std::sync::Arc::clone(&host_seen);
+        std::thread::spawn(move || {
+            for c in host.incoming().flatten() {
+                if let Ok(p) = c.peer_addr() {
+                    seen.lock().unwrap().push(p.ip());
+                }
+            }
+        });
+    }
+    let host_seen = move || host_seen.lock().unwrap().clone();
+
+    let (uid_a, uid_b) = (961_000, 961_001);
+    let vm = |uid: u32| {
+        let mut args = vm_args(f, &app_of(f));
+        args.extend(with_strings(&["--load_dir", &stack(f), "--load_ws"]));
+        args.extend(with_strings(&[
+            "--jail_uid_base",
+            &uid.to_string(),
+            "--jail_uid_count",
+            "1",
+        ]));
+        args
+    };
+    // Clone B waits, serving, while clone A runs.
+    let console_b = s.path("b.console");
+    let mut b = Command::new(bin("singlevm"))
+        .args(vm(uid_b))
+        .arg("--console")
+        .arg(&console_b)
+        .args(["--boot_timeout", "200"])
+        .env("TMPDIR", &s.0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn singlevm");
+    let ns_b = format!("snapvm-{uid_b}");
+    let deadline = Instant::now() + LIMIT;
+    while !Path::new(&format!("/run/netns/{ns_b}")).exists() {
+        assert!(Instant::now() < deadline, "no namespace {ns_b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What A might try to reach of B: B's namespace, on its uplink address.
+    let sibling_seen: Seen = Seen::default();
+    let (_, b_addr) = uplink_addrs(uid_b);
+    listen_in(
+        &ns_b,
+        &format!("{b_addr}:8081"),
+        std::sync::Arc::clone(&sibling_seen),
+    );
+
+    let (a_host, _) = uplink_addrs(uid_a);
+    let lines = [
+        json!({"url": "http://10.99.0.2:8080/a", "timeout": 30}),
+        json!({"url": format!("http://10.99.0.1:{host_port}/"), "timeout": 3}),
+        json!({"url": format!("http://{a_host}:{host_port}/"), "timeout": 3}),
+        json!({"url": format!("http://{b_addr}:8081/"), "timeout": 3}),
+    ];
+    let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let got = answers(&s, "a", &vm(uid_a), &input);
+    let ok = json!({"url": "http://10.99.0.2:8080/a", "ok": true, "status": 200,
+                    "length": UPSTREAM_BODY.len()});
+    assert_eq!(got[0], ok, "the fetch from upstream: {got:?}");
+    for (i, what) in [
+        (1, "this host's upstream address"),
+        (2, "this host's end of the uplink"),
+        (3, "the sibling's namespace"),
+    ] {
+        assert_eq!(
+            (got[i]["ok"].clone(), got[i]["reason"].clone()),
+            (json!(false), json!("TimeoutError")),
+            "{what} was not dropped: {}",
+            got[i]
+        );
+    }
+    assert_eq!(
+        host_seen(),
+        Vec::<std::net::IpAddr>::new(),
+        "this host's service was reached"
+    );
+    assert!(
+        sibling_seen.lock().unwrap().is_empty(),
+        "the sibling was reached"
+    );
+
+    // B, restored from the same snapshot and running all along, fetches too.
+    let mut stdin = b.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "{}",
+        json!({"url": "http://10.99.0.2:8080/b", "timeout": 30})
+    )
+    .unwrap();
+    drop(stdin);
+    let out = b.wait_with_output().unwrap();
+    let console = std::fs::read_to_string(&console_b).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "clone B failed; console:\n{console}"
+    );
+    let got_b = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        got_b.first().map(|v| v["ok"].clone()),
+        Some(json!(true)),
+        "clone B: {got_b:?}"
+    );
+    assert_eq!(
+        upstream.seen(),
+        vec![std::net::IpAddr::from([10, 99, 0, 1]); 2],
+        "upstream must see only this host's NAT address, once per clone"
+    );
+    for uid in [uid_a, uid_b] {
+        assert!(!Path::new(&format!("/run/netns/snapvm-{uid}")).exists());
+    }
+
+    // Without a network (the python3 language snapshot, the app loaded
+    // after the restore), the same function reaches nothing.
+    let mut args = vm_args("hello-python3", &app_of(f));
+    args.extend(with_strings(&[
+        "--load_dir",
+        path_str(&tree().join("python3")),
+    ]));
+    let got = answers(
+        &s,
+        "no-net",
+        &args,
+        &format!(
+            "{}\n",
+            json!({"url": "http://10.99.0.2:8080/c", "timeout": 5})
+        ),
+    );
+    assert_eq!(got[0]["ok"], json!(false), "{got:?}");
+    assert_eq!(
+        upstream.seen().len(),
+        2,
+        "a VM without a network reached upstream"
+    );
 }

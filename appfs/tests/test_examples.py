@@ -28,6 +28,12 @@ def language_of(name):
     return label
 
 
+def snapshot_of(name):
+    """The language snapshot mk-snapshots.sh restores a function from: its
+    image's label, with @net for a function that needs a network."""
+    return language_of(name) + ("@net" if (APPFS / name / "network").exists() else "")
+
+
 def schema_fields(struct):
     """Field names (and serde aliases) of a struct in src/multivm/config.rs."""
     src = (REPO / "src" / "multivm" / "config.rs").read_text()
@@ -92,7 +98,8 @@ class Examples(unittest.TestCase):
                 label = language_of(name)
                 self.assertEqual(f["runtimefs"], f"{label}.ext4")
                 self.assertEqual(f["appfs"], f"{name}.ext2")
-                self.assertEqual(f["load_dir"], f"{label},diff/{name}")
+                self.assertEqual(f["load_dir"], f"{snapshot_of(name)},diff/{name}")
+                self.assertEqual(f.get("network", False), snapshot_of(name).endswith("@net"))
                 self.assertEqual(f.get("memory", 128), MK_SNAPSHOTS_MEM)
                 self.assertEqual(f.get("vcpus", 1), 1)
 
