@@ -32,6 +32,9 @@ Sections (--only picks some; each replaces its own rows in results.json):
   jail      singlevm exec -> first response, boot and lazy restore, jailed
             and --no_jail interleaved; PSS per idle restored VM under
             multivm, jailed and not (no jailer stays beside a VM).
+  net       singlevm exec -> first response, boot and lazy restore, with
+            a network (--net: a namespace, TAP, uplink and NAT made per
+            VM, src/network.rs) and without, jailed, interleaved.
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -61,7 +64,7 @@ import time
 import urllib.error
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail", "shells")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail", "shells", "net")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -1169,9 +1172,10 @@ def jail_pss(b, app, snap, mem, n, jailed):
         stop_all([d])
 
 
-def hello_snapshots(b, name, mem):
+def hello_snapshots(b, name, mem, extra=()):
     """testguest `hello` of `mem` MiB: its app image, a language snapshot
-    and a diff layer over it, made with singlevm (the SnapFaaS workflow)."""
+    and a diff layer over it, made with singlevm (the SnapFaaS workflow),
+    which is also given `extra`."""
     app = b.app(f"{name}-hello.img", ["fn=hello"])
     base, diff = b.path(f"{name}-base"), b.path(f"{name}-diff")
     for d in (base, diff):
@@ -1179,7 +1183,7 @@ def hello_snapshots(b, name, mem):
     vm = ["--mem_size", str(mem)]
     for args in (["--dump_dir", base], ["--appfs", app, "--load_dir", base, "--dump_dir", diff]):
         argv = [os.path.join(b.bindir, "singlevm"), "--kernel", b.tg, "--rootfs", b.rootfs, *vm, *args,
-                "--force_exit"]
+                *extra, "--force_exit"]
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            env=dict(os.environ, TMPDIR=b.tmp), timeout=300)
         if r.returncode != 0:
@@ -1212,6 +1216,28 @@ def bench_jail(b):
     for j, v in pss.items():
         b.results.add("jail", "snapvm", j, "pss_per_vm", "MiB", v, mem_mib=mem, vms=n)
         log(f"jail: PSS per idle VM {j}: median {statistics.median(v):.3f} MiB")
+
+
+def bench_net(b):
+    """What a network costs a VM's start: singlevm exec -> first response,
+    boot and lazy restore (snapshots made with and without --net), with
+    and without a network, jailed, alternating."""
+    mem = 128
+    plain = hello_snapshots(b, "net-plain", mem)
+    net = hello_snapshots(b, "net-net", mem, ["--net"])
+    vm = ["--mem_size", str(mem)]
+    runs = {}
+    for side, (app, base, diff), extra in (("plain", plain, []), ("net", net, ["--net"])):
+        runs[("boot", side)] = vm + ["--appfs", app] + extra
+        runs[("restore", side)] = vm + ["--appfs", app, "--load_dir", f"{base},{diff}"] + extra
+    samples = {k: [] for k in runs}
+    for i in range(b.n):
+        for m in ("boot", "restore"):
+            for side in (("plain", "net") if i % 2 == 0 else ("net", "plain")):
+                samples[(m, side)].append(singlevm_first_response(b, runs[(m, side)], {"name": "net"}))
+    for (m, side), v in samples.items():
+        b.results.add("net", "snapvm", side, f"{m}_first_response", "ms", v, mem_mib=mem)
+        log(f"net: {m} {side}: median {statistics.median(v):.2f} ms")
 
 
 def bench_shells(b):
@@ -1448,7 +1474,7 @@ def main():
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
              "multivm": bench_multivm, "provider": bench_provider, "density": bench_density, "isolation": bench_isolation,
-             "jail": bench_jail, "shells": bench_shells}
+             "jail": bench_jail, "shells": bench_shells, "net": bench_net}
     started = time.monotonic()
     try:
         for s in sections:

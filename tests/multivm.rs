@@ -888,3 +888,96 @@ fn restores_take_ready_shells_which_are_refilled_and_counted_in_the_budget() {
     let (code, log) = d.terminate(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// The VM network namespaces that exist (src/network.rs names them
+/// `snapvm-<uid>`).
+fn vm_namespaces() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.strip_prefix("snapvm-")
+                        .is_some_and(|u| u.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_networked_function_gets_a_namespace_per_vm_that_goes_with_its_vm() {
+    let s = Scratch::new("mv-net");
+    let cfg = format!(
+        "allow_network: true\n{}",
+        config(
+            &s,
+            &[
+                ("net", "hello", "network: true\nidle_timeout: 500ms"),
+                ("plain", "hello", ""),
+            ]
+        )
+    );
+    let before = vm_namespaces();
+    let d = Daemon::start(&s, &cfg, 10 * VM_MIB, &[]);
+    for f in ["net", "plain"] {
+        let r = d.post(f, "");
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+    }
+    let added: Vec<String> = vm_namespaces()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert_eq!(
+        added.len(),
+        1,
+        "one namespace, the networked VM's: {added:?}"
+    );
+    // The networked VM holds its TAP on fd 4 and booted with its address;
+    // the other has no TAP.
+    let mut taps = 0;
+    for pid in d.firerunners() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let fd4 = std::fs::read_link(format!("/proc/{pid}/fd/4")).ok();
+        if cmdline.contains("--tap_fd 4") {
+            taps += 1;
+            assert_eq!(fd4, Some("/dev/net/tun".into()), "{cmdline}");
+            assert!(cmdline.contains("ip=172.16.0.2::172.16.0.1:"), "{cmdline}");
+        } else {
+            assert_ne!(fd4, Some("/dev/net/tun".into()), "{cmdline}");
+        }
+    }
+    assert_eq!(taps, 1, "{}", d.log());
+    // The idle networked VM is stopped after its idle_timeout; its
+    // namespace and uplink go with it.
+    let uid = added[0].trim_start_matches("snapvm-").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm_namespaces().contains(&added[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "{} outlived its VM\n{}",
+            added[0],
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let link = Command::new("ip")
+        .args(["link", "show", &format!("snv{uid}")])
+        .output()
+        .unwrap();
+    assert!(
+        !link.status.success(),
+        "the uplink snv{uid} outlived its VM"
+    );
+    // The next request gets a new VM and a namespace again.
+    assert_eq!(d.post("net", "").status, 200, "{}", d.log());
+    assert_eq!(
+        vm_namespaces().len(),
+        before.len() + 1,
+        "{:?}",
+        vm_namespaces()
+    );
+}
