@@ -228,6 +228,23 @@ pub fn install_host_rules() -> Result<(), NetworkError> {
     )
 }
 
+/// The slots in `range` that have a namespace.
+pub fn named(range: std::ops::Range<u32>) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("snapvm-")?
+                .parse::<u32>()
+                .ok()
+        })
+        .filter(|uid| range.contains(uid))
+        .collect()
+}
+
 /// Removes the namespace of slot `uid` if there is one (what a controller
 /// killed with its VMs leaves). Its devices go with it once no VM holds
 /// its TAP.

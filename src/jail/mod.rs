@@ -361,32 +361,54 @@ impl Slot {
             let uid = opts
                 .uid_base
                 .saturating_add(start.wrapping_add(i) % opts.uid_count);
-            let path = locks.join(format!("{uid}.lock"));
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|source| JailError::Dir {
-                    path: path.clone(),
-                    source,
-                })?;
-            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                let slot = Slot {
-                    uid,
-                    base: opts.base.clone(),
-                    _lock: lock,
-                };
-                // A leftover keeps its directory (the jailer removes it
-                // last), so checking for it is cheap.
-                if slot.dir().exists() {
-                    slot.remove_jail();
-                }
-                crate::network::remove(uid);
+            if let Some(slot) = Self::try_take(opts, uid)? {
                 return Ok(slot);
             }
         }
         Err(JailError::Exhausted(opts.uid_count))
+    }
+
+    /// Takes slot `uid` if no one holds it, removing what a previous
+    /// holder left (a killed controller's jail and network namespace).
+    fn try_take(opts: &JailOptions, uid: u32) -> Result<Option<Self>, JailError> {
+        let path = opts.base.join("slots").join(format!("{uid}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| JailError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return Ok(None);
+        };
+        let slot = Slot {
+            uid,
+            base: opts.base.clone(),
+            _lock: lock,
+        };
+        // A leftover keeps its directory (the jailer removes it last), so
+        // checking for it is cheap.
+        if slot.dir().exists() {
+            slot.remove_jail();
+        }
+        crate::network::remove(uid);
+        Ok(Some(slot))
+    }
+
+    /// Removes the network namespaces of `opts`' slots that no one holds:
+    /// what controllers killed with their VMs left (a controller calls it
+    /// at start; each slot's leftovers also go when it is next taken).
+    pub fn sweep_networks(opts: &JailOptions) {
+        let range = opts.uid_base..opts.uid_base.saturating_add(opts.uid_count);
+        for uid in crate::network::named(range) {
+            let _ = fs::create_dir_all(opts.base.join("slots"));
+            if let Err(e) = Self::try_take(opts, uid) {
+                log::warn!("cannot check slot {uid} for a leftover network: {e}");
+            }
+        }
     }
 
     /// The VM's uid, also its gid.

@@ -149,10 +149,11 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         .then(|| opts.jail.options(beside_exe("jailer"), cfg.vm_overhead_mib))
         .flatten();
     if cfg.functions.iter().any(|f| f.network) {
-        if jail.is_none() {
+        let Some(opts) = &jail else {
             return Err(MultiVmError::NetworkWithoutJail);
-        }
+        };
         crate::network::install_host_rules()?;
+        crate::jail::Slot::sweep_networks(opts);
     }
     let sched = Scheduler::new(
         Arc::clone(&cfg),
