@@ -598,9 +598,14 @@ impl VmProcess {
 
     /// Kills firerunner now (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
+        self.stop_now();
+        let _ = self.wait();
+    }
+
+    /// Sends firerunner SIGKILL unless it has ended, without reaping it.
+    pub fn stop_now(&mut self) {
         if self.try_status().is_none() {
             self.process.kill();
-            let _ = self.wait();
         }
     }
 

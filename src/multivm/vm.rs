@@ -170,4 +170,10 @@ impl FunctionVm {
     pub fn kill(mut self) {
         self.vm.kill();
     }
+
+    /// Sends firerunner SIGKILL without reaping it ([`Self::kill`] or
+    /// dropping does).
+    pub fn stop_now(&mut self) {
+        self.vm.stop_now();
+    }
 }
