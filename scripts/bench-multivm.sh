@@ -6,7 +6,8 @@
 #     back, excluding guest time), from its metrics;
 #  3. cold-start rate (VM launches/s) under a budget that forces an LRU
 #     eviction for every request, by boot, and by restore when firerunner
-#     can make and load snapshots;
+#     can make and load snapshots (a fresh firerunner, and a pool of 2 VM
+#     shells);
 #  4. beside them, singlevm's warm round trip (stdin line -> stdout line).
 # Usage: scripts/bench-multivm.sh [SECONDS_PER_RUN (default 5)]
 # The load generator is a std-only Rust program (scripts/loadgen.rs, shared
@@ -39,8 +40,8 @@ def app(name, lines):
     open(p, "wb").write(data + b"\0" * (4096 - len(data)))
     return p
 
-def config(functions, name="multivm.yaml"):
-    y = f"kernel_path: {tg}\nvm_overhead: 8\nfunctions:\n"
+def config(functions, name="multivm.yaml", top=""):
+    y = f"kernel_path: {tg}\nvm_overhead: 8\n{top}functions:\n"
     for fname, lines in functions.items():
         y += f"  {fname}:\n" + "".join(f"    {l}\n" for l in lines)
     p = os.path.join(tmp, name)
@@ -117,10 +118,12 @@ print(f"  cold starts {sum(v for k, v in m.items() if k.startswith('multivm_cold
 d.stop()
 
 # 3. Cold starts forced by eviction: room for 2 VMs, 4 functions in turn.
-def cold_rate(kind, extra):
+def cold_rate(kind, extra, shells=0):
     fns = {f"f{i}": [f"runtimefs: {rootfs}", f"appfs: {app(f'h{i}.img', ['fn=hello'])}", "memory: 32"] + extra
            for i in range(4)}
-    d = Daemon(config(fns, f"{kind}.yaml"), 2 * 40)
+    top = f"shells:\n  - memory: 32\n    count: {shells}\n" if shells else ""
+    # Each shell is set aside at vm_overhead (8 MiB): room for 2 VMs still.
+    d = Daemon(config(fns, f"{kind}.yaml", top), 2 * 40 + shells * 8)
     paths = ",".join(f"/function/f{i}" for i in range(4))
     for c in (1, 2):
         r = load(d.addr, paths, c, secs, "{}")
@@ -130,7 +133,7 @@ def cold_rate(kind, extra):
         p50 = hist_quantile(m, "multivm_launch_duration_seconds", 0.5, f'kind="{kind}"')
         hw = m["multivm_memory_high_water_mib"]
         print(f"  {kind:>7} {c:>7} {r['rps']:>12.1f} {r['p50_us']:>8} {r['p99_us']:>8} {r['errors']:>6}   "
-              f"(launches {launches:.0f}, evictions {ev:.0f}, launch p50 <= {p50 * 1e3:g} ms, high water {hw:.0f}/80 MiB)")
+              f"(launches {launches:.0f}, evictions {ev:.0f}, launch p50 <= {p50 * 1e3:g} ms, high water {hw:.0f} MiB)")
     d.stop()
 
 print(f"cold starts forced by LRU eviction: budget 2 VMs, 4 functions in turn, {secs:g} s per run")
@@ -143,6 +146,7 @@ made = subprocess.run([fr, "--kernel", tg, "--rootfs", rootfs, "--appfs", app("h
                       capture_output=True, text=True, timeout=120)
 if made.returncode == 0:
     cold_rate("restore", [f"load_dir: {snap}"])
+    cold_rate("shell", [f"load_dir: {snap}"], shells=2)
 else:
     print(f"  restore: not measured; making a snapshot failed: {made.stderr.strip().splitlines()[-1] if made.stderr.strip() else made.returncode}")
 
