@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::daemon::Daemon;
-use common::{dir_entries, http_with, run_with_input, Outcome, Scratch};
+use common::{dir_entries, http_with, ip, run_with_input, Outcome, Scratch};
 use serde_json::{json, Value};
 
 /// How long one singlevm run may take (a nodejs boot takes ~15 s inside
@@ -624,15 +624,6 @@ struct Upstream {
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>;
 
 const UPSTREAM_BODY: &[u8] = b"hello from upstream";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A thread in the named network namespace that accepts on `addr` and
 /// notes each peer in `seen`, answering HTTP/1.0 200 with

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{app_image, firerunner, run_with_deadline, singlevm, testguest, Scratch};
+use common::{app_image, firerunner, ip, run_with_deadline, singlevm, testguest, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const TAP: &str = "tap0";
@@ -25,15 +25,6 @@ const ETHERTYPE: u16 = 0x88b5;
 
 /// A network namespace with TAP `tap0` (up, vnet_hdr), deleted on drop.
 struct Netns(String);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 impl Netns {
     fn new() -> Self {
