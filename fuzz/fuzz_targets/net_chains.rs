@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-use snapvm::vmm::devices::virtio::net::{Net, DEFAULT_MAC, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use snapvm::vmm::devices::virtio::net::{
+    Net, TapSource, DEFAULT_MAC, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+};
 use snapvm::vmm::devices::virtio::{
     ActivateContext, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_RING,
 };
@@ -105,7 +107,8 @@ fn run(data: &[u8]) {
         }
     }
     let net = Arc::new(Mutex::new(
-        Net::new(TAP, Some(DEFAULT_MAC)).expect("cannot attach to the fuzz TAP"),
+        Net::new(&TapSource::Name(TAP.into()), Some(DEFAULT_MAC))
+            .expect("cannot attach to the fuzz TAP"),
     ));
     let mut em = EventManager::new().expect("cannot create an event manager");
     em.add_subscriber(Arc::new(Mutex::new(Backend(net.clone()))));

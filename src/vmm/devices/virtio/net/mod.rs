@@ -52,7 +52,7 @@ use super::{
     ActivateContext, ActivateError, Interrupt, VirtioDevice, BACKEND_EVENT_BASE, INT_CONFIG_CHANGE,
     INT_USED_RING, VIRTIO_F_VERSION_1,
 };
-use crate::vmm::config::TapSource;
+pub use crate::vmm::config::TapSource;
 use crate::vmm::memory::GuestMemoryMmap;
 use crate::vmm::persist::Persist;
 
