@@ -268,6 +268,10 @@ printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/no
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$staging/etc/group"
 printf '127.0.0.1 localhost\n::1 localhost\n' >"$staging/etc/hosts"
 printf 'snapvm\n' >"$staging/etc/hostname"
+# A networked VM's name server is its gateway, whose namespace forwards
+# DNS to the controller's resolver (src/network.rs); without a network
+# nothing answers, as for any other address.
+printf 'nameserver 172.16.0.1\noptions timeout:2 attempts:2\n' >"$staging/etc/resolv.conf"
 printf 'include /etc/ld.so.conf.d/*.conf\n' >"$staging/etc/ld.so.conf"
 ldconfig -r "$staging"
 sort "$work/packages" | awk -v ex="$exclude" 'index(ex, " " $1 " ") == 0' \

@@ -166,7 +166,7 @@ if [[ ! -f $base/initramfs.cpio ]]; then
     # libcrc32c (nf_tables, nf_conntrack) asks the crypto API for crc32c
     # (a soft dependency modinfo does not list): built in on some kernels.
     add_module crc32c_generic optional
-    for m in nf_tables nft_chain_nat nft_masq nft_ct; do
+    for m in nf_tables nft_chain_nat nft_masq nft_nat nft_ct; do
         add_module "$m"
     done
     cp "$tmp/pkg/boot/vmlinuz-$kver" "$base.vmlinuz.tmp"

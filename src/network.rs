@@ -48,6 +48,11 @@ pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
 pub const GATEWAY_MAC: &str = "02:00:ac:10:00:01";
 /// The TAP's name in every VM namespace.
 pub const TAP_NAME: &str = "vm0";
+/// Where the controller's resolver is read from: the first IPv4 name
+/// server of the first file that names one that is not a loopback
+/// address (a local stub such as systemd-resolved's 127.0.0.53 cannot
+/// serve VMs; its upstreams are in the second file).
+const RESOLV_CONF: [&str; 2] = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
 /// The block the VM namespaces' uplinks take their /30s from.
 pub const UPLINK_NET: &str = "10.200.0.0/14";
 /// Prefix of the uplinks' host ends (`snv<uid>`), which the host's rules
@@ -228,6 +233,19 @@ pub fn install_host_rules() -> Result<(), NetworkError> {
     )
 }
 
+/// The resolver DNS queries to the gateway go to (see [`RESOLV_CONF`]).
+pub fn resolver() -> Option<Ipv4Addr> {
+    RESOLV_CONF.iter().find_map(|path| {
+        fs::read_to_string(path).ok()?.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next()?.parse::<Ipv4Addr>().ok())
+                .flatten()
+                .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        })
+    })
+}
+
 /// The slots in `range` that have a namespace.
 pub fn named(range: std::ops::Range<u32>) -> Vec<u32> {
     let Ok(dir) = fs::read_dir(NETNS_DIR) else {
@@ -366,8 +384,24 @@ impl VmNetwork {
         })?;
         let tap = Tap::open(TAP_NAME)?;
         forward()?;
+        // The guest's name server is its gateway (its root image says so):
+        // DNS to it goes on to this host's resolver, if there is one.
+        let dns = match resolver() {
+            Some(r) => format!(
+                "\tchain prerouting {{\n\
+                 \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+                 \t\tiifname \"{TAP_NAME}\" ip daddr {GATEWAY_ADDR} udp dport 53 dnat to {r}\n\
+                 \t\tiifname \"{TAP_NAME}\" ip daddr {GATEWAY_ADDR} tcp dport 53 dnat to {r}\n\
+                 \t}}\n"
+            ),
+            None => {
+                log::debug!("no resolver in {RESOLV_CONF:?}: VMs get no DNS");
+                String::new()
+            }
+        };
         let rules = format!(
             "table ip snapvm {{\n\
+             {dns}\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy drop;\n\
              \t\tiifname \"{TAP_NAME}\" oifname \"eth0\" accept\n\

@@ -615,9 +615,12 @@ fn python3_functions_restored_into_shells_answer_their_fixtures() {
 /// The network test's outside world: namespace `snapvm-upstream`, joined
 /// to this host by a veth pair (here `up0` 10.99.0.1/24, there `eth0`
 /// 10.99.0.2/24), its HTTP server on 10.99.0.2:8080 noting who connects.
-/// Removed on drop, on failure too.
+/// Its name server (10.99.0.2:53, UDP) knows `upstream.test`, and is this
+/// host's resolver. Removed on drop, on failure too.
 struct Upstream {
     seen: Seen,
+    /// Who asked the upstream name server.
+    dns_seen: Seen,
 }
 
 /// The peers a listener saw.
@@ -655,6 +658,46 @@ fn listen_in(netns: &str, addr: &str, seen: Seen) {
         .expect("the listener started");
 }
 
+/// A name server for the test's outside world, in the named namespace on
+/// `addr` (UDP): `upstream.test` is 10.99.0.2 (A), has no AAAA, and no
+/// other name exists. Notes each client in `seen`.
+fn dns_in(netns: &str, addr: &str, seen: Seen) {
+    let (path, addr) = (format!("/run/netns/{netns}"), addr.to_owned());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let socket = std::net::UdpSocket::bind(&addr).expect("bind");
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            seen.lock().unwrap().push(peer.ip());
+            // The question: labels up to a zero byte, then type and class.
+            let Some(end) = buf[12..n].iter().position(|&b| b == 0).map(|i| 12 + i + 5) else {
+                continue;
+            };
+            if end > n {
+                continue;
+            }
+            let name = &buf[12..end - 4];
+            let qtype = u16::from_be_bytes([buf[end - 4], buf[end - 3]]);
+            let ours = name == b"\x08upstream\x04test\x00";
+            let mut reply = buf[..end].to_vec();
+            let rcode = if ours { 0 } else { 3 }; // NXDOMAIN
+            reply[2..4].copy_from_slice(&(0x8180u16 | rcode).to_be_bytes());
+            let answer = ours && qtype == 1;
+            reply[6..8].copy_from_slice(&u16::from(answer).to_be_bytes());
+            reply[8..12].fill(0);
+            if answer {
+                reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 99, 0, 2]);
+            }
+            let _ = socket.send_to(&reply, peer);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the name server started");
+}
+
 impl Upstream {
     fn start() -> Self {
         let _ = Command::new("ip")
@@ -686,7 +729,16 @@ impl Upstream {
             "10.99.0.2:8080",
             std::sync::Arc::clone(&seen),
         );
-        Upstream { seen }
+        let dns_seen = Seen::default();
+        dns_in(
+            "snapvm-upstream",
+            "10.99.0.2:53",
+            std::sync::Arc::clone(&dns_seen),
+        );
+        // This (emulated, throw-away) host's resolver: the VMs' DNS goes
+        // there (src/network.rs reads it when it makes a VM's network).
+        std::fs::write("/etc/resolv.conf", "nameserver 10.99.0.2\n").unwrap();
+        Upstream { seen, dns_seen }
     }
 
     fn seen(&self) -> Vec<std::net::IpAddr> {
@@ -714,7 +766,8 @@ fn uplink_addrs(uid: u32) -> (String, String) {
 /// The python3 fetch function (appfs/fetch-python3), restored with a
 /// network from its snapshots, fetches from an HTTP server outside this
 /// host, which sees the host's NAT address; it cannot reach this host's
-/// own services or a sibling VM's namespace; two clones of the one
+/// own services or a sibling VM's namespace; it resolves names through
+/// its gateway (forwarded to this host's resolver); two clones of the one
 /// snapshot (same guest address and MAC) run at once and both fetch; the
 /// same function without a network reaches nothing.
 #[test]
@@ -782,6 +835,7 @@ fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
     let (a_host, _) = uplink_addrs(uid_a);
     let lines = [
         json!({"url": "http://10.99.0.2:8080/a", "timeout": 30}),
+        json!({"url": "http://upstream.test:8080/by-name", "timeout": 30}),
         json!({"url": format!("http://10.99.0.1:{host_port}/"), "timeout": 3}),
         json!({"url": format!("http://{a_host}:{host_port}/"), "timeout": 3}),
         json!({"url": format!("http://{b_addr}:8081/"), "timeout": 3}),
@@ -791,10 +845,26 @@ fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
     let ok = json!({"url": "http://10.99.0.2:8080/a", "ok": true, "status": 200,
                     "length": UPSTREAM_BODY.len()});
     assert_eq!(got[0], ok, "the fetch from upstream: {got:?}");
+    // By name: the guest asks its gateway, which forwards to this host's
+    // resolver; the name server too sees only the NAT address.
+    assert_eq!(
+        (got[1]["ok"].clone(), got[1]["status"].clone()),
+        (json!(true), json!(200)),
+        "the fetch by name: {}",
+        got[1]
+    );
+    let asked = upstream.dns_seen.lock().unwrap().clone();
+    assert!(
+        !asked.is_empty()
+            && asked
+                .iter()
+                .all(|a| *a == std::net::IpAddr::from([10, 99, 0, 1])),
+        "the name server saw {asked:?}"
+    );
     for (i, what) in [
-        (1, "this host's upstream address"),
-        (2, "this host's end of the uplink"),
-        (3, "the sibling's namespace"),
+        (2, "this host's upstream address"),
+        (3, "this host's end of the uplink"),
+        (4, "the sibling's namespace"),
     ] {
         assert_eq!(
             (got[i]["ok"].clone(), got[i]["reason"].clone()),
@@ -837,8 +907,8 @@ fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
     );
     assert_eq!(
         upstream.seen(),
-        vec![std::net::IpAddr::from([10, 99, 0, 1]); 2],
-        "upstream must see only this host's NAT address, once per clone"
+        vec![std::net::IpAddr::from([10, 99, 0, 1]); 3],
+        "upstream must see only this host's NAT address: A twice, B once"
     );
     for uid in [uid_a, uid_b] {
         assert!(!Path::new(&format!("/run/netns/snapvm-{uid}")).exists());
@@ -863,7 +933,7 @@ fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
     assert_eq!(got[0]["ok"], json!(false), "{got:?}");
     assert_eq!(
         upstream.seen().len(),
-        2,
+        3,
         "a VM without a network reached upstream"
     );
 }

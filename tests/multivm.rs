@@ -1008,4 +1008,12 @@ fn a_networked_function_gets_a_namespace_per_vm_that_goes_with_its_vm() {
         .filter(|n| !before.contains(n))
         .collect();
     assert_eq!(again.len(), 1, "{again:?}");
+    // A clean stop removes it too.
+    let (code, log) = d.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !vm_namespaces().contains(&again[0]),
+        "{} outlived multivm",
+        again[0]
+    );
 }
