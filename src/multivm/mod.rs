@@ -167,12 +167,18 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
     let refill = sched
         .shells()
         .map(|pool| {
-            std::thread::Builder::new()
-                .name("shell-refill".into())
-                .spawn(move || pool.refill())
+            (0..shells::REFILLERS)
+                .map(|i| {
+                    let pool = Arc::clone(&pool);
+                    std::thread::Builder::new()
+                        .name(format!("shell-refill-{i}"))
+                        .spawn(move || pool.refill())
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
         .transpose()
-        .map_err(MultiVmError::Thread)?;
+        .map_err(MultiVmError::Thread)?
+        .unwrap_or_default();
     let maintainer = {
         let s = Arc::clone(&sched);
         std::thread::Builder::new()
@@ -234,7 +240,7 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
     sched.shutdown(opts.drain_timeout);
     api.wait_idle();
     let _ = maintainer.join();
-    if let Some(r) = refill {
+    for r in refill {
         let _ = r.join();
     }
     drop(dir);
