@@ -1017,3 +1017,213 @@ fn a_networked_function_gets_a_namespace_per_vm_that_goes_with_its_vm() {
         again[0]
     );
 }
+
+/// The `layer-*` directories in a hibernation directory.
+fn layers_in(dir: &std::path::Path) -> Vec<String> {
+    common::dir_entries(dir)
+        .into_iter()
+        .filter(|n| n.starts_with("layer-"))
+        .collect()
+}
+
+/// The hibernated VMs waiting for a wake of function `f`, from /functions.
+fn hibernated(d: &Daemon, f: &str) -> u64 {
+    d.get("/functions")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == f)
+        .map_or(0, |x| x["hibernated"].as_u64().unwrap())
+}
+
+/// A keep_state function's idle VM is hibernated at its idle timeout, not
+/// stopped, and the next request wakes it where it left off: testguest's
+/// `count` answers exactly as a VM that never stopped (the count and the
+/// checksum of the memory the previous request left), across more
+/// hibernate/wake cycles than a chain holds, so layers are merged rather
+/// than stacked. A layer changed on disk is refused: a clean start.
+#[test]
+fn keep_state_vms_hibernate_when_idle_and_wake_where_they_left_off() {
+    let s = Scratch::new("mv-hibernate");
+    let hib = s.path("hib");
+    let cfg = config(
+        &s,
+        &[
+            ("kept", "count", "keep_state: true\nidle_timeout: 200ms"),
+            ("straight", "count", ""),
+        ],
+    )
+    .replace(
+        "functions:\n",
+        &format!("hibernate:\n  dir: {}\nfunctions:\n", hib.display()),
+    );
+    let d = Daemon::start(&s, &cfg, 4 * VM_MIB, &[]);
+    let call = |f: &str| {
+        let r = d.post(f, "{}");
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        (r.header("x-start").unwrap().to_string(), r.json())
+    };
+    // What a VM that never stops answers to its n-th request.
+    let want: Vec<serde_json::Value> = (0..7).map(|_| call("straight").1).collect();
+    assert_eq!(want[6]["count"], 7);
+
+    assert_eq!(call("kept"), ("cold-boot".into(), want[0].clone()));
+    assert_eq!(call("kept"), ("warm".into(), want[1].clone()));
+    for cycle in 1..=5u64 {
+        d.wait_for("a hibernation", Duration::from_secs(20), |d| {
+            d.metric("multivm_hibernations_total{function=\"kept\",result=\"ok\"}") == cycle as f64
+        });
+        assert_eq!(hibernated(&d, "kept"), 1);
+        let on_disk = layers_in(&hib);
+        // Chains hold at most 3 layers: the 4th hibernation merges them.
+        let chain = if cycle <= 3 { cycle } else { cycle - 3 };
+        assert_eq!(on_disk.len() as u64, chain, "cycle {cycle}: {on_disk:?}");
+        assert!(
+            !common::dir_entries(&hib)
+                .iter()
+                .any(|n| n.starts_with("vm-")),
+            "no VM runs, so no VM directory is left"
+        );
+        assert!(d.metric("multivm_hibernate_disk_bytes") > 0.0);
+        assert_eq!(
+            call("kept"),
+            ("cold-wake".into(), want[1 + cycle as usize].clone()),
+            "cycle {cycle}"
+        );
+        assert_eq!(hibernated(&d, "kept"), 0);
+    }
+    assert_eq!(
+        d.metric("multivm_wakes_total{function=\"kept\",result=\"ok\"}"),
+        5.0
+    );
+    assert_eq!(
+        d.metric("multivm_evictions_total{function=\"straight\",reason=\"idle_timeout\"}"),
+        0.0
+    );
+
+    // A changed page in the newest layer: refused, and a clean start.
+    d.wait_for("a hibernation", Duration::from_secs(20), |d| {
+        hibernated(d, "kept") == 1
+    });
+    let mut on_disk = layers_in(&hib);
+    on_disk.sort_by_key(|n| n["layer-".len()..].parse::<u64>().unwrap());
+    let top = hib.join(on_disk.last().unwrap());
+    let state = std::fs::read(top.join("snapshot.json")).unwrap();
+    let state = snapvm::snapshot::format::state_value(&state).unwrap();
+    let own = state["memory"]["layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap();
+    let first_page = own["ranges"][0][0].as_u64().unwrap();
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(top.join("memory"))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    use std::os::unix::fs::FileExt;
+    memory.read_exact_at(&mut byte, first_page + 8).unwrap();
+    memory.write_all_at(&[!byte[0]], first_page + 8).unwrap();
+    drop(memory);
+    assert_eq!(call("kept"), ("cold-boot".into(), want[0].clone()));
+    assert_eq!(
+        d.metric("multivm_wakes_total{function=\"kept\",result=\"refused\"}"),
+        1.0
+    );
+    assert!(
+        layers_in(&hib).is_empty(),
+        "the refused image's layers went"
+    );
+}
+
+/// Evicting a keep_state function's idle VM for another function's launch
+/// hibernates it first (the budget holds throughout), a restored function
+/// hibernates as a diff over its own layers, and the hibernation disk
+/// budget drops the least recently hibernated VM, whose function then
+/// starts clean.
+#[test]
+fn eviction_hibernates_within_the_budget_and_the_disk_budget_drops_the_oldest() {
+    let s = Scratch::new("mv-hib-budget");
+    let (snap, hib) = (s.path("snap"), s.path("hib"));
+    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
+    let mut cmd = Command::new(common::firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--mem_size", "48", "--dump_dir"])
+        .arg(&snap)
+        .arg("--console")
+        .arg(s.path("dump.log"));
+    let made = common::run_with_deadline(cmd, Duration::from_secs(60));
+    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+    // Three restored keep_state functions of 48 MiB whose `touch` writes
+    // 8 MiB of pages, room for one VM (each launch evicts the one before),
+    // and 20 MiB of disk for hibernated layers: two of them.
+    let kept = format!("keep_state: true\nload_dir: {}", snap.display());
+    let cfg = config(
+        &s,
+        &[
+            ("a", "touch", &kept),
+            ("b", "touch", &kept),
+            ("c", "touch", &kept),
+        ],
+    )
+    .replace("    memory: 32\n", "    memory: 48\n")
+    .replace(
+        "functions:\n",
+        &format!(
+            "hibernate:\n  dir: {}\n  disk: 20\nfunctions:\n",
+            hib.display()
+        ),
+    );
+    let one_vm = 48 + OVERHEAD;
+    let d = Daemon::start(&s, &cfg, one_vm, &[]);
+    let call = |f: &str| {
+        let r = d.post(f, r#"{"mib": 8}"#);
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        assert_eq!(r.json()["touched_mib"], 8, "{}", r.body);
+        r.header("x-start").unwrap().to_string()
+    };
+    assert_eq!(call("a"), "cold-restore");
+    assert_eq!(call("b"), "cold-restore");
+    assert_eq!(
+        d.metric("multivm_evictions_total{function=\"a\",reason=\"lru\"}"),
+        1.0
+    );
+    assert_eq!(hibernated(&d, "a"), 1, "{}", d.log());
+    // A diff over the function's snapshot: about the 8 MiB touched.
+    let one_layer = d.metric("multivm_hibernate_disk_bytes");
+    assert!(
+        (8.0 * 1048576.0..10.0 * 1048576.0).contains(&one_layer),
+        "{one_layer}"
+    );
+    assert_eq!(call("c"), "cold-restore");
+    assert_eq!(hibernated(&d, "b"), 1, "{}", d.log());
+    assert_eq!(d.metric("multivm_hibernated_dropped_total"), 0.0);
+
+    // a wakes (its image is taken before c hibernates); c's layer makes
+    // three, over the budget: the least recently hibernated image, b's,
+    // goes, and b starts clean.
+    assert_eq!(call("a"), "cold-wake", "{}", d.log());
+    assert_eq!(d.metric("multivm_hibernated_dropped_total"), 1.0);
+    assert_eq!(
+        (hibernated(&d, "b"), hibernated(&d, "c")),
+        (0, 1),
+        "{}",
+        d.log()
+    );
+    // a hibernates again, a diff over its first layer: c's image, now the
+    // oldest, goes; a's two-layer chain wakes.
+    assert_eq!(call("b"), "cold-restore");
+    assert_eq!(d.metric("multivm_hibernated_dropped_total"), 2.0);
+    assert_eq!((hibernated(&d, "a"), hibernated(&d, "c")), (1, 0));
+    assert_eq!(call("a"), "cold-wake", "{}", d.log());
+    assert_eq!(
+        d.metric("multivm_wakes_total{function=\"a\",result=\"ok\"}"),
+        2.0
+    );
+    assert!(d.metric("multivm_memory_high_water_mib") <= one_vm as f64);
+}

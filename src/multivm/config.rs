@@ -16,6 +16,9 @@
 //!   - memory: 128                      # MiB: functions with this memory and vcpus
 //!     vcpus: 1                         #   that restore (load_dir) use them
 //!     count: 2                         # each counted as vm_overhead MiB of the budget
+//! hibernate:                           # where keep_state functions' idle VMs go
+//!   dir: /var/lib/snapvm/hibernate     # required; multivm's alone (swept at start)
+//!   disk: 4096                         # MiB of layers kept; the oldest go first
 //! functions:
 //!   hello:
 //!     runtimefs: python3.ext4          # required
@@ -32,6 +35,9 @@
 //!     network: false                   # a network card in a namespace of its own, NAT
 //!                                      #   to the outside (src/network.rs; needs
 //!                                      #   allow_network and the jail)
+//!     keep_state: false                # hibernate idle VMs instead of stopping them,
+//!                                      #   and wake them on the next request
+//!                                      #   (src/multivm/hibernate.rs; needs `hibernate`)
 //!     min_idle: 0                      # pre-warmed idle VMs
 //!     idle_timeout: 5m                 # idle VMs beyond min_idle are stopped after this
 //!     request_timeout: 30s             # queue wait limit, and run limit (kills the VM)
@@ -188,6 +194,7 @@ struct RawConfig {
     vm_overhead: Option<Spanned<u64>>,
     jail: Option<Spanned<bool>>,
     shells: Option<Spanned<Vec<Spanned<RawShells>>>>,
+    hibernate: Option<Spanned<RawHibernate>>,
     #[serde(default)]
     functions: Option<Spanned<BTreeMap<String, Spanned<RawFunction>>>>,
     deploy: Option<Spanned<RawDeploy>>,
@@ -199,6 +206,13 @@ struct RawShells {
     memory: Spanned<u64>,
     vcpus: Option<Spanned<u64>>,
     count: Spanned<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHibernate {
+    dir: Spanned<String>,
+    disk: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +241,7 @@ struct RawRuntime {
 #[serde(deny_unknown_fields)]
 struct RawFunction {
     network: Option<Spanned<bool>>,
+    keep_state: Option<Spanned<bool>>,
     runtimefs: Spanned<String>,
     appfs: Option<Spanned<String>>,
     vcpus: Option<Spanned<u64>>,
@@ -251,6 +266,8 @@ pub enum LaunchKind {
     Restore,
     /// A restore into a ready VM shell.
     Shell,
+    /// A restore of a hibernated VM (src/multivm/hibernate.rs).
+    Wake,
 }
 
 impl LaunchKind {
@@ -259,6 +276,7 @@ impl LaunchKind {
             LaunchKind::Boot => "boot",
             LaunchKind::Restore => "restore",
             LaunchKind::Shell => "shell",
+            LaunchKind::Wake => "wake",
         }
     }
 }
@@ -282,6 +300,8 @@ pub struct Function {
     pub load_ws: bool,
     /// A network card in a namespace of its own (src/network.rs).
     pub network: bool,
+    /// Idle VMs are hibernated rather than stopped (src/multivm/hibernate.rs).
+    pub keep_state: bool,
     pub min_idle: usize,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
@@ -307,20 +327,26 @@ impl Function {
             && self.vcpus == other.vcpus
             && self.memory_mib == other.memory_mib
             && self.load_dir == other.load_dir
-            && (self.copy_base, self.copy_diff, self.load_ws, self.network)
-                == (
-                    other.copy_base,
-                    other.copy_diff,
-                    other.load_ws,
-                    other.network,
-                )
+            && (
+                self.copy_base,
+                self.copy_diff,
+                self.load_ws,
+                self.network,
+                self.keep_state,
+            ) == (
+                other.copy_base,
+                other.copy_diff,
+                other.load_ws,
+                other.network,
+                other.keep_state,
+            )
     }
 
     /// What a VM shell of this function's shape restores for one of its
-    /// VMs; none for a function that boots, or has a network (shells
-    /// have no network card).
+    /// VMs; none for a function that boots, has a network (shells have no
+    /// network card) or keeps its state (shells keep no dirty log).
     pub fn restore_request(&self) -> Option<RestoreRequest> {
-        if self.network {
+        if self.network || self.keep_state {
             return None;
         }
         let layers = self.load_dir.as_ref()?;
@@ -346,6 +372,33 @@ impl Function {
     /// control ones); `no_seccomp` as multivm was told.
     pub fn firerunner_args(&self, no_seccomp: bool) -> Vec<OsString> {
         self.vm_args(no_seccomp).to_firerunner_args()
+    }
+
+    /// The firerunner flags of a VM of a `keep_state` function: it writes
+    /// its hibernation layer in `snapshot_dir` (and so keeps a dirty log),
+    /// and restores `chain`, a hibernated VM's layers, on top of the
+    /// function's own (without the function's working set, which belongs
+    /// to its own top layer).
+    pub fn kept_args(
+        &self,
+        no_seccomp: bool,
+        snapshot_dir: &Path,
+        chain: &[PathBuf],
+    ) -> Vec<OsString> {
+        let mut a = self.vm_args(no_seccomp);
+        a.snapshot_dir = Some(snapshot_dir.to_path_buf());
+        if !chain.is_empty() {
+            let own = a
+                .load_dir
+                .iter()
+                .flat_map(|l| l.split(',').map(str::to_string));
+            let dirs: Vec<String> = own
+                .chain(chain.iter().map(|d| d.display().to_string()))
+                .collect();
+            a.load_dir = Some(dirs.join(","));
+            a.load_ws = false;
+        }
+        a.to_firerunner_args()
     }
 
     /// The VM flags of this function, as firerunner would parse them; a
@@ -397,7 +450,19 @@ pub struct Config {
     pub no_seccomp: bool,
     /// VM shells kept ready, per shape.
     pub shells: Vec<ShellShape>,
+    /// Where hibernated VMs go, if configured.
+    pub hibernate: Option<HibernateConfig>,
 }
+
+/// The `hibernate` section (src/multivm/hibernate.rs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HibernateConfig {
+    pub dir: PathBuf,
+    pub disk_mib: u64,
+}
+
+/// Default `hibernate.disk`, MiB.
+pub const DEFAULT_HIBERNATE_DISK_MIB: u64 = 4096;
 
 /// `count` shells of `memory_mib` and `vcpus` kept ready (src/multivm/shells.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -678,6 +743,26 @@ impl Resolver<'_> {
         }
         // Functions are checked against what the shells leave.
         let budget_mib = budget_mib - shells_mib;
+        let hibernate = match &raw.hibernate {
+            None => None,
+            Some(h) => {
+                let hv = &h.value;
+                if hv.dir.value.trim().is_empty() {
+                    return Err(self.err(&hv.dir, "hibernate.dir", "must not be empty"));
+                }
+                let disk_mib = match &hv.disk {
+                    Some(d) if d.value == 0 => {
+                        return Err(self.err(d, "hibernate.disk", "must be at least 1 MiB"))
+                    }
+                    Some(d) => d.value,
+                    None => DEFAULT_HIBERNATE_DISK_MIB,
+                };
+                Some(HibernateConfig {
+                    dir: absolute(&self.base.join(&hv.dir.value)),
+                    disk_mib,
+                })
+            }
+        };
         let deploy = raw
             .deploy
             .as_ref()
@@ -722,6 +807,16 @@ impl Resolver<'_> {
                     ))
                 }
                 n => n.as_ref().is_some_and(|n| n.value),
+            };
+            let keep_state = match &fv.keep_state {
+                Some(k) if k.value && hibernate.is_none() => {
+                    return Err(self.err(
+                        k,
+                        &key("keep_state"),
+                        "hibernated VMs need a place: add a `hibernate` section with its `dir`",
+                    ))
+                }
+                k => k.as_ref().is_some_and(|k| k.value),
             };
             let kernel = match (&fv.kernel, &kernel) {
                 (Some(s), _) => self.file_in(self.base, s, &key("kernel"))?,
@@ -873,6 +968,7 @@ impl Resolver<'_> {
                 copy_diff: flag(&fv.copy_diff),
                 load_ws: flag(&fv.load_ws),
                 network,
+                keep_state,
                 min_idle,
                 idle_timeout,
                 request_timeout,
@@ -904,6 +1000,7 @@ impl Resolver<'_> {
             deploy,
             no_seccomp: false,
             shells,
+            hibernate,
         })
     }
 
@@ -1255,6 +1352,70 @@ functions:
         let (line, msg) = syntax(parse(&d, &yaml, 1024));
         assert_eq!(line, 11, "{msg}");
         assert!(msg.contains("unit"), "{msg}");
+    }
+
+    #[test]
+    fn keep_state_needs_a_hibernate_section_and_changes_the_vm_flags() {
+        let d = fixture("keep");
+        let yaml = GOOD
+            .replace(
+                "    appfs: app.img\n",
+                "    appfs: app.img\n    keep_state: true\n",
+            )
+            .replace(
+                "    copy_base: true\n",
+                "    copy_base: true\n    load_ws: true\n",
+            );
+        let (line, key, msg) = invalid(parse(&d, &yaml, 1024));
+        assert_eq!((line, key.as_str()), (8, "functions.hello.keep_state"));
+        assert!(msg.contains("hibernate"), "{msg}");
+        let (_, key, _) = invalid(parse(
+            &d,
+            &format!("hibernate:\n  dir: h\n  disk: 0\n{yaml}"),
+            1024,
+        ));
+        assert_eq!(key, "hibernate.disk");
+        let c = parse(&d, &format!("hibernate:\n  dir: h\n{yaml}"), 1024).unwrap();
+        let h = c.hibernate.as_ref().unwrap();
+        assert_eq!(
+            (h.dir.clone(), h.disk_mib),
+            (d.0.join("h"), DEFAULT_HIBERNATE_DISK_MIB)
+        );
+        let hello = &c.functions[0];
+        let forgetful = Function {
+            keep_state: false,
+            ..hello.clone()
+        };
+        assert!(hello.keep_state && !hello.same_vm(&forgetful));
+        let args = |a: Vec<OsString>| -> Vec<String> {
+            a.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+        };
+        let flag = |a: &[String], f: &str| a.iter().position(|x| x == f).map(|i| a[i + 1].clone());
+        // A wake restores the hibernated layers on top of the function's
+        // own, without its working set.
+        let restored = c.functions.iter().find(|f| f.load_dir.is_some()).unwrap();
+        let restored_kept = Function {
+            keep_state: true,
+            ..restored.clone()
+        };
+        // No shells for a keep_state function: they keep no dirty log.
+        assert!(restored.restore_request().is_some());
+        assert!(restored_kept.restore_request().is_none());
+        let woken =
+            args(restored.kept_args(false, Path::new("/h/vm-1"), &[PathBuf::from("/h/layer-1")]));
+        let own = restored.load_dir.clone().unwrap();
+        assert_eq!(
+            flag(&woken, "--load_dir"),
+            Some(format!("{own},/h/layer-1"))
+        );
+        assert_eq!(flag(&woken, "--snapshot_dir").as_deref(), Some("/h/vm-1"));
+        assert!(args(restored.firerunner_args(false))
+            .iter()
+            .any(|a| a == "--load_ws"));
+        assert!(!woken.iter().any(|a| a == "--load_ws"));
+        let fresh = args(hello.kept_args(false, Path::new("/h/vm-2"), &[]));
+        assert_eq!(flag(&fresh, "--load_dir"), None);
+        assert_eq!(flag(&fresh, "--snapshot_dir").as_deref(), Some("/h/vm-2"));
     }
 
     #[test]

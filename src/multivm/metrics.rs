@@ -72,6 +72,9 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A counter by function and a fixed word.
+type ByResult = BTreeMap<(String, &'static str), u64>;
+
 #[derive(Default)]
 struct Inner {
     requests: BTreeMap<(String, u16), u64>,
@@ -82,6 +85,10 @@ struct Inner {
     launch_failures: BTreeMap<String, u64>,
     crashes: BTreeMap<String, u64>,
     evictions: BTreeMap<(String, &'static str), u64>,
+    hibernations: ByResult,
+    hibernate_seconds: BTreeMap<String, Histogram>,
+    wakes: ByResult,
+    hibernated_dropped: u64,
     queue_rejections: BTreeMap<String, u64>,
     request_seconds: BTreeMap<String, Histogram>,
     /// The same requests by function and status (gateway_functions_seconds).
@@ -103,6 +110,10 @@ pub struct Gauges {
     pub queue_depth: Vec<(String, usize)>,
     /// ((guest MiB, vCPUs), ready VM shells) per configured shape.
     pub shells_ready: Vec<((u64, u64), usize)>,
+    /// (function, hibernated VMs waiting for a wake).
+    pub hibernated: Vec<(String, usize)>,
+    /// Bytes of hibernated layers on disk, when hibernation is configured.
+    pub hibernate_disk_bytes: Option<u64>,
 }
 
 #[derive(Default)]
@@ -162,6 +173,33 @@ impl Metrics {
             .evictions
             .entry((function.to_string(), reason))
             .or_default() += 1;
+    }
+
+    /// A hibernation of a VM of `function` (`result`: ok, failed) that took `took`.
+    pub fn hibernation(&self, function: &str, result: &'static str, took: Duration) {
+        let mut m = self.lock();
+        *m.hibernations
+            .entry((function.to_string(), result))
+            .or_default() += 1;
+        m.hibernate_seconds
+            .entry(function.to_string())
+            .or_default()
+            .observe(took);
+    }
+
+    /// A wake of a hibernated VM of `function` (`result`: ok; refused, its
+    /// layers changed; failed, the restore did).
+    pub fn wake(&self, function: &str, result: &'static str) {
+        *self
+            .lock()
+            .wakes
+            .entry((function.to_string(), result))
+            .or_default() += 1;
+    }
+
+    /// Hibernated VMs dropped to keep within the disk budget.
+    pub fn hibernated_dropped(&self, n: usize) {
+        self.lock().hibernated_dropped += n as u64;
     }
 
     pub fn queued(&self, function: &str, waited: Duration) {
@@ -288,6 +326,40 @@ impl Metrics {
             );
         }
 
+        let by_result: [(&str, &str, &ByResult); 2] = [
+            (
+                "multivm_hibernations_total",
+                "Idle VMs of keep_state functions hibernated instead of stopped, by result (ok, failed).",
+                &m.hibernations,
+            ),
+            (
+                "multivm_wakes_total",
+                "Hibernated VMs restored for a launch, by result (ok; refused: its layers changed on disk; failed: the restore did).",
+                &m.wakes,
+            ),
+        ];
+        for (name, help, map) in by_result {
+            head(&mut o, name, "counter", help);
+            for ((f, result), n) in map {
+                let _ = writeln!(
+                    o,
+                    "{name}{{function=\"{}\",result=\"{result}\"}} {n}",
+                    esc(f)
+                );
+            }
+        }
+        head(
+            &mut o,
+            "multivm_hibernated_dropped_total",
+            "counter",
+            "Hibernated VMs dropped, oldest first, to keep within the hibernation disk budget.",
+        );
+        let _ = writeln!(
+            o,
+            "multivm_hibernated_dropped_total {}",
+            m.hibernated_dropped
+        );
+
         head(
             &mut o,
             "multivm_memory_used_mib",
@@ -345,6 +417,25 @@ impl Metrics {
             }
         }
 
+        if let Some(bytes) = g.hibernate_disk_bytes {
+            head(
+                &mut o,
+                "multivm_hibernate_disk_bytes",
+                "gauge",
+                "Bytes of hibernated layers on disk (waiting images and woken VMs' chains).",
+            );
+            let _ = writeln!(o, "multivm_hibernate_disk_bytes {bytes}");
+            head(
+                &mut o,
+                "multivm_hibernated_vms",
+                "gauge",
+                "Hibernated VMs waiting for a wake, by function.",
+            );
+            for (f, n) in &g.hibernated {
+                let _ = writeln!(o, "multivm_hibernated_vms{{function=\"{}\"}} {n}", esc(f));
+            }
+        }
+
         head(
             &mut o,
             "multivm_request_duration_seconds",
@@ -369,6 +460,19 @@ impl Metrics {
                 &mut o,
                 "multivm_launch_duration_seconds",
                 &format!("function=\"{}\",kind=\"{kind}\"", esc(f)),
+            );
+        }
+        head(
+            &mut o,
+            "multivm_hibernate_duration_seconds",
+            "histogram",
+            "Time to hibernate an idle VM (layer written, VM exited, layer adopted), by function.",
+        );
+        for (f, h) in &m.hibernate_seconds {
+            h.render(
+                &mut o,
+                "multivm_hibernate_duration_seconds",
+                &format!("function=\"{}\"", esc(f)),
             );
         }
         head(
@@ -498,7 +602,14 @@ mod tests {
             vms: vec![("hello".into(), "idle", 1), ("hello".into(), "busy", 2)],
             queue_depth: vec![("hello".into(), 0)],
             shells_ready: vec![((128, 1), 2)],
+            hibernated: vec![("hello".into(), 3)],
+            hibernate_disk_bytes: Some(4096),
         });
+        assert_eq!(
+            sample(&page, "multivm_hibernated_vms{function=\"hello\"}"),
+            Some(3.0)
+        );
+        assert_eq!(sample(&page, "multivm_hibernate_disk_bytes"), Some(4096.0));
         assert_eq!(
             sample(
                 &page,

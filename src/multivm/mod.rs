@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod hibernate;
 pub mod http;
 pub mod metrics;
 mod pool;
@@ -74,6 +75,8 @@ pub enum MultiVmError {
          jail slots): run multivm as root, without --no_jail"
     )]
     NetworkWithoutJail,
+    #[error("the hibernation directory: {0}")]
+    Hibernate(#[from] hibernate::HibernateError),
     #[error("the host's side of the VMs' network: {0}")]
     Network(#[from] crate::network::NetworkError),
 }
@@ -155,9 +158,14 @@ pub fn run(opts: &Options) -> Result<(), MultiVmError> {
         crate::network::install_host_rules()?;
         crate::jail::Slot::sweep_networks(opts);
     }
+    let hibernation = cfg
+        .hibernate
+        .as_ref()
+        .map(|h| hibernate::Store::open(&h.dir, h.disk_mib).map(Arc::new))
+        .transpose()?;
     let sched = Scheduler::new(
         Arc::clone(&cfg),
-        jail,
+        (jail, hibernation),
         opts.mem_mib,
         dir.path().to_path_buf(),
     );

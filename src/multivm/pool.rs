@@ -479,6 +479,7 @@ mod tests {
             copy_diff: false,
             load_ws: false,
             network: false,
+            keep_state: false,
             min_idle: 0,
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(1),

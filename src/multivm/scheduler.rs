@@ -25,6 +25,12 @@
 //! or any guest I/O. A maintainer thread pre-warms `min_idle` VMs (only
 //! from free memory, and only while nobody waits), stops VMs idle past
 //! `idle_timeout` (keeping `min_idle`), and notices idle VMs that died.
+//!
+//! Idle VMs of `keep_state` functions are hibernated rather than killed
+//! when evicted or timed out (hibernate.rs), in line: an eviction's
+//! launch waits for the layer to be written, so that the memory it takes
+//! over is free. A launch of such a function wakes its newest hibernated
+//! VM, and falls back to a clean start when that fails.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -37,6 +43,7 @@ use serde_json::{json, Value};
 use crate::jail::JailOptions;
 
 use super::config::{Config, Function, LaunchKind};
+use super::hibernate::{Image, Kept, Store};
 use super::metrics::{Gauges, Metrics};
 use super::pool::{self, FnId, VmState};
 use super::shells::ShellPool;
@@ -107,6 +114,7 @@ impl Start {
             Start::Cold(LaunchKind::Boot) => "cold-boot",
             Start::Cold(LaunchKind::Shell) => "cold-shell",
             Start::Cold(LaunchKind::Restore) => "cold-restore",
+            Start::Cold(LaunchKind::Wake) => "cold-wake",
         }
     }
 }
@@ -134,6 +142,8 @@ pub struct FunctionLive {
     pub idle: usize,
     pub busy: usize,
     pub queued: usize,
+    /// Hibernated VMs waiting for a wake.
+    pub hibernated: usize,
 }
 
 pub struct Scheduler {
@@ -142,6 +152,8 @@ pub struct Scheduler {
     jail: Option<JailOptions>,
     /// Ready VM shells, when the config keeps some.
     shells: Option<Arc<ShellPool>>,
+    /// Hibernated VMs of keep_state functions, when configured.
+    hibernation: Option<Arc<Store>>,
     /// The budget for VMs: `--mem` less the shells' share.
     budget_mib: u64,
     log_dir: PathBuf,
@@ -211,10 +223,11 @@ impl Scheduler {
     /// A scheduler serving the functions of `cfg` (more come and go
     /// through [`Scheduler::deploy`] and [`Scheduler::remove_function`]);
     /// its VMs are jailed with `jail` when given. `budget_mib` is `--mem`;
-    /// the shells' share of it is set aside.
+    /// the shells' share of it is set aside. `hibernation` keeps the
+    /// hibernated VMs of keep_state functions.
     pub fn new(
         cfg: Arc<Config>,
-        jail: Option<JailOptions>,
+        (jail, hibernation): (Option<JailOptions>, Option<Arc<Store>>),
         budget_mib: u64,
         log_dir: PathBuf,
     ) -> Arc<Self> {
@@ -227,6 +240,7 @@ impl Scheduler {
             state: Mutex::new(state),
             shells: ShellPool::new(&cfg, jail.clone()),
             budget_mib: cfg.vm_budget_mib(budget_mib),
+            hibernation,
             cfg,
             jail,
             log_dir,
@@ -303,7 +317,10 @@ impl Scheduler {
                     reason,
                 });
             }
-            let (_, old) = st.put_function(Arc::new(spec));
+            let (fid, old) = st.put_function(Arc::new(spec));
+            if let (Some(h), Some(fs)) = (&self.hibernation, st.fns.get(&fid)) {
+                h.forget(fid, Some(fs.generation));
+            }
             self.pump(&mut st);
             old
         };
@@ -335,6 +352,9 @@ impl Scheduler {
     pub fn remove_function(&self, name: &str) -> Result<(), SchedulerError> {
         let idle = {
             let mut st = self.lock();
+            if let (Some(h), Some(fid)) = (&self.hibernation, st.names.get(name)) {
+                h.forget(*fid, None);
+            }
             let idle = st
                 .remove_function(name)
                 .ok_or_else(|| SchedulerError::NoSuchFunction(name.to_string()))?;
@@ -372,6 +392,7 @@ impl Scheduler {
                     idle: count(VmState::Idle),
                     busy: count(VmState::Busy),
                     queued: s.queued,
+                    hibernated: self.hibernation.as_ref().map_or(0, |h| h.waiting(*fid)),
                 }
             })
             .collect();
@@ -413,25 +434,14 @@ impl Scheduler {
                     generation,
                     victims,
                 } => {
-                    self.reaper.reap(victims);
+                    // The image to wake is taken before the evicted VMs
+                    // hibernate: theirs must not push it off the disk.
+                    let image = self.take_image(fid, generation, &spec);
+                    self.evict(victims);
                     let t = Instant::now();
-                    let log = self.log_path(id);
-                    let kind = spec.launch_kind();
-                    match FunctionVm::launch(
-                        &self.cfg,
-                        self.jail.as_ref(),
-                        self.shells.as_deref(),
-                        (fid, generation, spec),
-                        id,
-                        &log,
-                    ) {
-                        Ok(vm) => {
+                    match self.launch_vm((fid, generation, spec), id, image) {
+                        Ok((vm, kind)) => {
                             launch = t.elapsed();
-                            let kind = if vm.from_shell {
-                                LaunchKind::Shell
-                            } else {
-                                kind
-                            };
                             self.metrics.cold_start(&name, kind.as_str(), launch);
                             log::info!(
                                 "[{rid}] launched VM {id} of {name} by {} in {} us",
@@ -626,6 +636,126 @@ impl Scheduler {
         self.pump(&mut st);
     }
 
+    /// The newest hibernated VM of a keep_state function, if any.
+    fn take_image(&self, fid: FnId, generation: u64, spec: &Function) -> Option<Image> {
+        let store = self.hibernation.as_ref().filter(|_| spec.keep_state)?;
+        store.take(fid, generation)
+    }
+
+    /// Launches VM `id` of a function and says how it started: a VM of a
+    /// keep_state function wakes `image` (from [`Self::take_image`]) if
+    /// its layers check out, and starts clean when they do not or the wake
+    /// fails.
+    fn launch_vm(
+        &self,
+        (fid, generation, spec): (FnId, u64, Arc<Function>),
+        id: VmId,
+        image: Option<Image>,
+    ) -> Result<(FunctionVm, LaunchKind), VmError> {
+        let log = self.log_path(id);
+        let launch = |kept: Option<Kept>| {
+            FunctionVm::launch(
+                &self.cfg,
+                self.jail.as_ref(),
+                self.shells.as_deref(),
+                (fid, generation, Arc::clone(&spec)),
+                (id, kept),
+                &log,
+            )
+        };
+        let Some(store) = self.hibernation.as_ref().filter(|_| spec.keep_state) else {
+            let vm = launch(None)?;
+            let kind = if vm.from_shell {
+                LaunchKind::Shell
+            } else {
+                spec.launch_kind()
+            };
+            return Ok((vm, kind));
+        };
+        let name = &spec.name;
+        let dir = || store.vm_dir(id).map_err(|e| VmError::Launch(e.to_string()));
+        if let Some(image) = image {
+            match image.verify() {
+                Err(e) => {
+                    log::warn!("not waking a hibernated VM of {name}: {e}; starting it clean");
+                    self.metrics.wake(name, "refused");
+                }
+                Ok(()) => {
+                    let kept = Kept {
+                        dir: dir()?,
+                        chain: image.chain,
+                    };
+                    match launch(Some(kept)) {
+                        Ok(vm) => {
+                            self.metrics.wake(name, "ok");
+                            return Ok((vm, LaunchKind::Wake));
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "waking a hibernated VM of {name} failed: {e}; starting it clean"
+                            );
+                            self.metrics.wake(name, "failed");
+                        }
+                    }
+                }
+            }
+        }
+        let kept = Kept {
+            dir: dir()?,
+            chain: Vec::new(),
+        };
+        Ok((launch(Some(kept))?, spec.launch_kind()))
+    }
+
+    /// Stops the idle VMs evicted for a launch, whose memory the launch
+    /// already holds: a keep_state function's VM is hibernated first (in
+    /// line, so its memory is free when this returns), the others are
+    /// killed (their end reaped off this path).
+    fn evict(&self, victims: Vec<FunctionVm>) {
+        let (keep, kill): (Vec<_>, Vec<_>) = victims
+            .into_iter()
+            .partition(|v| v.spec.keep_state && self.hibernation.is_some());
+        self.reaper.reap(kill);
+        for vm in keep {
+            self.hibernate(vm);
+        }
+    }
+
+    /// Hibernates an idle VM of a keep_state function (or, failing that,
+    /// it is gone with its state); its memory reservation is the caller's.
+    fn hibernate(&self, vm: FunctionVm) {
+        let Some(store) = &self.hibernation else {
+            vm.kill();
+            return;
+        };
+        let (id, key, name) = (vm.id, (vm.function, vm.generation), vm.spec.name.clone());
+        let t = Instant::now();
+        let result = vm
+            .hibernate(self.cfg.boot_timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|mut kept| {
+                let chain = std::mem::take(&mut kept.chain);
+                store
+                    .adopt(key, &kept.dir, chain)
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(dropped) => {
+                log::info!(
+                    "hibernated VM {id} of {name} in {} us ({} KiB of layers on disk)",
+                    t.elapsed().as_micros(),
+                    store.disk_bytes() >> 10
+                );
+                self.metrics.hibernation(&name, "ok", t.elapsed());
+                self.metrics.hibernated_dropped(dropped);
+            }
+            Err(e) => {
+                log::warn!("hibernating VM {id} of {name} failed, its state is lost: {e}");
+                self.metrics.hibernation(&name, "failed", t.elapsed());
+            }
+        }
+    }
+
     /// Kills a VM and returns its memory.
     fn remove(&self, vm: FunctionVm) {
         let id = vm.id;
@@ -719,9 +849,15 @@ impl Scheduler {
                 st.watched.extend(ids);
                 st.maintainer_deadline = next;
             }
-            // Their memory returns once each is reaped.
+            // Their memory returns once each is reaped (or hibernated).
             for vm in victims {
-                self.remove(vm);
+                if vm.spec.keep_state && self.hibernation.is_some() {
+                    let id = vm.id;
+                    self.hibernate(vm);
+                    self.release_reservation(id);
+                } else {
+                    self.remove(vm);
+                }
             }
             for (fi, generation, spec, id) in launches {
                 let me = Arc::clone(self);
@@ -794,21 +930,9 @@ impl Scheduler {
     fn prewarm(&self, (fi, generation, spec): (FnId, u64, Arc<Function>), id: VmId) {
         let t = Instant::now();
         let name = spec.name.clone();
-        let kind = spec.launch_kind();
-        match FunctionVm::launch(
-            &self.cfg,
-            self.jail.as_ref(),
-            self.shells.as_deref(),
-            (fi, generation, spec),
-            id,
-            &self.log_path(id),
-        ) {
-            Ok(vm) => {
-                let kind = if vm.from_shell {
-                    LaunchKind::Shell
-                } else {
-                    kind
-                };
+        let image = self.take_image(fi, generation, &spec);
+        match self.launch_vm((fi, generation, spec), id, image) {
+            Ok((vm, kind)) => {
                 self.metrics.cold_start(&name, kind.as_str(), t.elapsed());
                 log::info!(
                     "pre-warmed VM {id} of {name} in {} us",
@@ -910,12 +1034,14 @@ impl Scheduler {
         let st = self.lock();
         let mut vms = Vec::new();
         let mut queue_depth = Vec::new();
+        let mut hibernated = Vec::new();
         for f in fns {
             let name = &f.spec.name;
             vms.push((name.clone(), VmState::Launching.as_str(), f.launching));
             vms.push((name.clone(), VmState::Idle.as_str(), f.idle));
             vms.push((name.clone(), VmState::Busy.as_str(), f.busy));
             queue_depth.push((name.clone(), f.queued));
+            hibernated.push((name.clone(), f.hibernated));
         }
         // The shells' share is reserved whether they are ready or not.
         let shells_mib = self.cfg.shells_mib();
@@ -926,6 +1052,8 @@ impl Scheduler {
             vms,
             queue_depth,
             shells_ready: self.shells.as_ref().map_or_else(Vec::new, |p| p.counts()),
+            hibernated,
+            hibernate_disk_bytes: self.hibernation.as_ref().map(|h| h.disk_bytes()),
         }
     }
 
@@ -966,6 +1094,8 @@ impl Scheduler {
                         "vcpus": f.vcpus,
                         "concurrency_limit": f.concurrency_limit,
                         "min_idle": f.min_idle,
+                        "keep_state": f.keep_state,
+                        "hibernated": l.hibernated,
                         "max_queue": f.max_queue,
                         "idle_timeout_ms": f.idle_timeout.as_millis() as u64,
                         "request_timeout_ms": f.request_timeout.as_millis() as u64,

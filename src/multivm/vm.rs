@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
-use crate::control::Event;
+use crate::control::{AfterSnapshot, Command, Event};
 use crate::jail::JailOptions;
 use crate::launcher::{self, CallError, Launch, VmProcess};
 use crate::protocol::ProtocolError;
 
 use super::config::{Config, Function};
+use super::hibernate::{Kept, LAYER_NAME};
 use super::pool::FnId;
 use super::shells::ShellPool;
 
@@ -45,6 +46,8 @@ pub struct FunctionVm {
     pub spec: Arc<Function>,
     /// Restored into a ready shell (src/multivm/shells.rs).
     pub from_shell: bool,
+    /// A VM of a `keep_state` function: where it hibernates, what it woke from.
+    kept: Option<Kept>,
     vm: VmProcess,
     stream: UnixStream,
 }
@@ -55,15 +58,17 @@ impl FunctionVm {
     /// A restore takes a ready shell of its shape from `shells` if there
     /// is one (its console then stays in the shell's runtime directory),
     /// and starts a VM of its own if that shell fails before its guest
-    /// connects.
+    /// connects. A VM of a `keep_state` function (`kept`) never takes a
+    /// shell, and restores the hibernated layers it carries.
     pub fn launch(
         cfg: &Config,
         jail: Option<&JailOptions>,
         shells: Option<&ShellPool>,
         (function, generation, spec): (FnId, u64, Arc<Function>),
-        id: VmId,
+        (id, kept): (VmId, Option<Kept>),
         console: &Path,
     ) -> Result<Self, VmError> {
+        let shells = shells.filter(|_| kept.is_none());
         // A shell can die between the pool's last look and its guest's
         // connection (it had not run the function yet): a VM of its own
         // is started instead.
@@ -88,7 +93,10 @@ impl FunctionVm {
             None => {
                 let launch = Launch {
                     firerunner: cfg.firerunner.clone(),
-                    vm_args: spec.firerunner_args(cfg.no_seccomp),
+                    vm_args: match &kept {
+                        Some(k) => spec.kept_args(cfg.no_seccomp, &k.dir, &k.chain_dirs()),
+                        None => spec.firerunner_args(cfg.no_seccomp),
+                    },
                     console: Some(console.to_path_buf()),
                     jail: jail.cloned(),
                     network: spec.network,
@@ -114,9 +122,46 @@ impl FunctionVm {
             generation,
             spec,
             from_shell,
+            kept,
             vm,
             stream,
         })
+    }
+
+    /// Hibernates the VM: it writes its layer (the control channel's
+    /// `snapshot`, then exit) within `timeout`; returns what it carried,
+    /// for the layer to be adopted (src/multivm/hibernate.rs). On any
+    /// failure the VM is killed and its state lost.
+    pub fn hibernate(mut self, timeout: Duration) -> Result<Kept, VmError> {
+        let kept = self
+            .kept
+            .take()
+            .ok_or_else(|| VmError::Failed("the VM keeps no state".into()))?;
+        let deadline = Instant::now() + timeout;
+        self.vm
+            .command(&Command::Snapshot {
+                name: LAYER_NAME.into(),
+                then: AfterSnapshot::Exit,
+            })
+            .map_err(|e| VmError::Failed(format!("cannot ask for a snapshot: {e}")))?;
+        // The maintainer may be watching this receiver too (it watches
+        // idle VMs for an exit) and take an event first: the exit status
+        // and the layer itself (checked when adopted) are what count.
+        loop {
+            match self.vm.events().recv_deadline(deadline) {
+                Ok(Event::SnapshotFailed { reason, .. }) => return Err(VmError::Failed(reason)),
+                Ok(Event::SnapshotWritten { .. } | Event::Exit { .. }) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let status = self
+            .vm
+            .wait_for_exit(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|e| VmError::Failed(e.to_string()))?;
+        if !status.success() {
+            return Err(VmError::Failed(format!("firerunner {status}")));
+        }
+        Ok(kept)
     }
 
     /// firerunner's event channel (disconnected once it has exited).

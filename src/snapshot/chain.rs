@@ -237,8 +237,11 @@ mod tests {
             layers,
         };
         let state = serde_json::json!({"memory": table, "vcpus": [fill]});
-        out.write_file(STATE_FILE, &format::seal_value(format::VERSION, &state).unwrap())
-            .unwrap();
+        out.write_file(
+            STATE_FILE,
+            &format::seal_value(format::VERSION, &state).unwrap(),
+        )
+        .unwrap();
         out.commit().unwrap();
     }
 
@@ -291,11 +294,24 @@ mod tests {
         let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let p = |n: &str| t.as_path().join(n);
         layer(&p("base"), &[], &[(0, PAGE)], 1);
-        layer(&p("h1"), &[(&p("base"), vec![(0, PAGE)])], &[(PAGE, PAGE)], 2);
-        layer(&p("other"), &[(&p("base"), vec![(0, PAGE)])], &[(PAGE, PAGE)], 9);
+        layer(
+            &p("h1"),
+            &[(&p("base"), vec![(0, PAGE)])],
+            &[(PAGE, PAGE)],
+            2,
+        );
+        layer(
+            &p("other"),
+            &[(&p("base"), vec![(0, PAGE)])],
+            &[(PAGE, PAGE)],
+            9,
+        );
         layer(
             &p("h2"),
-            &[(&p("base"), vec![(0, PAGE)]), (&p("h1"), vec![(PAGE, PAGE)])],
+            &[
+                (&p("base"), vec![(0, PAGE)]),
+                (&p("h1"), vec![(PAGE, PAGE)]),
+            ],
             &[(2 * PAGE, PAGE)],
             3,
         );

@@ -272,6 +272,7 @@ impl Provider {
             copy_diff: false,
             load_ws: false,
             network: false,
+            keep_state: false,
             min_idle,
             idle_timeout: plan
                 .idle_timeout
