@@ -35,6 +35,9 @@ Sections (--only picks some; each replaces its own rows in results.json):
   net       singlevm exec -> first response, boot and lazy restore, with
             a network (--net: a namespace, TAP, uplink and NAT made per
             VM, src/network.rs) and without, jailed, interleaved.
+  hibernate multivm request -> first response of a keep_state function
+            woken from its hibernated layer vs the same function restored
+            afresh, 128 MiB and 1 GiB, interleaved; and the hibernation.
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -64,7 +67,8 @@ import time
 import urllib.error
 import urllib.request
 
-SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail", "shells", "net")
+SECTIONS = ("boot", "snapshot", "ladder", "multivm", "provider", "density", "isolation", "jail", "shells", "net",
+            "hibernate")
 MIB = 1 << 20
 
 # QEMU microvm trimmed as its documentation suggests for a fast boot (no
@@ -1172,11 +1176,11 @@ def jail_pss(b, app, snap, mem, n, jailed):
         stop_all([d])
 
 
-def hello_snapshots(b, name, mem, extra=()):
-    """testguest `hello` of `mem` MiB: its app image, a language snapshot
-    and a diff layer over it, made with singlevm (the SnapFaaS workflow),
-    which is also given `extra`."""
-    app = b.app(f"{name}-hello.img", ["fn=hello"])
+def hello_snapshots(b, name, mem, extra=(), fn="hello"):
+    """testguest `hello` (or `fn`) of `mem` MiB: its app image, a language
+    snapshot and a diff layer over it, made with singlevm (the SnapFaaS
+    workflow), which is also given `extra`."""
+    app = b.app(f"{name}-{fn}.img", [f"fn={fn}"])
     base, diff = b.path(f"{name}-base"), b.path(f"{name}-diff")
     for d in (base, diff):
         shutil.rmtree(d, ignore_errors=True)
@@ -1302,6 +1306,73 @@ def bench_shells(b):
         log(f"shells ({situation}): multivm cold request -> first response, median: " +
             ", ".join(f"{k} {m:.2f} ms" for k, m in med.items()) +
             f"; shell/restore x{med['shell'] / med['restore']:.2f}, shell/boot x{med['shell'] / med['boot']:.2f}")
+
+
+def bench_hibernate(b):
+    """A keep_state function's VM hibernated at its idle timeout and woken
+    by the next request, against the same function without keep_state,
+    whose VM is stopped and restored afresh (language snapshot + diff
+    layer, lazily): multivm request -> first response, two daemons
+    interleaved, 128 MiB and 1 GiB. Each request of testguest's `touch`
+    rewrites 16 MiB, which the hibernated layer then holds. Also the
+    hibernation itself (idle VM -> layer written, VM exited, layer
+    adopted), from multivm's histogram, one sample per hibernation."""
+    mib = 16
+    for mem in (128, 1024):
+        app, base, diff = hello_snapshots(b, f"hibernate{mem}", mem, fn="touch")
+        fn = [f"runtimefs: {b.rootfs}", f"appfs: {app}", f"memory: {mem}", f"load_dir: {base},{diff}",
+              "idle_timeout: 50ms"]
+        hib = b.path(f"hibernate{mem}-layers")
+        daemons = {}
+        try:
+            daemons["restore"] = Multivm(b, {"f": fn}, mem + 8)
+            daemons["wake"] = Multivm(b, {"f": fn + ["keep_state: true"]}, mem + 8,
+                                      f"hibernate:\n  dir: {hib}\n")
+            samples = {k: [] for k in daemons}
+            hibernate_ms = []
+            want = {"restore": "cold-restore", "wake": "cold-wake"}
+            hibernated = 'multivm_hibernations_total{function="f",result="ok"}'
+            took = 'multivm_hibernate_duration_seconds_sum{function="f"}'
+            expected, before = None, 0.0
+            for i in range(b.n + 2):  # the first two rounds warm the page cache
+                for k in (("restore", "wake") if i % 2 == 0 else ("wake", "restore")):
+                    d = daemons[k]
+                    if k == "wake":
+                        end = time.monotonic() + 60
+                        while metric(page := d.get("/metrics"), hibernated) < i:
+                            if time.monotonic() > end:
+                                raise BenchError("hibernate: no hibernation within 60 s")
+                            time.sleep(0.005)
+                        if i > 0:
+                            hibernate_ms.append((metric(page, took) - before) * 1e3)
+                        before = metric(page, took)
+                    end = time.monotonic() + 60
+                    while metric(d.get("/metrics"), 'multivm_vms{function="f",state="idle"}') > 0:
+                        if time.monotonic() > end:
+                            raise BenchError(f"hibernate: {k}'s idle VM did not stop within 60 s")
+                        time.sleep(0.005)
+                    req = urllib.request.Request(f"http://{d.addr}/function/f", data=json.dumps({"mib": mib}).encode(),
+                                                 method="POST", headers={"Content-Type": "application/json"})
+                    t0 = time.monotonic()
+                    with urllib.request.urlopen(req, timeout=120) as r:
+                        body, start = json.loads(r.read()), r.headers.get("X-Start")
+                    t = (time.monotonic() - t0) * 1e3
+                    expected = expected or body
+                    first_wake = k == "wake" and i == 0
+                    if body != expected or (start != want[k] and not first_wake):
+                        raise BenchError(f"hibernate {mem} MiB {k}: {start} {body}")
+                    if i >= 2:
+                        samples[k].append(t)
+        finally:
+            stop_all(list(daemons.values()))
+        for k, v in samples.items():
+            b.results.add("hibernate", "snapvm", k, "cold_first_response", "ms", v, mem_mib=mem, touched_mib=mib)
+        b.results.add("hibernate", "snapvm", "hibernate", "hibernate", "ms", hibernate_ms[2:], mem_mib=mem,
+                      touched_mib=mib)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        log(f"hibernate {mem} MiB: multivm request -> first response, median: wake {med['wake']:.2f} ms, "
+            f"fresh restore {med['restore']:.2f} ms (x{med['wake'] / med['restore']:.2f}); "
+            f"hibernation median {statistics.median(hibernate_ms[2:]):.2f} ms")
 
 
 def metric(page, sample):
@@ -1474,7 +1545,7 @@ def main():
     b = Bench(args)
     funcs = {"boot": bench_boot, "snapshot": bench_snapshot, "ladder": bench_ladder,
              "multivm": bench_multivm, "provider": bench_provider, "density": bench_density, "isolation": bench_isolation,
-             "jail": bench_jail, "shells": bench_shells, "net": bench_net}
+             "jail": bench_jail, "shells": bench_shells, "net": bench_net, "hibernate": bench_hibernate}
     started = time.monotonic()
     try:
         for s in sections:

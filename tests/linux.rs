@@ -937,3 +937,63 @@ fn a_networked_function_fetches_through_nat_and_reaches_nothing_else() {
         "a VM without a network reached upstream"
     );
 }
+
+#[test]
+#[ignore = "needs a KVM that runs Linux guests: scripts/linux-test.sh"]
+fn a_python3_function_keeps_its_module_state_across_hibernate_and_wake() {
+    let s = Scratch::new("linux-hibernate");
+    let base = tree().join("python3");
+    let diff = probe_diff(&s, &base, "1");
+    let hib = s.path("hib");
+    let cfg = format!(
+        "kernel_path: {kernel}\nboot_timeout: 200s\nhibernate:\n  dir: {hib}\n\
+         functions:\n  probe:\n    runtimefs: {rootfs}\n    appfs: {app}\n    memory: 128\n\
+         \x20   load_dir: {base},{diff}\n    keep_state: true\n    idle_timeout: 1s\n",
+        kernel = path_str(&tree().join("vmlinux")),
+        hib = path_str(&hib),
+        rootfs = path_str(&image("probe-python3")),
+        app = path_str(&data().join("probe-python3.ext2")),
+        base = path_str(&base),
+        diff = path_str(&diff),
+    );
+    let cfg = s.file("hibernate.yaml", cfg.as_bytes());
+    let d = Daemon::spawn(&bin("multivm"), &s, &cfg, 300, &[], &[]);
+    let call = |want_start: &str, want_served: u64| {
+        let r = d.post("probe", "{}");
+        assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
+        assert_eq!(
+            (r.header("x-start"), &r.json()["served"]),
+            (Some(want_start), &json!(want_served)),
+            "{}",
+            d.log()
+        );
+    };
+    call("cold-restore", 1);
+    call("warm", 2);
+    for cycle in 1..=2u64 {
+        let hibernations = "multivm_hibernations_total{function=\"probe\",result=\"ok\"}";
+        d.wait_for("a hibernation", LIMIT, |d| {
+            d.metric(hibernations) == cycle as f64
+        });
+        // A diff over the function's layers: a few MiB, not the 128 MiB VM.
+        let bytes = d.metric("multivm_hibernate_disk_bytes");
+        assert!(
+            bytes > 0.0 && bytes < (64u64 << 20) as f64 * cycle as f64,
+            "{bytes}"
+        );
+        eprintln!(
+            "hibernation {cycle}: {:.1} MiB of layers on disk",
+            bytes / 1048576.0
+        );
+        call("cold-wake", 2 + cycle);
+    }
+    let metrics = d.get("/metrics").body;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("multivm_hibernate_duration_seconds_sum")
+            || l.starts_with("multivm_launch_duration_seconds_sum")
+    }) {
+        eprintln!("{line}");
+    }
+    let (code, log) = d.terminate(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{log}");
+}

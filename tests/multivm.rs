@@ -808,6 +808,23 @@ fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// Writes at `snap` a snapshot of a testguest VM of `mem` MiB at its
+/// first snapshot point (no app yet: a language snapshot).
+fn snapshot_at_first_point(s: &Scratch, snap: &std::path::Path, mem: u64) {
+    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
+    let mut cmd = Command::new(common::firerunner());
+    cmd.arg("--kernel")
+        .arg(testguest())
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--mem_size", &mem.to_string(), "--dump_dir"])
+        .arg(snap)
+        .arg("--console")
+        .arg(s.path("dump.log"));
+    let made = common::run_with_deadline(cmd, Duration::from_secs(60));
+    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+}
+
 /// Shells (`shells:` in the config) kept ready, jailed like every VM:
 /// restores take one (`X-Start: cold-shell`) and the pool refills; ready
 /// shells that die are never handed out (the request is still answered);
@@ -817,18 +834,7 @@ fn a_vmm_over_its_cgroup_memory_limit_is_stopped_and_the_daemon_answers_502() {
 fn restores_take_ready_shells_which_are_refilled_and_counted_in_the_budget() {
     let s = Scratch::new("mv-shells");
     let snap = s.path("snap");
-    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
-    let mut cmd = Command::new(common::firerunner());
-    cmd.arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(&rootfs)
-        .args(["--mem_size", &MEM.to_string(), "--dump_dir"])
-        .arg(&snap)
-        .arg("--console")
-        .arg(s.path("dump.log"));
-    let made = common::run_with_deadline(cmd, Duration::from_secs(60));
-    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+    snapshot_at_first_point(&s, &snap, MEM);
     let restore = format!("load_dir: {}", snap.display());
     let cfg = config(
         &s,
@@ -1147,18 +1153,7 @@ fn keep_state_vms_hibernate_when_idle_and_wake_where_they_left_off() {
 fn eviction_hibernates_within_the_budget_and_the_disk_budget_drops_the_oldest() {
     let s = Scratch::new("mv-hib-budget");
     let (snap, hib) = (s.path("snap"), s.path("hib"));
-    let rootfs = s.file("rootfs.img", &[0u8; 4096]);
-    let mut cmd = Command::new(common::firerunner());
-    cmd.arg("--kernel")
-        .arg(testguest())
-        .arg("--rootfs")
-        .arg(&rootfs)
-        .args(["--mem_size", "48", "--dump_dir"])
-        .arg(&snap)
-        .arg("--console")
-        .arg(s.path("dump.log"));
-    let made = common::run_with_deadline(cmd, Duration::from_secs(60));
-    assert_eq!(made.code(), Some(0), "{}", made.stderr);
+    snapshot_at_first_point(&s, &snap, 48);
     // Three restored keep_state functions of 48 MiB whose `touch` writes
     // 8 MiB of pages, room for one VM (each launch evicts the one before),
     // and 20 MiB of disk for hibernated layers: two of them.

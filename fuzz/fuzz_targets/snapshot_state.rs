@@ -1,10 +1,14 @@
 //! Snapshot-state parsing and restore. The first input byte picks what the
-//! rest is (`% 3`):
+//! rest is (`% 4`):
 //! - 0: a whole `snapshot.json`, decoded by `MicrovmState::decode`
 //!   (format, version, checksum, then the state);
 //! - 1: the `state` value alone, sealed with a correct checksum first, so
 //!   mutations reach the state parser instead of failing the checksum;
-//! - 2: one device's `TransportState` (the virtio-mmio part of the state).
+//! - 2: one device's `TransportState` (the virtio-mmio part of the state);
+//! - 3: the state value of a layer a hibernated VM wrote, sealed, in a
+//!   layer directory with 64 KiB of memory, as multivm adopts it
+//!   (`chain::identify`) and merges it (`chain::merge`): an error or a
+//!   result, never a panic.
 //!
 //! Every device state that parses is restored into a fresh transport over
 //! fresh guest memory: restore must either refuse it with an error or
@@ -16,7 +20,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use snapvm::snapshot::format::{FORMAT, VERSION};
+use snapvm::snapshot::chain;
+use snapvm::snapshot::format::{seal_value, FORMAT, MEMORY_FILE, STATE_FILE, VERSION};
 use snapvm::snapshot::hash::xxh64;
 use snapvm::vmm::devices::virtio::mmio::{regs, TransportState};
 use snapvm::vmm::devices::virtio::TYPE_VSOCK;
@@ -27,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    match mode % 3 {
+    match mode % 4 {
         0 => whole_file(rest),
         1 => {
             let mut file = format!(
@@ -39,13 +44,30 @@ fuzz_target!(|data: &[u8]| {
             file.extend_from_slice(b"}\n");
             whole_file(&file);
         }
-        _ => {
+        2 => {
             if let Ok(state) = serde_json::from_slice::<TransportState>(rest) {
                 restore(&state);
             }
         }
+        _ => hibernated_layer(rest),
     }
 });
+
+fn hibernated_layer(state: &[u8]) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(state) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("snapvm-fuzz-chain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let layer = dir.join("layer");
+    std::fs::create_dir_all(&layer).expect("scratch directory");
+    let sealed = seal_value(VERSION, &value).expect("a JSON value seals");
+    std::fs::write(layer.join(STATE_FILE), sealed).expect("state file");
+    std::fs::write(layer.join(MEMORY_FILE), vec![0x5a; 64 << 10]).expect("memory file");
+    let _ = chain::identify(&layer);
+    let _ = chain::merge(std::slice::from_ref(&layer), &dir.join("merged"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 fn whole_file(bytes: &[u8]) {
     let Ok(state) = MicrovmState::decode(Path::new("snapshot.json"), bytes) else {

@@ -721,6 +721,21 @@ pub fn snapshot_state() -> Vec<Seed> {
         bring_up(&mut t, &bad);
         out.push((leak(format!("{name}_needs_reset")), json(&t)));
     }
+    // Mode byte 3: a hibernated layer's state value (its memory table
+    // over one lower layer; the target writes 64 KiB of memory).
+    let layer = serde_json::json!({
+        "memory": {
+            "regions": [{"guest_addr": 0, "size": 1 << 20, "file_offset": 0}],
+            "layers": [
+                {"dir": "/layers/0", "state_checksum": "0123456789abcdef", "ranges": [[0, 65536]]},
+                {"dir": ".", "state_checksum": null, "ranges": [[4096, 8192], [32768, 4096]]}
+            ]
+        },
+        "vcpus": []
+    });
+    let mut v = vec![3u8];
+    v.extend(serde_json::to_vec(&layer).expect("serialize"));
+    out.push(("hibernated_layer", v));
     out
 }
 

@@ -21,7 +21,8 @@
 //!
 //! An empty body is the JSON `null`. Every answer carries `X-Request-Id`
 //! (also in the logs); invocations also carry `X-Vm-Id` and `X-Start`
-//! (`warm`, `cold-boot`, `cold-restore`, `cold-shell`: restored into a ready VM shell).
+//! (`warm`, `cold-boot`, `cold-restore`, `cold-shell`: restored into a ready VM shell,
+//! `cold-wake`: a hibernated VM woken, src/multivm/hibernate.rs).
 //!
 //! A function error — the guest answered an object with an `"error"`
 //! field — is still the function's answer: 200 with that JSON, flagged by

@@ -65,17 +65,28 @@ fn read_table(dir: &Path) -> Result<(Value, MemoryTable, String), ChainError> {
             path: dir.join(STATE_FILE),
             reason,
         })?;
+    let bad = |reason: String| ChainError::Table {
+        path: dir.join(STATE_FILE),
+        reason,
+    };
     if table.layers.is_empty() {
-        return Err(ChainError::Table {
-            path: dir.join(STATE_FILE),
-            reason: "the memory table lists no layer".into(),
-        });
+        return Err(bad("the memory table lists no layer".into()));
+    }
+    // A layer written by a VM is as trusted as the VM: every range must be
+    // whole pages that fit in a u64 before any arithmetic on it.
+    for (o, l) in table.layers.iter().flat_map(|l| l.ranges.iter()) {
+        if o % PAGE != 0 || l % PAGE != 0 || o.checked_add(*l).is_none() {
+            return Err(bad(format!("range ({o:#x}, {l:#x}) is not whole pages")));
+        }
     }
     Ok((state, table, checksum))
 }
 
 /// Chunk size of the copies and reads below.
 const CHUNK: u64 = 1 << 20;
+
+/// Page size of memory ranges.
+const PAGE: u64 = 4096;
 
 /// Calls `f(offset, bytes)` for `ranges` of `file`, in CHUNK pieces.
 fn each_chunk(
@@ -204,7 +215,6 @@ mod tests {
     use super::*;
     use crate::snapshot::format::RegionEntry;
 
-    const PAGE: u64 = 4096;
     const SIZE: u64 = 64 * PAGE;
 
     /// Writes a layer at `dir`: pages `own` filled with `fill`, over
@@ -320,6 +330,17 @@ mod tests {
         assert!(!p("m").exists(), "nothing written");
         let too_many = merge(&[p("base"), p("h1"), p("other"), p("h2")], &p("m"));
         assert!(matches!(too_many, Err(ChainError::Table { .. })));
+        // A range past the end of the address space, sealed correctly.
+        let state_path = p("base").join(STATE_FILE);
+        let mut state = format::state_value(&std::fs::read(&state_path).unwrap()).unwrap();
+        state["memory"]["layers"][0]["ranges"] = serde_json::json!([[u64::MAX - PAGE + 1, PAGE]]);
+        std::fs::write(
+            &state_path,
+            format::seal_value(format::VERSION, &state).unwrap(),
+        )
+        .unwrap();
+        let err = identify(&p("base")).unwrap_err();
+        assert!(err.to_string().contains("not whole pages"), "{err}");
 
         let before = identify(&p("h1")).unwrap();
         assert_eq!(before, identify(&p("h1")).unwrap());

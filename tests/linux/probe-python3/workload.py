@@ -1,6 +1,8 @@
 """probe (python3): what the Linux end-to-end tests (tests/linux.rs) ask a
 real guest about itself: randomness (kernel and Python), the wall clock,
-the CPUs it runs on, and what its kernel made of our virtio disks."""
+the CPUs it runs on, what its kernel made of our virtio disks, and how
+many requests this process has served (module state that a hibernated
+VM must keep)."""
 
 import os
 import random
@@ -22,7 +24,12 @@ def disk(name):
     return {"ro": ro, "sectors": sectors, "write": write}
 
 
+served = 0
+
+
 def handle(request):
+    global served
+    served += 1
     with open("/sys/devices/system/cpu/online") as f:
         online = f.read().strip()
     return {
@@ -33,4 +40,5 @@ def handle(request):
         "online": online,
         "vda": disk("vda"),
         "vdb": disk("vdb"),
+        "served": served,
     }
