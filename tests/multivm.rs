@@ -1222,3 +1222,131 @@ fn eviction_hibernates_within_the_budget_and_the_disk_budget_drops_the_oldest() 
     );
     assert!(d.metric("multivm_memory_high_water_mib") <= one_vm as f64);
 }
+
+/// `POST /system/migrate` moves an idle VM of a keep_state function to
+/// another node: it counts on there where it left off, and the source
+/// starts the function clean. The target refuses layers that do not stack
+/// on its own snapshot of the function (the VM then stays hibernated on
+/// the source, losing nothing), layers from another CPU, and garbage;
+/// both routes need the provider API's credentials.
+#[test]
+fn a_vm_moves_to_another_node_and_counts_on_there() {
+    let (s, t, u) = (
+        Scratch::new("mv-move-src"),
+        Scratch::new("mv-move-dst"),
+        Scratch::new("mv-move-other"),
+    );
+    let (snap, other_snap) = (s.path("snap"), u.path("snap"));
+    snapshot_at_first_point(&s, &snap, MEM);
+    snapshot_at_first_point(&u, &other_snap, MEM);
+    let creds = s.path("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(creds.join("basic-auth-password"), "s3cret\n").unwrap();
+    let auth = [("Authorization", "Basic YWRtaW46czNjcmV0")];
+    let node = |sc: &Scratch, snap: &std::path::Path| {
+        let kept = format!("keep_state: true\nload_dir: {}", snap.display());
+        config(
+            sc,
+            &[("counter", "count", &kept), ("straight", "count", "")],
+        )
+        .replace(
+            "functions:\n",
+            &format!(
+                "hibernate:\n  dir: {}\nfunctions:\n",
+                sc.path("hib").display()
+            ),
+        )
+    };
+    let flags = ["--basic_auth_dir", creds.to_str().unwrap()];
+    let src = Daemon::start(&s, &node(&s, &snap), 4 * VM_MIB, &flags);
+    let dst = Daemon::start(&t, &node(&t, &snap), 4 * VM_MIB, &flags);
+    let other = Daemon::start(&u, &node(&u, &other_snap), 4 * VM_MIB, &flags);
+    let call = |d: &Daemon, f: &str| {
+        let r = d.post(f, "{}");
+        assert_eq!(r.status, 200, "{f}: {}\n{}", r.body, d.log());
+        (r.header("x-start").unwrap().to_string(), r.json())
+    };
+    let want: Vec<serde_json::Value> = (0..8).map(|_| call(&src, "straight").1).collect();
+    for n in 0..3 {
+        call(&src, "counter");
+        assert_eq!(call(&src, "counter").1, want[2 * n + 1]);
+    }
+    let migrate = |d: &Daemon, to: &str, headers: &[(&str, &str)]| {
+        let body = json!({"function": "counter", "target": to}).to_string();
+        common::http_with(&d.addr, "POST", "/system/migrate", headers, body.as_bytes())
+    };
+    assert_eq!(migrate(&src, &dst.addr, &[]).status, 401);
+
+    // Another snapshot of the function there: refused, and kept here.
+    let r = migrate(&src, &other.addr, &auth);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let msg = r.json()["error"].as_str().unwrap().to_string();
+    assert!(msg.contains("409") && msg.contains("do not stack"), "{msg}");
+    assert_eq!(hibernated(&src, "counter"), 1);
+    assert_eq!(hibernated(&other, "counter"), 0);
+
+    // A layer of this VM claiming another TSC frequency: refused too.
+    let layer = s.path("hib").join(&layers_in(&s.path("hib"))[0]);
+    let state_path = layer.join("snapshot.json");
+    let mut state =
+        snapvm::snapshot::format::state_value(&std::fs::read(&state_path).unwrap()).unwrap();
+    let forged = s.path("forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    std::fs::copy(layer.join("memory"), forged.join("memory")).unwrap();
+    state["vcpus"][0]["tsc_khz"] = json!(1234567);
+    let sealed = snapvm::snapshot::format::seal_value(snapvm::snapshot::format::VERSION, &state);
+    std::fs::write(forged.join("snapshot.json"), sealed.unwrap()).unwrap();
+    let mut stream = 1u32.to_le_bytes().to_vec();
+    snapvm::snapshot::chain::send(&forged, &mut stream).unwrap();
+    let put = |body: &[u8]| {
+        let mut h = auth.to_vec();
+        h.push(("Content-Type", "application/octet-stream"));
+        common::http_with(&dst.addr, "PUT", "/system/hibernated/counter", &h, body)
+    };
+    let r = put(&stream);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("CPU"), "{}", r.body);
+    // Garbage, a stream cut short, a function that keeps no state.
+    assert_eq!(put(b"garbage").status, 400);
+    assert_eq!(put(&stream[..stream.len() / 2]).status, 400);
+    let r = common::http_with(
+        &dst.addr,
+        "PUT",
+        "/system/hibernated/straight",
+        &auth,
+        &stream,
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(hibernated(&dst, "counter"), 0);
+    assert!(
+        layers_in(&t.path("hib")).is_empty(),
+        "refused layers are removed"
+    );
+
+    // The move: the source's hibernated VM wakes (count 7) and is then
+    // moved to dst, which counts on (8); the source starts clean (1).
+    assert_eq!(call(&src, "counter"), ("cold-wake".into(), want[6].clone()));
+    let r = migrate(&src, &dst.addr, &auth);
+    assert_eq!(r.status, 200, "{}\n{}\n{}", r.body, src.log(), dst.log());
+    assert!(r.json()["bytes"].as_u64().unwrap() > 0, "{}", r.body);
+    assert_eq!(hibernated(&src, "counter"), 0);
+    assert_eq!(hibernated(&dst, "counter"), 1);
+    assert_eq!(call(&dst, "counter"), ("cold-wake".into(), want[7].clone()));
+    assert_eq!(
+        call(&src, "counter"),
+        ("cold-restore".into(), want[0].clone())
+    );
+    assert_eq!(
+        src.metric("multivm_migrations_total{function=\"counter\",result=\"out\"}"),
+        1.0
+    );
+    assert_eq!(
+        dst.metric("multivm_migrations_total{function=\"counter\",result=\"in\"}"),
+        1.0
+    );
+    // A function that keeps no state never moves.
+    let body = json!({"function": "straight", "target": dst.addr}).to_string();
+    let r = common::http_with(&src.addr, "POST", "/system/migrate", &auth, body.as_bytes());
+    assert_eq!(r.status, 409, "{}", r.body);
+}

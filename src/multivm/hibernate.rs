@@ -21,6 +21,7 @@
 //! is refused and the function starts clean. Hibernated images live only
 //! as long as multivm: a restart sweeps the directory.
 
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,10 @@ pub enum HibernateError {
     Chain(#[from] ChainError),
     #[error("layer {path} changed since it was written: {reason}")]
     Changed { path: PathBuf, reason: String },
+    #[error("the layers do not belong here: {0}")]
+    Foreign(String),
+    #[error("a VM image of {0} layers: expected 1 to {MAX_CHAIN}")]
+    ChainLength(u32),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HibernateError + '_ {
@@ -218,15 +223,14 @@ impl Store {
 
     /// Takes in the layer a VM wrote in `vm_dir` before it exited: checks
     /// it holds nothing but a layer's two regular files, makes it root's,
-    /// moves it beside the others, stacks it on `below` (merging when the
-    /// chain grows past [`MAX_CHAIN`]) and keeps the image. Returns how
-    /// many images were dropped to stay within the disk budget.
+    /// moves it beside the others and stacks it on `below` (merging when
+    /// the chain grows past [`MAX_CHAIN`]).
     pub fn adopt(
         &self,
         (function, generation): (FnId, u64),
         vm_dir: &Path,
         mut below: Vec<Arc<Layer>>,
-    ) -> Result<usize, HibernateError> {
+    ) -> Result<Image, HibernateError> {
         let written = vm_dir.join(LAYER_NAME);
         let bytes = check_layer_files(&written)?;
         let dir = self.new_layer_path();
@@ -249,13 +253,100 @@ impl Store {
             );
             below = vec![Arc::new(self.layer(merged, bytes)?)];
         }
-        self.lock().push(Image {
+        Ok(Image {
             function,
             generation,
             chain: below,
             at: Instant::now(),
-        });
-        Ok(self.trim())
+        })
+    }
+
+    /// Keeps `image` for its function's next launch; returns how many
+    /// images were dropped to stay within the disk budget.
+    pub fn keep(&self, image: Image) -> usize {
+        self.lock().push(image);
+        self.trim()
+    }
+
+    /// The bytes [`Store::send`] writes for `image`.
+    pub fn stream_len(image: &Image) -> Result<u64, HibernateError> {
+        let mut n = 4;
+        for l in &image.chain {
+            n += chain::stream_len(&l.dir)?;
+        }
+        Ok(n)
+    }
+
+    /// Writes `image` to `out`: its layer count (u32, little endian), then
+    /// each layer bottom first (snapshot::chain::send).
+    pub fn send(image: &Image, out: &mut impl Write) -> Result<(), HibernateError> {
+        let n = image.chain.len() as u32;
+        out.write_all(&n.to_le_bytes())
+            .map_err(io(Path::new("the stream")))?;
+        for l in &image.chain {
+            chain::send(&l.dir, out)?;
+        }
+        Ok(())
+    }
+
+    /// Reads an image [`Store::send`] wrote, for a function of `ram` bytes
+    /// that restores `own` (its snapshot layers, bottom first): each layer
+    /// is checked as it arrives, then the top one must name exactly `own`
+    /// and the layers received below it, and have been taken on a CPU
+    /// like the one `own`'s top layer was (CPUID and TSC frequency).
+    pub fn receive(
+        &self,
+        (function, generation): (FnId, u64),
+        input: &mut impl Read,
+        ram: u64,
+        own: &[PathBuf],
+    ) -> Result<Image, HibernateError> {
+        let Some(own_top) = own.last() else {
+            return Err(HibernateError::Foreign(
+                "the function boots: there is no snapshot of this host to compare the VM's CPU with"
+                    .into(),
+            ));
+        };
+        let mut n = [0u8; 4];
+        input
+            .read_exact(&mut n)
+            .map_err(io(Path::new("the stream")))?;
+        let n = u32::from_le_bytes(n);
+        if n == 0 || n as usize > MAX_CHAIN {
+            return Err(HibernateError::ChainLength(n));
+        }
+        let mut layers: Vec<Arc<Layer>> = Vec::new();
+        for _ in 0..n {
+            let dir = chain::receive(input, &self.new_layer_path(), ram)?;
+            let bytes = check_layer_files(&dir)?;
+            layers.push(Arc::new(self.layer(dir, bytes)?));
+        }
+        let mut want = Vec::new();
+        for d in own {
+            want.push(crate::snapshot::format::checksum(d).map_err(ChainError::from)?);
+        }
+        want.extend(
+            layers[..layers.len() - 1]
+                .iter()
+                .map(|l| l.identity.state_checksum.clone()),
+        );
+        let top = &layers[layers.len() - 1].dir;
+        if chain::lower_checksums(top)? != want {
+            return Err(HibernateError::Foreign(
+                "the VM's layers do not stack on this node's snapshot of the function".into(),
+            ));
+        }
+        if chain::cpu_of(top)? != chain::cpu_of(own_top)? {
+            return Err(HibernateError::Foreign(
+                "the VM ran on a CPU with another CPUID or TSC frequency than this node's".into(),
+            ));
+        }
+        Ok(Image {
+            function,
+            generation,
+            chain: layers,
+            at: Instant::now(),
+        })
     }
 
     fn new_layer_path(&self) -> PathBuf {

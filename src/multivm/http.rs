@@ -482,6 +482,42 @@ impl Api {
         }
         let get = *method == Method::Get || *method == Method::Head;
         let p = &self.provider;
+        let moved = match (rest, method) {
+            (["migrate"], Method::Post) => {
+                let body = match read_body(req, SYSTEM_BODY_MAX, rid) {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                Some(match serde_json::from_slice::<MigrateRequest>(&body) {
+                    Ok(m) => self
+                        .sched
+                        .migrate_out(&m.function, &m.target, authorization.as_deref())
+                        .map(|v| (200, v)),
+                    Err(e) => {
+                        return Reply::error(400, format!("invalid migrate request: {e}"), rid)
+                    }
+                })
+            }
+            (["hibernated", name], Method::Put) => Some(match path_name(name) {
+                Ok(name) => self
+                    .sched
+                    .migrate_in(&name, &mut req.as_reader())
+                    .map(|v| (201, v)),
+                Err(e) => return Reply::error(400, e, rid),
+            }),
+            (["migrate"], _) => return method_not_allowed("POST", rid),
+            (["hibernated", _], _) => return method_not_allowed("PUT", rid),
+            _ => None,
+        };
+        if let Some(result) = moved {
+            return match result {
+                Ok((status, v)) => Reply::json(status, &v),
+                Err(e) => {
+                    log::warn!("[{rid}] {e}");
+                    Reply::error(e.status(), e, rid)
+                }
+            };
+        }
         let result: Result<(u16, Value), ProviderError> = match (rest, method) {
             (["functions"], _) if get => Ok((200, p.list())),
             (["functions"], Method::Post | Method::Put | Method::Delete) => {
@@ -571,6 +607,15 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `POST /system/migrate`: move an idle VM of `function` to the multivm
+/// at `target` (`HOST:PORT`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    function: String,
+    target: String,
 }
 
 /// The request body, at most `max` bytes; otherwise the 400 or 413 reply.

@@ -88,6 +88,7 @@ struct Inner {
     hibernations: ByResult,
     hibernate_seconds: BTreeMap<String, Histogram>,
     wakes: ByResult,
+    migrations: ByResult,
     hibernated_dropped: u64,
     queue_rejections: BTreeMap<String, u64>,
     request_seconds: BTreeMap<String, Histogram>,
@@ -194,6 +195,15 @@ impl Metrics {
             .lock()
             .wakes
             .entry((function.to_string(), result))
+            .or_default() += 1;
+    }
+
+    /// A VM of `function` moved to another node (`out`) or from one (`in`).
+    pub fn migration(&self, function: &str, direction: &'static str) {
+        *self
+            .lock()
+            .migrations
+            .entry((function.to_string(), direction))
             .or_default() += 1;
     }
 
@@ -326,7 +336,7 @@ impl Metrics {
             );
         }
 
-        let by_result: [(&str, &str, &ByResult); 2] = [
+        let by_result: [(&str, &str, &ByResult); 3] = [
             (
                 "multivm_hibernations_total",
                 "Idle VMs of keep_state functions hibernated instead of stopped, by result (ok, failed).",
@@ -336,6 +346,11 @@ impl Metrics {
                 "multivm_wakes_total",
                 "Hibernated VMs restored for a launch, by result (ok; refused: its layers changed on disk; failed: the restore did).",
                 &m.wakes,
+            ),
+            (
+                "multivm_migrations_total",
+                "Hibernated VMs moved to another node (result=\"out\") or taken in from one (\"in\").",
+                &m.migrations,
             ),
         ];
         for (name, help, map) in by_result {

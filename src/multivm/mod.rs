@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod hibernate;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 mod pool;
 pub mod provider;
 pub mod scheduler;

@@ -45,6 +45,7 @@ use crate::jail::JailOptions;
 use super::config::{Config, Function, LaunchKind};
 use super::hibernate::{Image, Kept, Store};
 use super::metrics::{Gauges, Metrics};
+use super::migrate::{self, MigrateError};
 use super::pool::{self, FnId, VmState};
 use super::shells::ShellPool;
 
@@ -728,6 +729,16 @@ impl Scheduler {
             vm.kill();
             return;
         };
+        if let Some(image) = self.hibernate_image(vm) {
+            let dropped = store.keep(image);
+            self.metrics.hibernated_dropped(dropped);
+        }
+    }
+
+    /// Hibernates a VM of a keep_state function into an image not yet kept
+    /// anywhere; `None` when that failed (the VM is gone with its state).
+    fn hibernate_image(&self, vm: FunctionVm) -> Option<Image> {
+        let store = self.hibernation.as_ref()?;
         let (id, key, name) = (vm.id, (vm.function, vm.generation), vm.spec.name.clone());
         let t = Instant::now();
         let result = vm
@@ -740,20 +751,117 @@ impl Scheduler {
                     .map_err(|e| e.to_string())
             });
         match result {
-            Ok(dropped) => {
+            Ok(image) => {
                 log::info!(
                     "hibernated VM {id} of {name} in {} us ({} KiB of layers on disk)",
                     t.elapsed().as_micros(),
                     store.disk_bytes() >> 10
                 );
                 self.metrics.hibernation(&name, "ok", t.elapsed());
-                self.metrics.hibernated_dropped(dropped);
+                Some(image)
             }
             Err(e) => {
                 log::warn!("hibernating VM {id} of {name} failed, its state is lost: {e}");
                 self.metrics.hibernation(&name, "failed", t.elapsed());
+                None
             }
         }
+    }
+
+    /// Moves an idle VM of keep_state function `name` to the multivm at
+    /// `target` (`host:port`): hibernates it, sends its layers there
+    /// (`PUT /system/hibernated/NAME`, with `authorization`), and keeps
+    /// the image here again if the target does not take it, so that the
+    /// VM's state is never lost to a failed move.
+    pub fn migrate_out(
+        &self,
+        name: &str,
+        target: &str,
+        authorization: Option<&str>,
+    ) -> Result<Value, MigrateError> {
+        let t = Instant::now();
+        let store = self.hibernation.as_ref().ok_or(MigrateError::NotKept)?;
+        let vm = {
+            let mut st = self.lock();
+            let fid = *st
+                .names
+                .get(name)
+                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+            let fs = st
+                .fns
+                .get_mut(&fid)
+                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+            if !fs.spec.keep_state {
+                return Err(MigrateError::NotKept);
+            }
+            let vm = fs.idle.pop().ok_or(MigrateError::NoIdleVm)?.vm;
+            st.set_state(vm.id, VmState::Busy);
+            vm
+        };
+        let id = vm.id;
+        let image = self.hibernate_image(vm);
+        self.release_reservation(id);
+        let image = image.ok_or(MigrateError::Hibernate)?;
+        let bytes = Store::stream_len(&image)?;
+        match migrate::put_image(target, name, authorization, &image, bytes) {
+            Ok(()) => {
+                self.metrics.migration(name, "out");
+                log::info!(
+                    "moved VM {id} of {name} to {target}: {bytes} bytes in {} us",
+                    t.elapsed().as_micros()
+                );
+                Ok(json!({
+                    "function": name,
+                    "vm": id,
+                    "target": target,
+                    "bytes": bytes,
+                    "ms": t.elapsed().as_millis() as u64,
+                }))
+            }
+            Err(e) => {
+                log::warn!(
+                    "moving VM {id} of {name} to {target} failed: {e}; it stays hibernated here"
+                );
+                self.metrics.hibernated_dropped(store.keep(image));
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes in a VM another node moved here (`Store::send`'s stream on
+    /// `input`), as a hibernated VM of function `name` that its next
+    /// launch wakes.
+    pub fn migrate_in(
+        &self,
+        name: &str,
+        input: &mut impl std::io::Read,
+    ) -> Result<Value, MigrateError> {
+        let store = self.hibernation.as_ref().ok_or(MigrateError::NotKept)?;
+        let (fid, generation, spec) = {
+            let st = self.lock();
+            let fid = *st
+                .names
+                .get(name)
+                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+            let fs = st
+                .fns
+                .get(&fid)
+                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+            (fid, fs.generation, Arc::clone(&fs.spec))
+        };
+        if !spec.keep_state {
+            return Err(MigrateError::NotKept);
+        }
+        let own: Vec<PathBuf> = spec
+            .load_dir
+            .iter()
+            .flat_map(|l| l.split(',').map(PathBuf::from))
+            .collect();
+        let image = store.receive((fid, generation), input, spec.memory_mib << 20, &own)?;
+        let layers = image.chain.len();
+        self.metrics.hibernated_dropped(store.keep(image));
+        self.metrics.migration(name, "in");
+        Ok(json!({"function": name, "layers": layers, "hibernated": store.waiting(fid)}))
     }
 
     /// Kills a VM and returns its memory.

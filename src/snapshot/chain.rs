@@ -1,12 +1,15 @@
 //! Chains of diff layers on the host side, where multivm keeps them for
 //! hibernated VMs: a layer's identity (its state checksum and a checksum
-//! of the memory it holds), and merging the top layers of a stack into one
-//! so that repeated hibernation does not stack layers without bound.
+//! of the memory it holds), merging the top layers of a stack into one
+//! so that repeated hibernation does not stack layers without bound, and
+//! a layer as a byte stream (its state file, then the pages it holds), as
+//! multivm moves one to another node.
 //!
 //! Both work on the files alone: the state stays an opaque JSON value
 //! except for its memory table.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -56,17 +59,24 @@ pub struct LayerIdentity {
 /// Reads a state file as a JSON value and its memory table.
 fn read_table(dir: &Path) -> Result<(Value, MemoryTable, String), ChainError> {
     let (state, checksum): (Value, String) = format::read(dir)?;
+    let table = table_of(&state, &dir.join(STATE_FILE))?;
+    Ok((state, table, checksum))
+}
+
+/// The memory table of a state value, its ranges checked (`path` names
+/// the state file in errors).
+fn table_of(state: &Value, path: &Path) -> Result<MemoryTable, ChainError> {
     let table = state
         .get("memory")
         .cloned()
         .ok_or_else(|| "no memory table".to_string())
         .and_then(|m| serde_json::from_value::<MemoryTable>(m).map_err(|e| e.to_string()))
         .map_err(|reason| ChainError::Table {
-            path: dir.join(STATE_FILE),
+            path: path.to_owned(),
             reason,
         })?;
     let bad = |reason: String| ChainError::Table {
-        path: dir.join(STATE_FILE),
+        path: path.to_owned(),
         reason,
     };
     if table.layers.is_empty() {
@@ -79,7 +89,7 @@ fn read_table(dir: &Path) -> Result<(Value, MemoryTable, String), ChainError> {
             return Err(bad(format!("range ({o:#x}, {l:#x}) is not whole pages")));
         }
     }
-    Ok((state, table, checksum))
+    Ok(table)
 }
 
 /// Chunk size of the copies and reads below.
@@ -124,6 +134,121 @@ pub fn identify(dir: &Path) -> Result<LayerIdentity, ChainError> {
         state_checksum,
         memory_hash: h.finish(),
     })
+}
+
+/// Largest state file a layer stream may carry.
+const MAX_STATE: u64 = 16 << 20;
+
+/// The bytes [`send`] writes for the layer in `dir`.
+pub fn stream_len(dir: &Path) -> Result<u64, ChainError> {
+    let (_, table, _) = read_table(dir)?;
+    let state = dir.join(STATE_FILE);
+    let state_len = std::fs::metadata(&state).map_err(io(&state))?.len();
+    let own = &table.layers[table.layers.len() - 1];
+    Ok(8 + state_len + own.ranges.iter().map(|r| r.1).sum::<u64>())
+}
+
+/// Writes the layer in `dir` to `out`: its state file's length (u64, little
+/// endian) and bytes, then the pages of each of its own ranges, in the
+/// order its memory table lists them.
+pub fn send(dir: &Path, out: &mut impl Write) -> Result<(), ChainError> {
+    let (_, table, _) = read_table(dir)?;
+    let state_path = dir.join(STATE_FILE);
+    let state = std::fs::read(&state_path).map_err(io(&state_path))?;
+    let sending = |e| ChainError::Io {
+        path: dir.to_owned(),
+        source: e,
+    };
+    out.write_all(&(state.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&state))
+        .map_err(sending)?;
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(io(&path))?;
+    let own = &table.layers[table.layers.len() - 1];
+    each_chunk(&file, &path, &own.ranges, |_, bytes| {
+        out.write_all(bytes).map_err(sending)
+    })
+}
+
+/// Reads one layer [`send`] wrote from `input` into a new snapshot
+/// directory at `target`, for a VM of `ram` bytes: the state file is
+/// checked (format, version, checksum, memory table) before any page is
+/// read, and its own ranges must lie inside the RAM, in ascending order,
+/// without overlap. Nothing is left at `target` on failure.
+pub fn receive(input: &mut impl Read, target: &Path, ram: u64) -> Result<PathBuf, ChainError> {
+    let state_path = target.join(STATE_FILE);
+    let reading = |e| ChainError::Io {
+        path: target.to_owned(),
+        source: e,
+    };
+    let mut len = [0u8; 8];
+    input.read_exact(&mut len).map_err(reading)?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_STATE {
+        return Err(ChainError::Table {
+            path: state_path,
+            reason: format!("a state file of {len} bytes (at most {MAX_STATE})"),
+        });
+    }
+    let mut state = vec![0u8; len as usize];
+    input.read_exact(&mut state).map_err(reading)?;
+    let value: Value = format::decode(&state_path, &state)?;
+    let table = table_of(&value, &state_path)?;
+    let own = &table.layers[table.layers.len() - 1];
+    let mut end = 0;
+    for &(o, l) in &own.ranges {
+        if o < end || o + l > ram {
+            return Err(ChainError::Table {
+                path: state_path,
+                reason: format!(
+                    "range ({o:#x}, {l:#x}) overlaps the one before or lies outside {ram:#x} bytes of RAM"
+                ),
+            });
+        }
+        end = o + l;
+    }
+    let out = SnapshotDir::create(target)?;
+    let mem = out.create_sparse(MEMORY_FILE, ram)?;
+    let mem_path = out.path(MEMORY_FILE);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for &(start, l) in &own.ranges {
+        let mut off = start;
+        while off < start + l {
+            let n = (start + l - off).min(CHUNK) as usize;
+            input.read_exact(&mut buf[..n]).map_err(reading)?;
+            mem.write_all_at(&buf[..n], off).map_err(io(&mem_path))?;
+            off += n as u64;
+        }
+    }
+    mem.sync_all().map_err(io(&mem_path))?;
+    out.write_file(STATE_FILE, &state)?;
+    Ok(out.commit()?)
+}
+
+/// The state checksums the memory table of the layer in `dir` names for
+/// the layers below it, bottom first (what a restore checks them against).
+pub fn lower_checksums(dir: &Path) -> Result<Vec<String>, ChainError> {
+    let (_, table, _) = read_table(dir)?;
+    let n = table.layers.len() - 1;
+    Ok(table.layers[..n]
+        .iter()
+        .map(|l| l.state_checksum.clone().unwrap_or_default())
+        .collect())
+}
+
+/// What the layer in `dir` recorded of the host CPU it ran on: each
+/// vCPU's CPUID and TSC frequency. Two layers with the same values can be
+/// restored on the same hosts.
+pub fn cpu_of(dir: &Path) -> Result<Value, ChainError> {
+    let (state, _): (Value, String) = format::read(dir)?;
+    let vcpus = state.get("vcpus").and_then(Value::as_array);
+    Ok(Value::Array(
+        vcpus
+            .into_iter()
+            .flatten()
+            .map(|v| serde_json::json!([v.get("cpuid"), v.get("tsc_khz")]))
+            .collect(),
+    ))
 }
 
 /// Sorted, coalesced union of `ranges`.
@@ -297,6 +422,42 @@ mod tests {
             .map(|&pg| page_fill(&merged, pg))
             .collect();
         assert_eq!(fills, vec![2, 2, 3, 3, 0, 2, 0]);
+    }
+
+    #[test]
+    fn a_layer_travels_as_a_stream_and_bad_streams_leave_nothing() {
+        let t = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let p = |n: &str| t.as_path().join(n);
+        layer(&p("base"), &[], &[(0, 8 * PAGE)], 1);
+        let own = vec![(2 * PAGE, 2 * PAGE), (30 * PAGE, PAGE)];
+        layer(&p("h1"), &[(&p("base"), vec![(0, 8 * PAGE)])], &own, 7);
+        let mut wire = Vec::new();
+        send(&p("h1"), &mut wire).unwrap();
+        assert_eq!(wire.len() as u64, stream_len(&p("h1")).unwrap());
+        let got = receive(&mut wire.as_slice(), &p("copy"), SIZE).unwrap();
+        assert_eq!(identify(&got).unwrap(), identify(&p("h1")).unwrap());
+        assert_eq!(
+            (page_fill(&got, 3), page_fill(&got, 30), page_fill(&got, 4)),
+            (7, 7, 0)
+        );
+
+        // Cut short, a RAM too small for its ranges, a state too large: refused.
+        let cut = receive(&mut &wire[..wire.len() - 1], &p("cut"), SIZE);
+        assert!(matches!(cut, Err(ChainError::Io { .. })), "{cut:?}");
+        let small = receive(&mut wire.as_slice(), &p("small"), 16 * PAGE);
+        assert!(matches!(small, Err(ChainError::Table { .. })), "{small:?}");
+        let mut huge = (MAX_STATE + 1).to_le_bytes().to_vec();
+        huge.extend_from_slice(&wire[8..]);
+        assert!(receive(&mut huge.as_slice(), &p("huge"), SIZE).is_err());
+        let mut flipped = wire.clone();
+        flipped[20] ^= 1;
+        assert!(matches!(
+            receive(&mut flipped.as_slice(), &p("flipped"), SIZE),
+            Err(ChainError::Format(_))
+        ));
+        for n in ["cut", "small", "huge", "flipped"] {
+            assert!(!p(n).exists(), "{n} left behind");
+        }
     }
 
     #[test]
