@@ -37,7 +37,9 @@ Sections (--only picks some; each replaces its own rows in results.json):
             VM, src/network.rs) and without, jailed, interleaved.
   hibernate multivm request -> first response of a keep_state function
             woken from its hibernated layer vs the same function restored
-            afresh, 128 MiB and 1 GiB, interleaved; and the hibernation.
+            afresh, 128 MiB and 1 GiB, interleaved; the hibernation; and
+            a VM moved between two daemons on loopback (POST
+            /system/migrate), then woken by the target's next request.
 A/B comparisons are interleaved (A, B, A, B...) so that drift on the host
 hits both sides alike. Every figure is measured; none is computed.
 
@@ -811,7 +813,7 @@ def bench_isolation(b):
 
 
 class Multivm:
-    def __init__(self, b, functions, budget_mib, extra_config=""):
+    def __init__(self, b, functions, budget_mib, extra_config="", args=()):
         y = f"kernel_path: {b.tg}\nvm_overhead: 8\n{extra_config}functions:\n"
         for name, lines in functions.items():
             y += f"  {name}:\n" + "".join(f"    {l}\n" for l in lines)
@@ -819,7 +821,7 @@ class Multivm:
         with open(cfg, "w") as f:
             f.write(y)
         env = dict(os.environ, XDG_RUNTIME_DIR=b.tmp, RUST_LOG="error")
-        self.p = subprocess.Popen([b.mv, "--config", cfg, "--mem", str(budget_mib), "--listen", "127.0.0.1:0"],
+        self.p = subprocess.Popen([b.mv, "--config", cfg, "--mem", str(budget_mib), "--listen", "127.0.0.1:0", *args],
                                   stdout=subprocess.PIPE, env=env, text=True)
         line = self.p.stdout.readline()
         if not line.startswith("listening on http://"):
@@ -910,10 +912,10 @@ def bench_multivm(b):
 # ---------------------------------------------------------- provider
 
 
-def http(addr, method, path, body=b"", content_type="application/json"):
+def http(addr, method, path, body=b"", content_type="application/json", headers=None):
     """(status, content type, body) of one request; HTTP errors are answers too."""
     req = urllib.request.Request(f"http://{addr}{path}", data=body, method=method,
-                                 headers={"Content-Type": content_type})
+                                 headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.headers.get("Content-Type"), r.read()
@@ -1374,6 +1376,12 @@ def bench_hibernate(b):
             b.results.add("hibernate", "snapvm", k, metric_name, "ms", v, mem_mib=mem, touched_mib=mib)
         b.results.add("hibernate", "snapvm", "hibernate", "hibernate", "ms", hibernate_ms[2:], mem_mib=mem,
                       touched_mib=mib)
+        migrate_ms, moved_wake_ms = bench_migrate(b, fn, mem, mib)
+        b.results.add("hibernate", "snapvm", "migrate", "migrate", "ms", migrate_ms, mem_mib=mem, touched_mib=mib)
+        b.results.add("hibernate", "snapvm", "migrate", "wake_after_move", "ms", moved_wake_ms, mem_mib=mem,
+                      touched_mib=mib)
+        log(f"hibernate {mem} MiB: POST /system/migrate on loopback, median {statistics.median(migrate_ms):.2f} ms; "
+            f"then the target's request -> first response {statistics.median(moved_wake_ms):.2f} ms")
         med = {k: statistics.median(v) for k, v in samples.items()}
         cold = {k: med[(k, False)] for k in daemons}
         warm = {k: med[(k, True)] for k in daemons}
@@ -1381,6 +1389,54 @@ def bench_hibernate(b):
             f"fresh restore {cold['restore']:.2f} ms (x{cold['wake'] / cold['restore']:.2f}); warm request "
             f"{warm['wake']:.2f} ms with the dirty log, {warm['restore']:.2f} ms without "
             f"(x{warm['wake'] / warm['restore']:.2f}); hibernation median {statistics.median(hibernate_ms[2:]):.2f} ms")
+
+
+def bench_migrate(b, fn, mem, mib):
+    """Two multivm daemons on loopback with the same keep_state function
+    (`fn` without its idle timeout): its VM served a request, then moved
+    by POST /system/migrate (hibernation, transfer of its layers, the
+    target's checks) to the other daemon, whose next request wakes it;
+    then back. Returns the migrate wall times and the wake times (ms)."""
+    fn = [line for line in fn if not line.startswith("idle_timeout")] + ["keep_state: true"]
+    creds = b.path("migrate-creds")
+    os.makedirs(creds, exist_ok=True)
+    for name, value in (("basic-auth-user", "bench"), ("basic-auth-password", "bench")):
+        with open(os.path.join(creds, name), "w") as f:
+            f.write(value + "\n")
+    auth = {"Authorization": "Basic YmVuY2g6YmVuY2g="}  # bench:bench
+    nodes = []
+    try:
+        for i in range(2):
+            nodes.append(Multivm(b, {"f": fn}, mem + 8, f"hibernate:\n  dir: {b.path(f'migrate{mem}-{i}')}\n",
+                                 ("--basic_auth_dir", creds)))
+        migrate_ms, wake_ms = [], []
+        body = json.dumps({"mib": mib}).encode()
+        status, _, out = http(nodes[0].addr, "POST", "/function/f", body)
+        if status != 200:
+            raise BenchError(f"migrate: the first request answered {status}: {out!r}")
+        for i in range(b.n + 1):
+            src, dst = nodes[i % 2], nodes[(i + 1) % 2]
+            req = json.dumps({"function": "f", "target": dst.addr}).encode()
+            t0 = time.monotonic()
+            status, _, out = http(src.addr, "POST", "/system/migrate", req, headers=auth)
+            t1 = time.monotonic()
+            if status != 200:
+                raise BenchError(f"migrate: {status}: {out!r}")
+            req = urllib.request.Request(f"http://{dst.addr}/function/f", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            t2 = time.monotonic()
+            with urllib.request.urlopen(req, timeout=120) as r:
+                start = r.headers.get("X-Start")
+                r.read()
+            t3 = time.monotonic()
+            if start != "cold-wake":
+                raise BenchError(f"migrate: the target started the moved VM by {start}")
+            if i >= 1:  # the first round warms the page cache
+                migrate_ms.append((t1 - t0) * 1e3)
+                wake_ms.append((t3 - t2) * 1e3)
+    finally:
+        stop_all(nodes)
+    return migrate_ms, wake_ms
 
 
 def metric(page, sample):

@@ -1142,6 +1142,13 @@ fn keep_state_vms_hibernate_when_idle_and_wake_where_they_left_off() {
         layers_in(&hib).is_empty(),
         "the refused image's layers went"
     );
+
+    // Without --basic_auth_dir, no VM moves in or out.
+    let body = json!({"function": "kept", "target": "127.0.0.1:1"}).to_string();
+    let r = common::http_with(&d.addr, "POST", "/system/migrate", &[], body.as_bytes());
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = common::http_with(&d.addr, "PUT", "/system/hibernated/kept", &[], b"layers");
+    assert_eq!(r.status, 403, "{}", r.body);
 }
 
 /// Evicting a keep_state function's idle VM for another function's launch

@@ -1,5 +1,5 @@
 //! Snapshot-state parsing and restore. The first input byte picks what the
-//! rest is (`% 4`):
+//! rest is (`% 5`):
 //! - 0: a whole `snapshot.json`, decoded by `MicrovmState::decode`
 //!   (format, version, checksum, then the state);
 //! - 1: the `state` value alone, sealed with a correct checksum first, so
@@ -8,7 +8,10 @@
 //! - 3: the state value of a layer a hibernated VM wrote, sealed, in a
 //!   layer directory with 64 KiB of memory, as multivm adopts it
 //!   (`chain::identify`) and merges it (`chain::merge`): an error or a
-//!   result, never a panic.
+//!   result, never a panic;
+//! - 4: a layer stream as multivm's `PUT /system/hibernated/NAME` reads
+//!   it from another node (`chain::receive`, into 1 MiB of RAM): refused
+//!   with nothing left behind, or a layer whose identity can be taken.
 //!
 //! Every device state that parses is restored into a fresh transport over
 //! fresh guest memory: restore must either refuse it with an error or
@@ -32,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    match mode % 4 {
+    match mode % 5 {
         0 => whole_file(rest),
         1 => {
             let mut file = format!(
@@ -49,9 +52,26 @@ fuzz_target!(|data: &[u8]| {
                 restore(&state);
             }
         }
-        _ => hibernated_layer(rest),
+        3 => hibernated_layer(rest),
+        _ => received_layer(rest),
     }
 });
+
+fn received_layer(mut stream: &[u8]) {
+    let dir = std::env::temp_dir().join(format!("snapvm-fuzz-receive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let target = dir.join("layer");
+    match chain::receive(&mut stream, &target, 1 << 20) {
+        Ok(got) => {
+            if let Err(e) = chain::identify(&got) {
+                panic!("a received layer cannot be identified: {e}");
+            }
+        }
+        Err(_) => assert!(!target.exists(), "a refused layer was left behind"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 fn hibernated_layer(state: &[u8]) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(state) else {

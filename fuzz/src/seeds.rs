@@ -736,6 +736,15 @@ pub fn snapshot_state() -> Vec<Seed> {
     let mut v = vec![3u8];
     v.extend(serde_json::to_vec(&layer).expect("serialize"));
     out.push(("hibernated_layer", v));
+    // Mode byte 4: the same layer as a stream (state length, state file,
+    // then the pages of its own ranges).
+    let sealed = snapvm::snapshot::format::seal_value(snapvm::snapshot::format::VERSION, &layer)
+        .expect("seal");
+    let mut v = vec![4u8];
+    v.extend((sealed.len() as u64).to_le_bytes());
+    v.extend(sealed);
+    v.extend(std::iter::repeat_n(0x5au8, 3 * 4096));
+    out.push(("received_layer", v));
     out
 }
 

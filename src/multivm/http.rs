@@ -482,6 +482,18 @@ impl Api {
         }
         let get = *method == Method::Get || *method == Method::Head;
         let p = &self.provider;
+        // Guest memory arrives through these: never from anyone unasked.
+        let moving = matches!(
+            (rest, method),
+            (["migrate"], Method::Post) | (["hibernated", _], Method::Put)
+        );
+        if moving && !p.has_credentials() {
+            return Reply::error(
+                403,
+                "moving VMs between nodes needs multivm's --basic_auth_dir (the provider API's credentials)",
+                rid,
+            );
+        }
         let moved = match (rest, method) {
             (["migrate"], Method::Post) => {
                 let body = match read_body(req, SYSTEM_BODY_MAX, rid) {

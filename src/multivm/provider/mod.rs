@@ -197,6 +197,11 @@ impl Provider {
     }
 
     /// Whether a request's `Authorization` header lets it use `/system/*`.
+    /// Whether `/system/*` asks for credentials (`--basic_auth_dir`).
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
     pub fn authorized(&self, authorization: Option<&str>) -> bool {
         self.credentials
             .as_ref()
