@@ -318,7 +318,9 @@ impl Store {
         let mut layers: Vec<Arc<Layer>> = Vec::new();
         for _ in 0..n {
             let dir = chain::receive(input, &self.new_layer_path(), ram)?;
-            let bytes = check_layer_files(&dir)?;
+            let bytes = check_layer_files(&dir).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
             layers.push(Arc::new(self.layer(dir, bytes)?));
         }
         let mut want = Vec::new();
