@@ -1345,11 +1345,11 @@ fn a_vm_moves_to_another_node_and_counts_on_there() {
         ("cold-restore".into(), want[0].clone())
     );
     assert_eq!(
-        src.metric("multivm_migrations_total{function=\"counter\",result=\"out\"}"),
+        src.metric("multivm_migrations_total{function=\"counter\",direction=\"out\"}"),
         1.0
     );
     assert_eq!(
-        dst.metric("multivm_migrations_total{function=\"counter\",result=\"in\"}"),
+        dst.metric("multivm_migrations_total{function=\"counter\",direction=\"in\"}"),
         1.0
     );
     // A function that keeps no state never moves.

@@ -336,29 +336,32 @@ impl Metrics {
             );
         }
 
-        let by_result: [(&str, &str, &ByResult); 3] = [
+        let by_word: [(&str, &str, &str, &ByResult); 3] = [
             (
                 "multivm_hibernations_total",
+                "result",
                 "Idle VMs of keep_state functions hibernated instead of stopped, by result (ok, failed).",
                 &m.hibernations,
             ),
             (
                 "multivm_wakes_total",
+                "result",
                 "Hibernated VMs restored for a launch, by result (ok; refused: its layers changed on disk; failed: the restore did).",
                 &m.wakes,
             ),
             (
                 "multivm_migrations_total",
-                "Hibernated VMs moved to another node (result=\"out\") or taken in from one (\"in\").",
+                "direction",
+                "Hibernated VMs moved to another node (out) or taken in from one (in).",
                 &m.migrations,
             ),
         ];
-        for (name, help, map) in by_result {
+        for (name, label, help, map) in by_word {
             head(&mut o, name, "counter", help);
-            for ((f, result), n) in map {
+            for ((f, word), n) in map {
                 let _ = writeln!(
                     o,
-                    "{name}{{function=\"{}\",result=\"{result}\"}} {n}",
+                    "{name}{{function=\"{}\",{label}=\"{word}\"}} {n}",
                     esc(f)
                 );
             }
