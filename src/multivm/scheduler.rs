@@ -783,17 +783,7 @@ impl Scheduler {
         let store = self.hibernation.as_ref().ok_or(MigrateError::NotKept)?;
         let vm = {
             let mut st = self.lock();
-            let fid = *st
-                .names
-                .get(name)
-                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
-            let fs = st
-                .fns
-                .get_mut(&fid)
-                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
-            if !fs.spec.keep_state {
-                return Err(MigrateError::NotKept);
-            }
+            let (_, fs) = kept_function(&mut st, name)?;
             let vm = fs.idle.pop().ok_or(MigrateError::NoIdleVm)?.vm;
             st.set_state(vm.id, VmState::Busy);
             vm
@@ -838,20 +828,10 @@ impl Scheduler {
     ) -> Result<Value, MigrateError> {
         let store = self.hibernation.as_ref().ok_or(MigrateError::NotKept)?;
         let (fid, generation, spec) = {
-            let st = self.lock();
-            let fid = *st
-                .names
-                .get(name)
-                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
-            let fs = st
-                .fns
-                .get(&fid)
-                .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+            let mut st = self.lock();
+            let (fid, fs) = kept_function(&mut st, name)?;
             (fid, fs.generation, Arc::clone(&fs.spec))
         };
-        if !spec.keep_state {
-            return Err(MigrateError::NotKept);
-        }
         let own: Vec<PathBuf> = spec
             .load_dir
             .iter()
@@ -1235,5 +1215,26 @@ impl Scheduler {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.lock().shutting_down
+    }
+}
+
+/// The id and registration of keep_state function `name`, for a move.
+fn kept_function<'a>(
+    st: &'a mut State,
+    name: &str,
+) -> Result<(FnId, &'a mut pool::FnState<FunctionVm>), MigrateError> {
+    let fid = st
+        .names
+        .get(name)
+        .copied()
+        .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+    let fs = st
+        .fns
+        .get_mut(&fid)
+        .ok_or_else(|| MigrateError::NoSuchFunction(name.into()))?;
+    if fs.spec.keep_state {
+        Ok((fid, fs))
+    } else {
+        Err(MigrateError::NotKept)
     }
 }
