@@ -349,17 +349,22 @@ impl Function {
         if self.network || self.keep_state {
             return None;
         }
-        let layers = self.load_dir.as_ref()?;
+        self.load_dir.as_ref()?;
         Some(RestoreRequest {
             rootfs: self.rootfs.clone(),
             appfs: self.appfs.clone(),
-            layers: layers.split(',').map(PathBuf::from).collect(),
+            layers: self.layers(),
             id: None,
             copy_base: self.copy_base,
             copy_diff: self.copy_diff,
             load_ws: self.load_ws,
             dump_ws: None,
         })
+    }
+
+    /// The function's snapshot layers, bottom first (none when it boots).
+    pub fn layers(&self) -> Vec<PathBuf> {
+        self.vm_args(false).layers()
     }
 
     /// Whether firerunner would accept this function's VM flags.
@@ -388,12 +393,11 @@ impl Function {
         let mut a = self.vm_args(no_seccomp);
         a.snapshot_dir = Some(snapshot_dir.to_path_buf());
         if !chain.is_empty() {
-            let own = a
-                .load_dir
-                .iter()
-                .flat_map(|l| l.split(',').map(str::to_string));
+            let own = a.layers();
             let dirs: Vec<String> = own
-                .chain(chain.iter().map(|d| d.display().to_string()))
+                .iter()
+                .chain(chain)
+                .map(|d| d.display().to_string())
                 .collect();
             a.load_dir = Some(dirs.join(","));
             a.load_ws = false;

@@ -637,10 +637,15 @@ impl Scheduler {
         self.pump(&mut st);
     }
 
+    /// Where VMs of `spec` hibernate: the store, for a keep_state function
+    /// when multivm has one.
+    fn store_for(&self, spec: &Function) -> Option<&Store> {
+        self.hibernation.as_deref().filter(|_| spec.keep_state)
+    }
+
     /// The newest hibernated VM of a keep_state function, if any.
     fn take_image(&self, fid: FnId, generation: u64, spec: &Function) -> Option<Image> {
-        let store = self.hibernation.as_ref().filter(|_| spec.keep_state)?;
-        store.take(fid, generation)
+        self.store_for(spec)?.take(fid, generation)
     }
 
     /// Launches VM `id` of a function and says how it started: a VM of a
@@ -664,7 +669,7 @@ impl Scheduler {
                 &log,
             )
         };
-        let Some(store) = self.hibernation.as_ref().filter(|_| spec.keep_state) else {
+        let Some(store) = self.store_for(&spec) else {
             let vm = launch(None)?;
             let kind = if vm.from_shell {
                 LaunchKind::Shell
@@ -715,23 +720,19 @@ impl Scheduler {
     fn evict(&self, victims: Vec<FunctionVm>) {
         let (keep, kill): (Vec<_>, Vec<_>) = victims
             .into_iter()
-            .partition(|v| v.spec.keep_state && self.hibernation.is_some());
+            .partition(|v| self.store_for(&v.spec).is_some());
         self.reaper.reap(kill);
         for vm in keep {
             self.hibernate(vm);
         }
     }
 
-    /// Hibernates an idle VM of a keep_state function (or, failing that,
-    /// it is gone with its state); its memory reservation is the caller's.
+    /// Hibernates an idle VM of a keep_state function and keeps the image
+    /// (or, failing that, it is gone with its state); its memory
+    /// reservation is the caller's.
     fn hibernate(&self, vm: FunctionVm) {
-        let Some(store) = &self.hibernation else {
-            vm.kill();
-            return;
-        };
-        if let Some(image) = self.hibernate_image(vm) {
-            let dropped = store.keep(image);
-            self.metrics.hibernated_dropped(dropped);
+        if let (Some(image), Some(store)) = (self.hibernate_image(vm), &self.hibernation) {
+            self.metrics.hibernated_dropped(store.keep(image));
         }
     }
 
@@ -832,12 +833,12 @@ impl Scheduler {
             let (fid, fs) = kept_function(&mut st, name)?;
             (fid, fs.generation, Arc::clone(&fs.spec))
         };
-        let own: Vec<PathBuf> = spec
-            .load_dir
-            .iter()
-            .flat_map(|l| l.split(',').map(PathBuf::from))
-            .collect();
-        let image = store.receive((fid, generation), input, spec.memory_mib << 20, &own)?;
+        let image = store.receive(
+            (fid, generation),
+            input,
+            spec.memory_mib << 20,
+            &spec.layers(),
+        )?;
         let layers = image.chain.len();
         self.metrics.hibernated_dropped(store.keep(image));
         self.metrics.migration(name, "in");
@@ -939,7 +940,7 @@ impl Scheduler {
             }
             // Their memory returns once each is reaped (or hibernated).
             for vm in victims {
-                if vm.spec.keep_state && self.hibernation.is_some() {
+                if self.store_for(&vm.spec).is_some() {
                     let id = vm.id;
                     self.hibernate(vm);
                     self.release_reservation(id);
