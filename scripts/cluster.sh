@@ -172,6 +172,10 @@ teardown() {
     [[ -n $name ]] || return 0
     for ((i = 1; i <= n; i++)); do
         local ns=$name-n$i
+        # The host end first: deleting a veth takes its peer with it at once,
+        # while a deleted namespace frees its links later, in the kernel's
+        # own time (a host end may then vanish between `show` and `delete`).
+        ip link show "$name-v$i" >/dev/null 2>&1 && ip link delete "$name-v$i"
         if ip netns list | grep -qw -- "$ns"; then
             # Whatever still runs in the namespace (a killed node's VMs).
             for pid in $(ip netns pids "$ns"); do
@@ -183,7 +187,6 @@ teardown() {
             done
             ip netns delete "$ns"
         fi
-        ip link show "$name-v$i" >/dev/null 2>&1 && ip link delete "$name-v$i"
     done
     ip link show "$name-br" >/dev/null 2>&1 && ip link delete "$name-br"
     rm -rf "$dir"

@@ -200,6 +200,21 @@ def test_prometheus_sums_equal_what_the_client_sent():
     return f"snapvm:function_invocations:sum = the client's counts for {len(want)} functions"
 
 
+def wait_refused(addr, limit=5.0):
+    """Connects to HOST:PORT until the connection is refused; returns when."""
+    host, port = addr.rsplit(":", 1)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+        except ConnectionRefusedError:
+            return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.005)
+    check(False, f"{addr} still takes connections {limit} s after its kill")
+
+
 def test_kill_9_mid_load():
     victim = None
     _, h, _ = invoke("nap-b", b'{"ms": 1}')
@@ -207,7 +222,6 @@ def test_kill_9_mid_load():
     fns = HELLO + NAPS
     stop = threading.Event()
     log = []  # (start, end, fn, status or None, node, error)
-    kill_at = [None]
 
     def worker(k):
         i = k
@@ -232,8 +246,11 @@ def test_kill_9_mid_load():
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and metric(victim, "multivm_vms{function=\"nap-b\",state=\"busy\"}") < 1:
         time.sleep(0.01)
+    # The kill spans from the SIGKILL until the node's listening socket is
+    # gone: connections its kernel queued meanwhile die with the process.
+    t_kill = time.monotonic()
     subprocess.run([A.script, "kill", victim], check=True, capture_output=True, timeout=10)
-    kill_at[0] = t_kill = time.monotonic()
+    t_gone = wait_refused(A.nodes[victim])
     down_after = None
     while time.monotonic() < t_kill + 10:
         if haproxy_states().get(victim, "").startswith("DOWN"):
@@ -249,15 +266,15 @@ def test_kill_9_mid_load():
     check(not silent, f"requests without an HTTP answer: {silent[:5]}")
     failed = [r for r in log if r[3] != 200]
     for t0, t1, fn, status, node, _ in failed:
-        check(t0 < t_kill < t1 + 0.05,
-              f"{fn} failed with {status} but was not in flight at the kill ({t0 - t_kill:+.3f}..{t1 - t_kill:+.3f} s)")
+        check(t0 < t_gone and t_kill < t1 + 0.05,
+              f"{fn} failed with {status} but was not in flight during the kill "
+              f"({t0 - t_kill:+.3f}..{t1 - t_kill:+.3f} s, the node was gone at {t_gone - t_kill:+.3f} s)")
         check(status in (502, 503, 504), f"{fn}: {status}")
         check(node == victim, f"{fn} failed with {status} on {node}, not on the killed {victim}")
-    check(len(failed) <= len(threads), f"{len(failed)} failures for {len(threads)} clients")
-    after = [r for r in log if r[0] > t_kill]
+    after = [r for r in log if r[0] > t_gone]
     check(after and all(r[3] == 200 for r in after), "a request sent after the kill failed")
     check(not any(r[4] == victim for r in after), "a request sent after the kill went to the dead node")
-    late = [r for r in log if r[4] == victim and r[3] == 200 and r[1] > t_kill + 0.05]
+    late = [r for r in log if r[4] == victim and r[3] == 200 and r[1] > t_gone + 0.05]
     check(not late, f"answers from {victim} after its kill: {late[:3]}")
     limit = 2 * A.check_interval + 1.5  # fall 2, plus one check's timeout
     check(down_after is not None and down_after <= limit,
@@ -269,7 +286,8 @@ def test_kill_9_mid_load():
     wait_prom_equal("snapvm:node_function_invocations:sum", want,
                     lambda m: (m.get("node"), m.get("function_name")),
                     "per-node invocations of the live nodes")
-    return (f"{victim} killed -9 under 6 clients: {len(log)} requests, {len(failed)} failed "
+    return (f"{victim} killed -9 under 6 clients, its socket gone {1e3 * (t_gone - t_kill):.0f} ms later: "
+            f"{len(log)} requests, {len(failed)} failed "
             f"(all in flight on it, {sorted({r[3] for r in failed})}), {len(after)} sent after the kill "
             f"all answered by {sorted({r[4] for r in after})}; DOWN in HAProxy after {down_after:.2f} s; "
             f"Prometheus matches the live nodes")
