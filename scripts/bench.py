@@ -1287,9 +1287,11 @@ def bench_shells(b):
                     d = daemons[k]
                     f = fns[i % len(fns)]
                     if situation == "room":
-                        wait(d, "the idle VM stopped", lambda m: metric(m, f'multivm_vms{{function="{f}",state="idle"}}') == 0)
-                    if k == "shell":
-                        wait(d, "the pool refilled", lambda m: metric(m, ready) >= 1)
+                        for o in daemons.values():
+                            wait(o, "the idle VMs stopped",
+                                 lambda m: sum(metric(m, f'multivm_vms{{function="{g}",state="idle"}}') for g in fns) == 0)
+                    # No shell is being started during any sample.
+                    wait(daemons["shell"], "the pool refilled", lambda m: metric(m, ready) >= 2)
                     req = urllib.request.Request(f"http://{d.addr}/function/{f}", data=b'{"name": "c"}',
                                                  method="POST", headers={"Content-Type": "application/json"})
                     t0 = time.monotonic()

@@ -3,7 +3,8 @@
 # python3 and nodejs root images and agents, every example function) booted,
 # snapshotted and restored by firerunner on a KVM that runs them.
 #
-#   scripts/linux-test.sh [--timeout SECONDS] [--bench [RUNS] | --bench-net [RUNS]]
+#   scripts/linux-test.sh [--timeout SECONDS]
+#                         [--bench [RUNS] | --bench-net [RUNS] | --bench-shells [RUNS]]
 #
 # Builds (cached) the release binaries, the guest kernel, the root images,
 # every app image, the answers the host-side function tests expect, and the
@@ -20,7 +21,8 @@
 # --bench runs scripts/bench-linux.sh RUNS (default 5) inside instead of
 # the suite: cold starts of Linux functions; --bench-net runs
 # scripts/bench-net-linux.sh: a networked guest's fetches against the
-# host-only floor.
+# host-only floor; --bench-shells runs scripts/bench-shells-linux.sh: a
+# multivm cold start from a pooled VM shell against a fresh restore.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -30,12 +32,12 @@ inside=(bash repo/tests/linux/inside.sh)
 while (($#)); do
     case $1 in
     --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
-    --bench | --bench-net)
+    --bench | --bench-net | --bench-shells)
         inside=(bash "repo/scripts/${1#--}-linux.sh")
         if [[ ${2:-} =~ ^[0-9]+$ ]]; then inside+=("$2"); shift; fi
         shift
         ;;
-    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "linux-test: unknown argument '$1' (see -h)" >&2; exit 2 ;;
     esac
 done
