@@ -2,12 +2,14 @@
 # What a pooled VM shell saves a Linux function's cold start where a KVM
 # runs Linux guests: multivm request -> first response of hello-python3
 # (the python3 language snapshot with the function's diff on top, 128 MiB),
-# its VM stopped by its idle_timeout before every request, from two daemons
-# of the same budget:
+# its VM stopped by its idle_timeout before every request, from four
+# daemons of the same budget:
 #   restore   a fresh firerunner restores the snapshots
 #   shell     a ready shell of the daemon's pool (`shells:`, count 1)
 #             restores them
 # each lazily (MAP_PRIVATE) and with the recorded working set (--load_ws).
+# Before every request no daemon has a VM left and every pool is full, so
+# no VM teardown or shell start competes with it.
 # RUNS rounds (default 5), interleaved; every answer is checked, and so is
 # the X-Start header saying how the VM started. Prints every sample, then
 # median, min and max per cell and the shell/restore ratios.
@@ -16,10 +18,10 @@
 #                                                 runs this inside the
 #                                                 emulated KVM host)
 #
-# Runs from a payload as linux-test.sh stages it; uses busybox wget. Inside
-# the emulated KVM host guest execution is emulated and the host's own KVM
-# calls are not: the saving is the VMM's, the rest of the cold start the
-# guest's, whose share is far larger there than on hardware.
+# Runs from a payload as linux-test.sh stages it; uses busybox wget
+# (bounded by coreutils' timeout: busybox 1.35's wget -T crashes). Inside
+# the emulated KVM host everything, the VMM's work and the guest's, runs
+# under TCG and the samples are noisy: read the ratios, over several runs.
 set -euo pipefail
 runs=${1:-5}
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "bench-shells-linux: RUNS must be a positive number" >&2; exit 2; }
@@ -115,7 +117,7 @@ say "4 daemons up: ${modes[*]}"
 
 # sample MODE: one cold request; sets s_ms.
 sample() {
-    local m=$1 start headers body kind
+    local m=$1 start body kind
     # No VM is stopping and no shell is being started during any sample.
     local d
     for d in "${modes[@]}"; do wait_for "$d" "multivm_vms{function=\"$fn\",state=\"idle\"}" 0; done
