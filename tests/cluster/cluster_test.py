@@ -221,7 +221,7 @@ def test_kill_9_mid_load():
     victim = h["x-snapvm-node"]
     fns = HELLO + NAPS
     stop = threading.Event()
-    log = []  # (start, end, fn, status or None, node, error)
+    log = []  # (start, end, fn, status or None, node, error, client)
 
     def worker(k):
         i = k
@@ -232,9 +232,9 @@ def test_kill_9_mid_load():
             t0 = time.monotonic()
             try:
                 status, hd, _ = invoke(fn, body)
-                rec = (t0, time.monotonic(), fn, status, hd.get("x-snapvm-node"), None)
+                rec = (t0, time.monotonic(), fn, status, hd.get("x-snapvm-node"), None, k)
             except OSError as e:
-                rec = (t0, time.monotonic(), fn, None, None, repr(e))
+                rec = (t0, time.monotonic(), fn, None, None, repr(e), k)
             with LOCK:
                 log.append(rec)
 
@@ -265,12 +265,17 @@ def test_kill_9_mid_load():
     silent = [r for r in log if r[3] is None]
     check(not silent, f"requests without an HTTP answer: {silent[:5]}")
     failed = [r for r in log if r[3] != 200]
-    for t0, t1, fn, status, node, _ in failed:
+    for t0, t1, fn, status, node, _, _ in failed:
         check(t0 < t_gone and t_kill < t1 + 0.05,
               f"{fn} failed with {status} but was not in flight during the kill "
               f"({t0 - t_kill:+.3f}..{t1 - t_kill:+.3f} s, the node was gone at {t_gone - t_kill:+.3f} s)")
         check(status in (502, 503, 504), f"{fn}: {status}")
         check(node == victim, f"{fn} failed with {status} on {node}, not on the killed {victim}")
+    # A client has one request in flight at a time: of those it sent
+    # before the kill, at most one can fail.
+    sent_before = Counter(r[6] for r in failed if r[0] < t_kill)
+    check(all(n == 1 for n in sent_before.values()),
+          f"clients with more than one failure sent before the kill: {dict(sent_before)}")
     after = [r for r in log if r[0] > t_gone]
     check(after and all(r[3] == 200 for r in after), "a request sent after the kill failed")
     check(not any(r[4] == victim for r in after), "a request sent after the kill went to the dead node")
