@@ -49,7 +49,8 @@ cleanup() {
     local p t
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do
-        for ((t = 0; t < 300 && $(kill -0 "$p" 2>/dev/null && echo 1 || echo 0); t++)); do sleep 0.1; done
+        t=0
+        while kill -0 "$p" 2>/dev/null && ((t++ < 300)); do sleep 0.1; done
         kill -0 "$p" 2>/dev/null && { say "multivm $p ignored SIGTERM for 30 s: SIGKILL"; kill -KILL "$p"; }
         wait "$p" 2>/dev/null || true
     done
@@ -130,7 +131,7 @@ sample() {
     [[ $body =~ ^\{\"message\":\ *\"hello,\ $who\"\}$ ]] || { say "$m answered: $body"; cat "$work/headers" >&2; exit 1; }
     local expect=cold-restore
     [[ $m == shell-* ]] && expect=cold-shell
-    [[ $kind == "$expect" ]] || { say "$m started as '$kind', not $expect"; exit 1; }
+    [[ $kind == "$expect" ]] || { say "$m started as '$kind', not $expect:"; tail -n 20 "$work/$m.log" >&2; exit 1; }
 }
 
 # The first round warms the page cache and is not counted.
@@ -145,7 +146,10 @@ for ((r = 0; r <= runs; r++)); do
     done
 done
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)], v[1], v[NR] }'; }
+median() { # -> median min max of the words read
+    tr ' ' '\n' | grep . | sort -n |
+        awk '{ v[NR] = $1 } END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'
+}
 echo "hello-python3 multivm cold request -> first response, ms (median min max), $runs rounds:"
 declare -A med
 for m in "${modes[@]}"; do
