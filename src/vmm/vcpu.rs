@@ -42,6 +42,10 @@ use super::VmExit;
 /// MSR_IA32_TSC_DEADLINE: restored after MSR_IA32_TSC, which it is
 /// relative to (and after the LAPIC, whose timer mode gives it meaning).
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// How far ahead of its saved value the first vCPU's TSC is written before
+/// the saved value ([`Vcpu::step_tsc_away`]): 2^40 cycles, minutes at any
+/// TSC frequency, where KVM's synchronization window is one second.
+const TSC_STEP: u64 = 1 << 40;
 /// Pending exits a pause may have to complete (string I/O can take
 /// several rounds); a guard against a loop, never reached in practice.
 const MAX_COMPLETION_ROUNDS: usize = 4096;
@@ -482,6 +486,9 @@ impl Vcpu {
             .set_debug_regs(&s.debugregs)
             .map_err(err("debug registers"))?;
         self.fd.set_lapic(&s.lapic).map_err(err("local APIC"))?;
+        if self.id == 0 {
+            self.step_tsc_away(s)?;
+        }
         for chunk in s.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
             let msrs = Msrs::from_entries(chunk).map_err(|e| VcpuError::Restore {
                 id,
@@ -504,6 +511,39 @@ impl Vcpu {
             .set_vcpu_events(&s.vcpu_events)
             .map_err(err("vcpu events"))?;
         Ok(())
+    }
+
+    /// Writes the first vCPU's TSC far ahead of its saved value before
+    /// the MSRs are restored. KVM takes a host write of the TSC that lands
+    /// within a second of where the VM's last write would be by now for a
+    /// synchronization of vCPUs: it keeps the earlier offset (or adds the
+    /// time since, where the host TSC is unstable) instead of the value
+    /// written. In a VM whose vCPU was made N seconds ago (a shell), a
+    /// snapshot whose TSC read about N seconds would then resume with its
+    /// TSC seconds off, its timers and clocks with it. After this write the
+    /// saved value is far from KVM's expectation and is taken as written;
+    /// the other vCPUs' saved values, close to the first's, still count as
+    /// synchronized with it.
+    fn step_tsc_away(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        let Some(saved) = s.msrs.iter().find(|m| m.index == msr::MSR_IA32_TSC) else {
+            return Ok(());
+        };
+        let away = kvm_msr_entry {
+            index: msr::MSR_IA32_TSC,
+            data: saved.data.wrapping_add(TSC_STEP),
+            ..Default::default()
+        };
+        let fail = |reason: String| VcpuError::Restore {
+            id: self.id,
+            what: "TSC",
+            reason,
+        };
+        let msrs = Msrs::from_entries(&[away]).map_err(|e| fail(format!("{e:?}")))?;
+        match self.fd.set_msrs(&msrs) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(fail("KVM refused the TSC".into())),
+            Err(e) => Err(fail(e.to_string())),
+        }
     }
 
     /// Warns (or scales, where KVM can) when the guest TSC frequency the
